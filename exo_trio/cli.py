@@ -1,0 +1,66 @@
+"""The `exo-trio` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exo-trio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run a node: HTTP API, worker and runner")
+    node.add_argument("--model", type=Path, help="MLX model directory (default: demo model)")
+    node.add_argument("--api-host", default="127.0.0.1")
+    node.add_argument("--api-port", type=int, default=52415)
+    node.add_argument("--data-dir", type=Path, help="where the node keeps its files")
+    node.add_argument("--max-batch", type=int, default=16, help="concurrent sequences per runner")
+    node.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    node.add_argument("--keepalive", type=float, default=2.0, help="SSE keep-alive interval, s")
+    node.add_argument("-v", "--verbose", action="store_true")
+
+    demo = sub.add_parser("demo-model", help="write the built-in demo model to a directory")
+    demo.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo-model":
+        from exo_trio.demo_model import build_demo_model
+
+        path = build_demo_model(args.out)
+        print(f"wrote demo model to {path}")
+        return 0
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from exo_trio.api.app import ApiSettings
+    from exo_trio.daemon import NodeConfig, default_data_dir, run_node
+
+    config = NodeConfig(
+        model_path=args.model,
+        api_host=args.api_host,
+        api_port=args.api_port,
+        data_dir=args.data_dir or default_data_dir(),
+        max_batch=args.max_batch,
+        api=ApiSettings(max_body_bytes=args.max_body_bytes, keepalive_interval=args.keepalive),
+    )
+    try:
+        trio.run(run_node, config)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during shutdown: leave without a traceback.
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The synchronous MLX generation core of a runner: continuous batching, no I/O.
+
+`Engine` turns `TextGeneration` commands into `ChunkGenerated` /
+`GenerationFinished` / `GenerationFailed` events. It wraps one shared mlx-lm
+`BatchGenerator`: a request submitted while others decode is inserted into the
+same generator and joins the running batch as soon as its prompt is processed,
+without waiting for the others to finish.
+
+The engine does no I/O and never blocks on anything but MLX, so it can be unit
+tested directly; the runner process (runner.py) owns the pipes and calls
+`submit` / `cancel` / `step` from one thread.
+
+Facts about `BatchGenerator` this code relies on (mlx-lm 0.32):
+
+* `next()` returns `(prompt_responses, generation_responses)`. Each generation
+  response carries one token per decoding sequence. Decoding is pipelined: the
+  token returned by a call was sampled in the previous call, while the model
+  already runs the forward pass that samples the next one.
+* A new prompt of more than one token needs three `next()` calls before its first
+  token comes out: one to prefill all but the last prompt token (more for prompts
+  longer than `prefill_step_size`), one to move it into the decoding batch
+  (forward pass on the last prompt token, sampling token 1), and one that
+  returns token 1. A one-token prompt skips the first of these.
+* `finish_reason` on a generation response is "length" when the sequence has now
+  produced `max_tokens` tokens (this token included and still to be emitted) and
+  "stop" when the token completed a stop sequence; "stop" wins when both hold.
+  We give each request only single-token stop sequences (its EOS ids), so "stop"
+  means "this token is EOS": it is not emitted and not counted. Finished
+  sequences are dropped from the batch by `next()` itself.
+* `remove([uid])` drops a sequence from whichever stage it is in (queued,
+  prefilling, decoding); it never produces another response.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
+from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
+
+from exo_trio.stop_strings import StopStringMatcher
+from exo_trio.types import (
+    ChunkGenerated,
+    FailureKind,
+    FinishReason,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+)
+
+__all__ = ["DEFAULT_CONTEXT_LENGTH", "Engine", "ProgressCallback"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_LENGTH = 4096
+ProgressCallback = Callable[[float, str], None]
+Sampler = Callable[[mx.array], mx.array]
+
+# mx.random.key takes a uint64 seed; larger or negative API seeds are folded in.
+_SEED_MASK = (1 << 64) - 1
+
+
+@dataclass
+class _Request:
+    """Per-request state the BatchGenerator does not keep for us."""
+
+    request_id: str
+    uid: int
+    prompt_tokens: int
+    detokenizer: StreamingDetokenizer
+    stops: StopStringMatcher
+    seq: int = 0  # chunks emitted so far == next chunk's seq == completion tokens
+
+
+def _make_sampler(params: SamplingParams) -> Sampler:
+    """A sampler for one request (BatchGenerator calls it on that request's row only).
+
+    Greedy requests share mlx-lm's `greedy_sampler` object: when every request in
+    the batch is greedy, BatchGenerator then samples the whole batch in one call.
+    A seeded request owns a PRNG key that is split once per call, so its tokens
+    depend only on its seed and its own logits, not on what else is in the batch
+    or on the global MLX random state.
+    """
+    if params.temperature == 0:
+        return greedy_sampler
+    inv_temp = 1.0 / params.temperature
+    top_p = params.top_p
+
+    def scaled(logprobs: mx.array) -> mx.array:
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return logprobs * inv_temp
+
+    if params.seed is None:
+
+        def unseeded(logprobs: mx.array) -> mx.array:
+            return mx.random.categorical(scaled(logprobs))
+
+        return unseeded
+
+    key = mx.random.key(params.seed & _SEED_MASK)
+
+    def seeded(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(scaled(logprobs), key=sub)
+
+    return seeded
+
+
+class Engine:
+    """Continuous-batching generation over one model. Not thread safe: one caller."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: TokenizerWrapper,
+        *,
+        model_id: str,
+        context_length: int,
+        vocab_size: int,
+        max_batch: int = 16,
+        prefill_step_size: int = 2048,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.max_batch = max_batch
+        self.prefill_step_size = prefill_step_size
+        self.eos_token_ids: frozenset[int] = frozenset(tokenizer.eos_token_ids)
+        # StopSequences are immutable automata (each sequence gets its own matcher
+        # inside the generator), so two shared instances cover every request.
+        self._eos_stops = StopSequences([[t] for t in sorted(self.eos_token_ids)])
+        self._no_stops = StopSequences()
+        self._requests: dict[str, _Request] = {}
+        self._by_uid: dict[int, _Request] = {}
+        self._steps = 0
+        self._generator = self._new_generator()
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model_path: Path,
+        model_id: str,
+        max_batch: int = 16,
+        on_progress: ProgressCallback | None = None,
+    ) -> Engine:
+        """Load a model directory with mlx-lm, reporting progress as (fraction, phase)."""
+
+        def progress(fraction: float, phase: str) -> None:
+            if on_progress is not None:
+                on_progress(fraction, phase)
+
+        progress(0.0, "config")
+        # lazy=True reads config, tokenizer and the weight index but not the weights,
+        # so that materialising them below can be reported piece by piece.
+        model, tokenizer, config = mlx_load(str(model_path), lazy=True, return_config=True)
+        progress(0.1, "weights")
+        params = [p for _, p in tree_flatten(model.parameters())]
+        chunk = max(1, math.ceil(len(params) / 8))
+        for start in range(0, len(params), chunk):
+            mx.eval(params[start : start + chunk])
+            done = min(len(params), start + chunk) / max(1, len(params))
+            progress(0.1 + 0.8 * done, "weights")
+        progress(0.9, "warmup")
+        # One tiny forward pass: the first call pays one-off setup costs (kernel
+        # selection, allocator growth) that would otherwise land on the first request.
+        mx.eval(model(mx.array([[0]]), cache=make_prompt_cache(model)))
+        engine = cls(
+            model,
+            tokenizer,
+            model_id=model_id,
+            context_length=_config_int(config, "max_position_embeddings")
+            or DEFAULT_CONTEXT_LENGTH,
+            vocab_size=_config_int(config, "vocab_size") or len(tokenizer),
+            max_batch=max_batch,
+        )
+        progress(1.0, "ready")
+        return engine
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            sampler=greedy_sampler,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(8, self.max_batch),
+            prefill_step_size=self.prefill_step_size,
+        )
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def active(self) -> frozenset[str]:
+        """Request ids in the generator: queued, prefilling or decoding."""
+        return frozenset(self._requests)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def steps(self) -> int:
+        """How many `step()` calls did work (one BatchGenerator.next() each)."""
+        return self._steps
+
+    # -- commands -----------------------------------------------------------------
+
+    def submit(self, cmd: TextGeneration) -> list[GenerationEvent]:
+        """Queue a request. Returns [] or, if it is refused, one GenerationFailed."""
+        problem = self._validate(cmd)
+        if problem is not None:
+            return [GenerationFailed(request_id=cmd.request_id, kind="invalid", message=problem)]
+        params = cmd.params
+        processors = make_logits_processors(logit_bias=params.logit_bias or None)
+        try:
+            (uid,) = self._generator.insert(
+                [list(cmd.prompt_tokens)],
+                max_tokens=[params.max_tokens],
+                samplers=[_make_sampler(params)],
+                logits_processors=[processors],
+                stop_sequences=[self._no_stops if params.ignore_eos else self._eos_stops],
+            )
+        except Exception as exc:  # validation above should make this unreachable
+            log.exception("insert failed for %s", cmd.request_id)
+            return [
+                GenerationFailed(
+                    request_id=cmd.request_id, kind="internal", message=f"insert failed: {exc}"
+                )
+            ]
+        request = _Request(
+            request_id=cmd.request_id,
+            uid=uid,
+            prompt_tokens=len(cmd.prompt_tokens),
+            # The wrapper's `detokenizer` property returns a fresh copy per access,
+            # so each request streams through its own detokenizer state.
+            detokenizer=self.tokenizer.detokenizer,
+            stops=StopStringMatcher(params.stop),
+        )
+        self._requests[cmd.request_id] = request
+        self._by_uid[uid] = request
+        return []
+
+    def _validate(self, cmd: TextGeneration) -> str | None:
+        params = cmd.params
+        if cmd.request_id in self._requests:
+            return f"request id {cmd.request_id!r} is already in flight"
+        if not cmd.prompt_tokens:
+            return "empty prompt"
+        if params.max_tokens < 1:
+            return f"max_tokens must be >= 1, got {params.max_tokens}"
+        if len(cmd.prompt_tokens) + params.max_tokens > self.context_length:
+            return (
+                f"prompt ({len(cmd.prompt_tokens)} tokens) + max_tokens ({params.max_tokens})"
+                f" exceeds the context length {self.context_length}"
+            )
+        bad = [t for t in cmd.prompt_tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            return f"token ids out of range [0, {self.vocab_size}): {bad[:5]}"
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            return f"temperature must be a finite number >= 0, got {params.temperature}"
+        if not (0 < params.top_p <= 1):
+            return f"top_p must be in (0, 1], got {params.top_p}"
+        bad_bias = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad_bias:
+            return f"logit_bias token ids out of range [0, {self.vocab_size}): {bad_bias[:5]}"
+        if any(math.isnan(v) for v in params.logit_bias.values()):
+            return "logit_bias values must not be NaN"
+        return None
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request so it never runs another step; no events follow for it.
+
+        Returns whether it was in flight (False if unknown or already finished).
+        """
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        del self._by_uid[request.uid]
+        self._generator.remove([request.uid])
+        return True
+
+    def fail_all(self, kind: FailureKind, message: str) -> list[GenerationEvent]:
+        """End every in-flight request with GenerationFailed (shutdown, fatal error)."""
+        events: list[GenerationEvent] = [
+            GenerationFailed(request_id=rid, kind=kind, message=message) for rid in self._requests
+        ]
+        uids = list(self._by_uid)
+        self._requests.clear()
+        self._by_uid.clear()
+        if uids:
+            try:
+                self._generator.remove(uids)
+            except Exception:  # the generator may be the thing that broke
+                log.exception("removing failed requests from the generator")
+                self._generator = self._new_generator()
+        return events
+
+    # -- decoding -----------------------------------------------------------------
+
+    def step(self) -> list[GenerationEvent]:
+        """Run one BatchGenerator.next() and turn its tokens into events."""
+        if not self._requests:
+            return []
+        self._steps += 1
+        events: list[GenerationEvent] = []
+        try:
+            _, responses = self._generator.next()
+            for response in responses:
+                request = self._by_uid.get(response.uid)
+                if request is None:  # not expected: cancel() removes synchronously
+                    log.warning("token for unknown generator uid %d", response.uid)
+                    continue
+                events.extend(self._on_token(request, response.token, response.finish_reason))
+        except Exception as exc:
+            # Whatever broke (an MLX error, an allocation failure), the batch state
+            # can no longer be trusted: fail everything in flight explicitly and
+            # start over with a fresh generator rather than crash the runner.
+            # Events already produced in this step stay valid and are kept.
+            log.exception("generation step failed")
+            broken = self._generator
+            self._generator = self._new_generator()
+            events.extend(self.fail_all("internal", f"generation step failed: {exc!r}"))
+            try:
+                broken.close()
+            except Exception:
+                log.debug("closing the broken generator failed", exc_info=True)
+        return events
+
+    def _on_token(
+        self, request: _Request, token: int, finish_reason: str | None
+    ) -> list[GenerationEvent]:
+        if finish_reason == "stop":
+            # The token is an EOS id (the only stop sequences we install): it ends
+            # the request but is neither emitted nor counted.
+            return [self._finish(request, "stop")]
+        request.detokenizer.add_token(token)
+        text, stopped = request.stops.push(request.detokenizer.last_segment)
+        events: list[GenerationEvent] = [
+            ChunkGenerated(request_id=request.request_id, seq=request.seq, token=token, text=text)
+        ]
+        request.seq += 1
+        if stopped:
+            # A stop string completed: end now. Unless this was also the request's
+            # last token (then next() already dropped it), take it out of the batch.
+            if finish_reason is None:
+                self._generator.remove([request.uid])
+            events.append(self._finished_event(request, "stop", ""))
+            self._forget(request)
+        elif finish_reason == "length":
+            events.append(self._finish(request, "length"))
+        return events
+
+    def _finish(self, request: _Request, reason: FinishReason) -> GenerationFinished:
+        """Terminal event for a request the generator has already dropped."""
+        request.detokenizer.finalize()
+        # The detokenizer's tail (e.g. a held-back space) may still complete a stop
+        # string; otherwise whatever the matcher held back is released.
+        tail, stopped = request.stops.push(request.detokenizer.last_segment)
+        if stopped:
+            reason = "stop"
+        else:
+            tail += request.stops.flush()
+        self._forget(request)
+        return self._finished_event(request, reason, tail)
+
+    def _finished_event(
+        self, request: _Request, reason: FinishReason, text: str
+    ) -> GenerationFinished:
+        return GenerationFinished(
+            request_id=request.request_id,
+            chunks=request.seq,
+            finish_reason=reason,
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.seq,
+            text=text,
+        )
+
+    def _forget(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._by_uid.pop(request.uid, None)
+
+
+def _config_int(config: dict[str, Any], key: str) -> int | None:
+    """A positive int from a HF config, also looking inside a nested text_config."""
+    value = config.get(key)
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get(key)
+    return value if isinstance(value, int) and value > 0 else None

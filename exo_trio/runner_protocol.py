@@ -1,0 +1,67 @@
+"""The framed protocol between a worker and its runner process.
+
+The worker writes commands (TextGeneration, Cancel, Shutdown) and the runner
+writes status messages and generation events, as length-prefixed msgpack frames
+(see framing.py) over any byte stream: the runner's stdin/stdout pipes in
+production, an in-memory stream to a fake runner in the simulator.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from exo_trio.types import (
+    Cancel,
+    ChunkGenerated,
+    GenerationFailed,
+    GenerationFinished,
+    TextGeneration,
+)
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    """Command: finish (fail) in-flight work and exit."""
+
+
+class Loading(msgspec.Struct, frozen=True, kw_only=True, tag="loading"):
+    """Runner status while the model loads: `fraction` in [0, 1] and a phase name."""
+
+    fraction: float
+    phase: str
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    """Runner status: the model is loaded and the runner takes requests."""
+
+    model: str
+    context_length: int
+    max_batch: int
+    pid: int
+
+
+class CancelAck(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_ack"):
+    """The runner dropped a request after a Cancel. `steps_after_cancel` is how many
+    decode steps it still ran for the request after the Cancel arrived (0 or 1 is
+    the contract); `known` is False when the request had already ended."""
+
+    request_id: str
+    steps_after_cancel: int
+    known: bool
+
+
+class RunnerError(msgspec.Struct, frozen=True, kw_only=True, tag="runner_error"):
+    """The runner cannot continue (e.g. the model failed to load)."""
+
+    message: str
+
+
+WorkerToRunner = TextGeneration | Cancel | Shutdown
+RunnerToWorker = (
+    Loading
+    | Ready
+    | ChunkGenerated
+    | GenerationFinished
+    | GenerationFailed
+    | CancelAck
+    | RunnerError
+)

@@ -1,0 +1,91 @@
+"""Core commands and events, as msgspec structs.
+
+These are the only shapes that travel between the API, the worker and the runner
+(and, later, between nodes). Every event names its request; every chunk carries a
+per-request sequence number so a gap or a duplicate is detectable anywhere on the path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length"]
+
+# Why a request ended without finishing. The API maps each kind onto its dialect.
+FailureKind = Literal[
+    "runner_died",  # the runner process exited or its pipe broke mid-request
+    "runner_unavailable",  # no live runner could take the request
+    "cancelled",  # POST /v1/cancel or a shutdown ended it
+    "invalid",  # the runner refused the request (e.g. a prompt longer than the context)
+    "internal",  # an unexpected error inside the runner
+]
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens. temperature == 0 means greedy (deterministic)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logit_bias: dict[int, float] = {}
+    ignore_eos: bool = False
+
+
+class TextGeneration(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
+    """Command: generate a completion for an already tokenized prompt."""
+
+    request_id: str
+    model: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
+    """Command: stop generating this request at the next step and free its slot."""
+
+    request_id: str
+
+
+class ChunkGenerated(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
+    """One generated token. `seq` counts 0, 1, 2, ... per request; `text` is the
+    detokenized text this token completes (may be empty while a multi-byte
+    character or a possible stop string is held back)."""
+
+    request_id: str
+    seq: int
+    token: int
+    text: str
+
+
+class GenerationFinished(msgspec.Struct, frozen=True, kw_only=True, tag="finished"):
+    """Terminal event: the request completed. `chunks` is how many ChunkGenerated
+    events preceded it, so the receiver can prove it saw all of them. `text` is
+    any held-back text flushed at the end (normally empty)."""
+
+    request_id: str
+    chunks: int
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""
+
+
+class GenerationFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
+    """Terminal event: the request ended with an error. Always explicit: a request
+    never just stops producing events."""
+
+    request_id: str
+    kind: FailureKind
+    message: str
+
+
+GenerationEvent = ChunkGenerated | GenerationFinished | GenerationFailed
+TerminalEvent = GenerationFinished | GenerationFailed
+
+
+def is_terminal(event: GenerationEvent) -> bool:
+    return not isinstance(event, ChunkGenerated)

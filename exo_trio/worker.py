@@ -1,0 +1,268 @@
+"""The worker: supervises one runner and relays commands and events.
+
+It speaks the framed runner protocol over a `trio.abc.Stream` obtained from a
+launcher: a real runner process in production (process_runner.py), a fake runner
+in the simulator. Everything the API calls (`submit`, `cancel`) is synchronous: it
+puts a command in the outbox of the current runner, so a request can be registered
+and dispatched with no scheduling point in between.
+
+When the runner dies (its pipe ends, it sends garbage, or it exits), every request
+it held gets an explicit GenerationFailed at once, health turns bad, and the
+runner is started again with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import trio
+
+from exo_trio.framing import FrameError, encode_frame, read_frames
+from exo_trio.runner_protocol import (
+    CancelAck,
+    Loading,
+    Ready,
+    RunnerError,
+    RunnerToWorker,
+    WorkerToRunner,
+)
+from exo_trio.types import (
+    Cancel,
+    GenerationEvent,
+    GenerationFailed,
+    TextGeneration,
+    is_terminal,
+)
+
+log = logging.getLogger(__name__)
+
+RunnerState = Literal["starting", "loading", "ready", "restarting", "stopped"]
+
+
+class RunnerConnection(Protocol):
+    """One started runner: a byte stream to it, and a way to stop it."""
+
+    stream: trio.abc.Stream
+    pid: int | None
+
+    async def aclose(self) -> None:
+        """Stop the runner (politely, then by force) and wait for it to exit."""
+        ...
+
+
+Launcher = Callable[[], Awaitable[RunnerConnection]]
+
+
+class RunnerUnavailable(Exception):
+    """No ready runner can take a request right now."""
+
+
+class RunnerDied(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    request_id: str
+    cancelled: bool = False
+
+
+@dataclass
+class WorkerStats:
+    restarts: int = 0
+    submitted: int = 0
+    cancels_sent: int = 0
+    cancel_acks: int = 0
+    max_steps_after_cancel: int = 0
+    failed_by_death: int = 0
+    last_steps_after_cancel: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(
+        self,
+        launch: Launcher,
+        deliver: Callable[[GenerationEvent], object],
+        *,
+        restart_backoff: float = 0.5,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self._launch = launch
+        self._deliver = deliver
+        self._restart_backoff = restart_backoff
+        self._max_backoff = max_backoff
+        self._outbox: trio.MemorySendChannel[WorkerToRunner] | None = None
+        self.state: RunnerState = "starting"
+        self.load_fraction = 0.0
+        self.load_phase = "starting"
+        self.ready_info: Ready | None = None
+        self.last_error: str | None = None
+        self.jobs: dict[str, Job] = {}
+        self.stats = WorkerStats()
+        self.pid: int | None = None
+        self._ready_event = trio.Event()
+
+    # ---- what the node calls (synchronous: no scheduling point) ----
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self._outbox is not None
+
+    def submit(self, command: TextGeneration) -> None:
+        if not self.ready or self._outbox is None:
+            raise RunnerUnavailable(self.unavailable_reason())
+        if command.request_id in self.jobs:
+            raise ValueError(f"request {command.request_id} is already running")
+        self.jobs[command.request_id] = Job(command.request_id)
+        self._outbox.send_nowait(command)
+        self.stats.submitted += 1
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the runner to drop a request. A no-op if the request already ended."""
+        job = self.jobs.get(request_id)
+        if job is None or job.cancelled or self._outbox is None:
+            return
+        job.cancelled = True
+        self._outbox.send_nowait(Cancel(request_id=request_id))
+        self.stats.cancels_sent += 1
+
+    def unavailable_reason(self) -> str:
+        if self.state == "loading":
+            return f"model is loading ({self.load_phase}, {self.load_fraction:.0%})"
+        if self.last_error:
+            return f"runner is {self.state}: {self.last_error}"
+        return f"runner is {self.state}"
+
+    async def wait_ready(self) -> None:
+        await self._ready_event.wait()
+
+    # ---- supervision ----
+
+    async def run(self) -> None:
+        """Start the runner, keep it running, restart it when it dies. Runs until
+        cancelled; on the way out the runner is stopped and its jobs failed."""
+        backoff = self._restart_backoff
+        try:
+            while True:
+                self.state = "starting" if self.stats.restarts == 0 else "restarting"
+                try:
+                    conn = await self._launch()
+                except OSError as exc:
+                    self.last_error = f"could not start runner: {exc}"
+                    log.error("%s", self.last_error)
+                else:
+                    self.pid = conn.pid
+                    ran_ready = await self._serve(conn)
+                    if ran_ready:
+                        backoff = self._restart_backoff
+                self.stats.restarts += 1
+                log.warning("runner down (%s); restarting in %.1fs", self.last_error, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+        finally:
+            self.state = "stopped"
+
+    async def _serve(self, conn: RunnerConnection) -> bool:
+        """Run one runner until it dies. Returns whether it ever became ready."""
+        send, receive = trio.open_memory_channel[WorkerToRunner](math.inf)
+        self._outbox = send
+        self.state = "loading"
+        became_ready = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_commands, conn.stream, receive, nursery.cancel_scope)
+                try:
+                    async for message in read_frames(conn.stream, RunnerToWorker):  # type: ignore[arg-type]
+                        if self._handle(message):
+                            became_ready = True
+                    self.last_error = "runner closed its output"
+                except (RunnerDied, FrameError, trio.BrokenResourceError) as exc:
+                    self.last_error = str(exc) or type(exc).__name__
+                nursery.cancel_scope.cancel()
+        finally:
+            self._outbox = None
+            send.close()
+            self.state = "restarting"
+            self.ready_info = None
+            self._fail_all(self.last_error or "runner stopped")
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+        return became_ready
+
+    async def _write_commands(
+        self,
+        stream: trio.abc.SendStream,
+        commands: trio.MemoryReceiveChannel[WorkerToRunner],
+        scope: trio.CancelScope,
+    ) -> None:
+        async for command in commands:
+            try:
+                await stream.send_all(encode_frame(command))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.last_error = f"runner input closed: {exc}"
+                scope.cancel()
+                return
+
+    def _handle(self, message: RunnerToWorker) -> bool:
+        """Apply one runner message. Returns True when the runner became ready."""
+        if isinstance(message, Loading):
+            self.load_fraction, self.load_phase = message.fraction, message.phase
+            log.info("loading model: %3.0f%% %s", message.fraction * 100, message.phase)
+            return False
+        if isinstance(message, Ready):
+            self.ready_info = message
+            self.state = "ready"
+            self.last_error = None
+            self.load_fraction, self.load_phase = 1.0, "ready"
+            self._ready_event.set()
+            log.info("runner ready (pid %s): %s", message.pid, message.model)
+            return True
+        if isinstance(message, CancelAck):
+            self.jobs.pop(message.request_id, None)
+            self.stats.cancel_acks += 1
+            self.stats.max_steps_after_cancel = max(
+                self.stats.max_steps_after_cancel, message.steps_after_cancel
+            )
+            self.stats.last_steps_after_cancel[message.request_id] = message.steps_after_cancel
+            if len(self.stats.last_steps_after_cancel) > 256:
+                self.stats.last_steps_after_cancel.pop(
+                    next(iter(self.stats.last_steps_after_cancel))
+                )
+            return False
+        if isinstance(message, RunnerError):
+            raise RunnerDied(f"runner error: {message.message}")
+        # A generation event. Terminal events end the job; events of a cancelled job
+        # still go to the registry, which counts them as late rather than dropping
+        # them unseen.
+        if is_terminal(message):
+            self.jobs.pop(message.request_id, None)
+        self._deliver(message)
+        return False
+
+    def _fail_all(self, reason: str) -> None:
+        jobs, self.jobs = self.jobs, {}
+        for job in jobs.values():
+            self.stats.failed_by_death += 1
+            self._deliver(
+                GenerationFailed(
+                    request_id=job.request_id,
+                    kind="runner_died",
+                    message=f"the runner stopped while generating: {reason}",
+                )
+            )
+
+    def health(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "load_fraction": round(self.load_fraction, 3),
+            "load_phase": self.load_phase,
+            "active_requests": len(self.jobs),
+            "restarts": self.stats.restarts,
+            "last_error": self.last_error,
+            "max_steps_after_cancel": self.stats.max_steps_after_cancel,
+        }

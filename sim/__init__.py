@@ -1,0 +1,1 @@
+"""The deterministic simulator (run as `python -m sim`)."""

@@ -1,0 +1,331 @@
+"""Engine: the synchronous MLX core, checked against mlx-lm's own generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_logits_processors
+
+from exo_trio.engine import Engine
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+    is_terminal,
+)
+
+
+@pytest.fixture
+def engine(demo_model_dir: Path) -> Iterator[Engine]:
+    # Loading the demo model takes a few tens of milliseconds: a fresh engine per
+    # test keeps tests independent (no leftover requests, steps counter at 0).
+    eng = Engine.load(demo_model_dir, "demo", max_batch=8)
+    yield eng
+    eng.fail_all("cancelled", "test teardown")
+
+
+def chat_prompt(engine: Engine, text: str) -> list[int]:
+    messages = [{"role": "user", "content": text}]
+    return list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def ban_eos(engine: Engine) -> dict[int, float]:
+    # Random weights may pick EOS at any step; banning it gives exact lengths.
+    return {t: -1e9 for t in engine.eos_token_ids}
+
+
+def request(
+    engine: Engine, rid: str, prompt: list[int], max_tokens: int, **params: object
+) -> TextGeneration:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("logit_bias", ban_eos(engine))
+    return TextGeneration(
+        request_id=rid,
+        model="demo",
+        prompt_tokens=prompt,
+        params=SamplingParams(max_tokens=max_tokens, **params),  # type: ignore[arg-type]
+    )
+
+
+def run_until_done(engine: Engine, max_steps: int = 500) -> dict[str, list[GenerationEvent]]:
+    """Step until no work is left; events grouped by request id."""
+    by_id: dict[str, list[GenerationEvent]] = {}
+    for _ in range(max_steps):
+        if not engine.has_work:
+            return by_id
+        for event in engine.step():
+            by_id.setdefault(event.request_id, []).append(event)
+    raise AssertionError("engine did not finish")
+
+
+def check_stream(events: list[GenerationEvent]) -> tuple[list[int], str, GenerationFinished]:
+    """Assert the per-request contract; return (tokens, full text, terminal event)."""
+    chunks = [e for e in events if isinstance(e, ChunkGenerated)]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert events[:-1] == chunks, "exactly one terminal event, last"
+    final = events[-1]
+    assert isinstance(final, GenerationFinished)
+    assert final.chunks == final.completion_tokens == len(chunks)
+    return [c.token for c in chunks], "".join(c.text for c in chunks) + final.text, final
+
+
+def reference(
+    engine: Engine, prompt: list[int], max_tokens: int, logit_bias: dict[int, float] | None
+) -> tuple[list[int], str, str]:
+    """Greedy tokens, text and finish reason from mlx-lm's own stream_generate."""
+    responses = list(
+        stream_generate(
+            engine.model,
+            engine.tokenizer,
+            mx.array(prompt),
+            max_tokens=max_tokens,
+            logits_processors=make_logits_processors(logit_bias=logit_bias),
+        )
+    )
+    finish = responses[-1].finish_reason
+    assert finish is not None
+    # On EOS the last response carries the EOS token, which is not part of the output.
+    tokens = [r.token for r in (responses[:-1] if finish == "stop" else responses)]
+    return tokens, "".join(r.text for r in responses), finish
+
+
+def test_exact_length_with_eos_banned(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "Count to twenty.")
+    assert engine.submit(request(engine, "a", prompt, 20)) == []
+    assert engine.active == {"a"}
+    events = run_until_done(engine)["a"]
+    tokens, _, final = check_stream(events)
+    assert len(tokens) == 20
+    assert final.finish_reason == "length"
+    assert final.prompt_tokens == len(prompt)
+    assert engine.active == frozenset()
+
+
+@pytest.mark.parametrize("banned", [True, False])
+def test_greedy_matches_mlx_lm(engine: Engine, banned: bool) -> None:
+    prompt = chat_prompt(engine, "Tell me a story about a fox.")
+    bias = ban_eos(engine) if banned else {}
+    engine.submit(request(engine, "a", prompt, 40, logit_bias=bias))
+    tokens, text, final = check_stream(run_until_done(engine)["a"])
+    ref_tokens, ref_text, ref_finish = reference(engine, prompt, 40, bias or None)
+    assert tokens == ref_tokens
+    # Same streaming detokenizer on both sides, so the same first-token space trim.
+    assert text == ref_text
+    assert final.finish_reason == ref_finish
+    if banned:
+        assert len(set(tokens)) > 10, "demo model output should vary"
+
+
+def test_eos_ends_with_stop_and_is_not_emitted(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "hi")
+    eos = min(engine.eos_token_ids)
+    engine.submit(request(engine, "a", prompt, 10, logit_bias={eos: 1e9}))
+    (final,) = run_until_done(engine)["a"]
+    assert isinstance(final, GenerationFinished)
+    assert (final.finish_reason, final.chunks, final.completion_tokens) == ("stop", 0, 0)
+
+
+def test_ignore_eos_emits_eos_tokens(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "hi")
+    eos = min(engine.eos_token_ids)
+    engine.submit(request(engine, "a", prompt, 4, logit_bias={eos: 1e9}, ignore_eos=True))
+    tokens, _, final = check_stream(run_until_done(engine)["a"])
+    assert tokens == [eos] * 4
+    assert final.finish_reason == "length"
+
+
+def test_second_request_joins_running_batch(engine: Engine) -> None:
+    a_prompt = chat_prompt(engine, "first")
+    b_prompt = chat_prompt(engine, "second, a little longer")
+    engine.submit(request(engine, "a", a_prompt, 60))
+    a_chunks = 0
+    while a_chunks < 3:
+        a_chunks += sum(isinstance(e, ChunkGenerated) for e in engine.step())
+    engine.submit(request(engine, "b", b_prompt, 5))
+    steps_to_first = None
+    for n in range(1, 10):
+        events = engine.step()
+        # A keeps decoding while B is prefilled: one chunk per step, no stall.
+        assert sum(e.request_id == "a" for e in events) == 1
+        if any(e.request_id == "b" for e in events):
+            steps_to_first = n
+            break
+    # BatchGenerator: one next() prefills B's prompt but its last token, one moves
+    # B into the decoding batch (sampling its first token), the next returns it.
+    assert steps_to_first is not None and steps_to_first <= 3
+    # A one-token prompt skips the prefill call.
+    engine.submit(request(engine, "c", [b_prompt[-1]], 5))
+    assert not any(e.request_id == "c" for e in engine.step())
+    assert any(e.request_id == "c" for e in engine.step())
+    by_id = run_until_done(engine)
+    assert by_id["b"][-1] == GenerationFinished(
+        request_id="b",
+        chunks=5,
+        finish_reason="length",
+        prompt_tokens=len(b_prompt),
+        completion_tokens=5,
+        text=by_id["b"][-1].text,  # type: ignore[union-attr]
+    )
+    assert isinstance(by_id["a"][-1], GenerationFinished)
+
+
+def test_batch_limit_queues_extra_requests(demo_model_dir: Path) -> None:
+    engine = Engine.load(demo_model_dir, "demo", max_batch=2)
+    prompt = chat_prompt(engine, "queue")
+    for rid in "abc":
+        engine.submit(request(engine, rid, prompt, 6))
+    first_chunk_step: dict[str, int] = {}
+    by_id: dict[str, list[GenerationEvent]] = {}
+    while engine.has_work:
+        for e in engine.step():
+            first_chunk_step.setdefault(e.request_id, engine.steps)
+            by_id.setdefault(e.request_id, []).append(e)
+    assert first_chunk_step["c"] > first_chunk_step["a"] + 5, "c waits for a free slot"
+    results = {rid: check_stream(by_id[rid]) for rid in "abc"}
+    # Same prompt, greedy: same output whether batched now or queued for later.
+    assert results["a"][0] == results["b"][0] == results["c"][0]
+
+
+def test_cancel_frees_slot_and_silences_request(demo_model_dir: Path) -> None:
+    engine = Engine.load(demo_model_dir, "demo", max_batch=1)
+    prompt = chat_prompt(engine, "cancel me")
+    engine.submit(request(engine, "a", prompt, 200))
+    engine.submit(request(engine, "b", prompt, 5))
+    for _ in range(6):
+        assert all(e.request_id == "a" for e in engine.step()), "b waits: one slot"
+    assert engine.active == {"a", "b"}
+    assert engine.cancel("a") is True
+    assert engine.active == {"b"}
+    assert engine.cancel("a") is False
+    assert engine.cancel("never-seen") is False
+    by_id = run_until_done(engine, max_steps=20)
+    assert set(by_id) == {"b"}, "no events for a cancelled request"
+    assert check_stream(by_id["b"])[2].finish_reason == "length"
+
+
+def test_cancel_while_queued_or_prefilling(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "quick")
+    engine.submit(request(engine, "queued", prompt, 5))
+    assert engine.cancel("queued")
+    assert not engine.has_work
+    engine.submit(request(engine, "prefilling", prompt, 5))
+    engine.step()  # prompt processed, not yet decoding
+    assert engine.cancel("prefilling")
+    engine.submit(request(engine, "next", prompt, 5))
+    assert set(run_until_done(engine)) == {"next"}
+
+
+def test_stop_string_ends_with_stop(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "Say something long.")
+    engine.submit(request(engine, "full", prompt, 40))
+    _, full_text, _ = check_stream(run_until_done(engine)["full"])
+    stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 4]
+    assert len(stop) == 4
+    engine.submit(request(engine, "stopped", prompt, 40, stop=(stop,)))
+    tokens, text, final = check_stream(run_until_done(engine)["stopped"])
+    assert final.finish_reason == "stop"
+    assert text == full_text[: full_text.index(stop)]
+    assert len(tokens) < 40
+    assert engine.active == frozenset()
+
+
+def test_held_back_text_is_flushed_at_length(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "Say something long.")
+    engine.submit(request(engine, "full", prompt, 12))
+    _, full_text, _ = check_stream(run_until_done(engine)["full"])
+    # A stop that starts with the last characters but never completes: they are
+    # held back through the last chunk and released with GenerationFinished.
+    stop = full_text[-2:] + "\x00"
+    engine.submit(request(engine, "held", prompt, 12, stop=(stop,)))
+    _, text, final = check_stream(run_until_done(engine)["held"])
+    assert final.finish_reason == "length"
+    assert text == full_text
+    assert final.text.endswith(full_text[-2:])
+
+
+def test_seeded_sampling_is_reproducible_alone_or_batched(engine: Engine) -> None:
+    prompt = chat_prompt(engine, "Random story please.")
+    other = chat_prompt(engine, "Something else entirely, with a longer prompt than the first.")
+
+    def seeded(rid: str, seed: int = 1234) -> TextGeneration:
+        return request(engine, rid, prompt, 24, temperature=1.0, top_p=0.95, seed=seed)
+
+    engine.submit(seeded("alone"))
+    alone = check_stream(run_until_done(engine)["alone"])[0]
+
+    # Submitted together with an unseeded request (prefilled in one padded batch).
+    engine.submit(request(engine, "noise1", other, 30, temperature=1.5))
+    engine.submit(seeded("together"))
+    together = check_stream(run_until_done(engine)["together"])[0]
+
+    # Joining while another request is already decoding.
+    engine.submit(request(engine, "noise2", other, 40, temperature=0.7))
+    for _ in range(5):
+        engine.step()
+    engine.submit(seeded("joined"))
+    joined = check_stream(run_until_done(engine)["joined"])[0]
+
+    assert alone == together == joined
+    engine.submit(seeded("other-seed", seed=99))
+    assert check_stream(run_until_done(engine)["other-seed"])[0] != alone
+
+
+@pytest.mark.parametrize(
+    ("prompt", "changes"),
+    [
+        ([], {}),
+        ([5] * 2000, {"max_tokens": 49}),  # 2000 + 49 > 2048 context
+        ([5, 2048], {}),  # vocab is 2048
+        ([5, -1], {}),
+        ([5], {"max_tokens": 0}),
+        ([5], {"top_p": 0.0}),
+        ([5], {"temperature": -1.0}),
+        ([5], {"logit_bias": {4096: 1.0}}),
+    ],
+)
+def test_invalid_requests(engine: Engine, prompt: list[int], changes: dict[str, object]) -> None:
+    params: dict[str, object] = {"max_tokens": 5, **changes}
+    max_tokens = params.pop("max_tokens")
+    cmd = request(engine, "bad", prompt, max_tokens, **params)  # type: ignore[arg-type]
+    (event,) = engine.submit(cmd)
+    assert isinstance(event, GenerationFailed)
+    assert (event.request_id, event.kind) == ("bad", "invalid")
+    assert not engine.has_work
+    assert engine.step() == []
+
+
+def test_duplicate_request_id_is_refused(engine: Engine) -> None:
+    engine.submit(request(engine, "a", [5, 6], 5))
+    (event,) = engine.submit(request(engine, "a", [5, 6], 5))
+    assert isinstance(event, GenerationFailed) and event.kind == "invalid"
+    assert check_stream(run_until_done(engine)["a"])[2].chunks == 5
+
+
+def test_step_failure_fails_in_flight_and_recovers(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = chat_prompt(engine, "boom")
+    engine.submit(request(engine, "a", prompt, 20))
+    engine.submit(request(engine, "b", prompt, 20))
+    engine.step()
+    broken = engine._generator
+
+    def explode() -> object:
+        raise RuntimeError("simulated MLX failure")
+
+    monkeypatch.setattr(broken, "next", explode)
+    events = engine.step()
+    assert sorted(e.request_id for e in events) == ["a", "b"]
+    assert all(isinstance(e, GenerationFailed) and e.kind == "internal" for e in events)
+    assert all(is_terminal(e) for e in events)
+    assert not engine.has_work
+    assert engine._generator is not broken
+    engine.submit(request(engine, "c", prompt, 5))
+    assert check_stream(run_until_done(engine)["c"])[2].finish_reason == "length"

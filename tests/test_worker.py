@@ -1,0 +1,155 @@
+"""The worker against a fake runner speaking the real protocol over memory streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from exo_trio.node import ModelCard, Node
+from exo_trio.seams import Seams
+from exo_trio.streams import StreamRegistry
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+)
+from exo_trio.worker import RunnerUnavailable, Worker
+from sim.fake_runner import FakeRunner
+
+
+@dataclass
+class FakeConnection:
+    stream: trio.abc.Stream
+    pid: int | None = None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Harness:
+    """Launches FakeRunners in a nursery; keeps them so a test can kill one."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.runners: list[FakeRunner] = []
+        self.scopes: list[trio.CancelScope] = []
+
+    async def launch(self) -> FakeConnection:
+        ours, theirs = trio.testing.memory_stream_pair()
+        runner = FakeRunner(theirs, step_delay=lambda: 0.001)
+        scope = trio.CancelScope()
+        self.runners.append(runner)
+        self.scopes.append(scope)
+
+        async def run() -> None:
+            with scope:
+                await runner.run()
+            await theirs.aclose()  # a killed runner's pipe ends
+
+        self.nursery.start_soon(run)
+        return FakeConnection(ours)
+
+
+def command(rid: str, max_tokens: int) -> TextGeneration:
+    return TextGeneration(
+        request_id=rid,
+        model="fake",
+        prompt_tokens=[1, 2, 3],
+        params=SamplingParams(max_tokens=max_tokens),
+    )
+
+
+async def start(nursery: trio.Nursery) -> tuple[Node, Harness]:
+    harness = Harness(nursery)
+    registry = StreamRegistry()
+    worker = Worker(harness.launch, registry.deliver, restart_backoff=0.01)
+    node = Node(
+        model=ModelCard(id="fake", context_length=4096, created=0),
+        encoder=None,  # type: ignore[arg-type]
+        worker=worker,
+        registry=registry,
+        seams=Seams(),
+    )
+    nursery.start_soon(worker.run)
+    await worker.wait_ready()
+    return node, harness
+
+
+async def test_a_request_streams_every_chunk_then_finishes() -> None:
+    async with trio.open_nursery() as nursery:
+        node, _ = await start(nursery)
+        with node.open_generation(command("a", 20)) as stream:
+            events = [event async for event in stream]
+        assert [e.seq for e in events if isinstance(e, ChunkGenerated)] == list(range(20))
+        assert isinstance(events[-1], GenerationFinished) and events[-1].finish_reason == "length"
+        assert len(node.registry) == 0 and not node.worker.jobs
+        nursery.cancel_scope.cancel()
+
+
+async def test_leaving_early_cancels_the_runner_work() -> None:
+    async with trio.open_nursery() as nursery:
+        node, harness = await start(nursery)
+        with node.open_generation(command("b", 1000)) as stream:
+            await stream.receive()
+        # The runner acknowledges the cancel; nothing is left anywhere.
+        with trio.fail_after(1):
+            while node.worker.jobs:
+                await trio.sleep(0.001)
+        assert node.worker.stats.cancel_acks == 1
+        assert not harness.runners[0].active
+        assert len(node.registry) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_runner_fails_its_requests_and_is_restarted() -> None:
+    async with trio.open_nursery() as nursery:
+        node, harness = await start(nursery)
+        streams = []
+        with (
+            node.open_generation(command("c1", 1000)) as s1,
+            node.open_generation(command("c2", 1000)) as s2,
+        ):
+            await s1.receive()
+            harness.scopes[0].cancel()  # the runner dies mid-stream
+            with trio.fail_after(1):
+                for stream in (s1, s2):
+                    streams.append([event async for event in stream])
+        for events in streams:
+            assert isinstance(events[-1], GenerationFailed)
+            assert events[-1].kind == "runner_died"
+        assert node.worker.health()["state"] != "ready" or node.worker.stats.restarts == 1
+        with trio.fail_after(1):
+            await node.worker.wait_ready()
+            while not node.worker.ready:
+                await trio.sleep(0.001)
+        assert len(harness.runners) == 2
+        with node.open_generation(command("c3", 5)) as stream:
+            events = [event async for event in stream]
+        assert isinstance(events[-1], GenerationFinished)
+        nursery.cancel_scope.cancel()
+
+
+async def test_submit_without_a_ready_runner_is_refused_and_leaves_nothing() -> None:
+    registry = StreamRegistry()
+
+    async def never_launches() -> FakeConnection:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    worker = Worker(never_launches, registry.deliver)
+    node = Node(
+        model=ModelCard(id="fake", context_length=4096, created=0),
+        encoder=None,  # type: ignore[arg-type]
+        worker=worker,
+        registry=registry,
+        seams=Seams(),
+    )
+    with pytest.raises(RunnerUnavailable):
+        with node.open_generation(command("d", 5)):
+            pass
+    assert len(registry) == 0
