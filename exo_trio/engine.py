@@ -188,8 +188,7 @@ class Engine:
             model,
             tokenizer,
             model_id=model_id,
-            context_length=_config_int(config, "max_position_embeddings")
-            or DEFAULT_CONTEXT_LENGTH,
+            context_length=_config_int(config, "max_position_embeddings") or DEFAULT_CONTEXT_LENGTH,
             vocab_size=_config_int(config, "vocab_size") or len(tokenizer),
             max_batch=max_batch,
         )

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from exo_trio.metrics import Metrics, NodeSnapshot
 from exo_trio.prompts import PromptEncoder
 from exo_trio.seams import Seams
 from exo_trio.streams import RequestStream, StreamRegistry
@@ -29,6 +30,11 @@ class ModelCard:
     context_length: int
     created: int
     owned_by: str = "exo-trio"
+    # Descriptive only (Ollama's /api/tags and /api/show): the HF model_type, the
+    # weights' size on disk, and a digest of the model's files.
+    architecture: str = ""
+    size_bytes: int = 0
+    digest: str = ""
 
 
 class Node:
@@ -40,12 +46,15 @@ class Node:
         worker: Worker,
         registry: StreamRegistry,
         seams: Seams,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = model
         self.encoder = encoder
         self.worker = worker
         self.registry = registry
         self.seams = seams
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self.metrics_snapshot)
 
     def models(self) -> list[ModelCard]:
         return [self.model]
@@ -71,6 +80,32 @@ class Node:
                 # failed: the runner must stop spending steps on it.
                 self.worker.cancel(command.request_id)
             self.registry.close(command.request_id)
+
+    def cancel_request(self, request_id: str) -> bool:
+        """End an in-flight request by the id its client saw (POST /v1/cancel).
+
+        The client's stream gets a `cancelled` terminal event (so it ends now, in
+        its dialect's error shape) and the runner is told to drop the work. False
+        if no such request is open here.
+        """
+        if not self.registry.cancel(request_id, "The request was cancelled."):
+            return False
+        self.worker.cancel(request_id)
+        return True
+
+    def metrics_snapshot(self) -> NodeSnapshot:
+        info = self.worker.ready_info
+        stats = self.registry.stats
+        return NodeSnapshot(
+            runner_ready=self.worker.ready,
+            runner_active=len(self.worker.jobs),
+            max_batch=info.max_batch if info is not None else 0,
+            runner_restarts=self.worker.stats.restarts,
+            open_streams=len(self.registry),
+            unknown_events=stats.unknown_events,
+            late_events=stats.late_events,
+            after_terminal_events=stats.after_terminal,
+        )
 
     def health(self) -> tuple[bool, dict[str, object]]:
         worker = self.worker.health()

@@ -27,9 +27,10 @@ class HFPromptEncoder:
     def __init__(self, model_path: Path) -> None:
         # The same loader mlx_lm.load() uses, so the node and the runner agree on
         # the chat template and the EOS ids.
-        from mlx_lm.utils import load_tokenizer
+        from mlx_lm.utils import load_config, load_tokenizer
 
-        self._tokenizer = load_tokenizer(model_path)
+        eos = load_config(model_path).get("eos_token_id")
+        self._tokenizer = load_tokenizer(model_path, eos_token_ids=eos)
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         tokens = self._tokenizer.apply_chat_template(

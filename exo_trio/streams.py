@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from exo_trio.types import ChunkGenerated, GenerationEvent, TerminalEvent, is_terminal
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationEvent,
+    GenerationFailed,
+    TerminalEvent,
+    is_terminal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,11 @@ class _Entry:
     stream: RequestStream
     capacity: int
     delivered: int = 0
+    # A terminal event has been delivered (by the runner, or by `cancel`).
+    ended: bool = False
+    # Ended here by `cancel`, not by the runner: what the runner still sends for it
+    # (tokens already in the pipe) is late, not a protocol violation.
+    cancelled: bool = False
 
 
 @dataclass
@@ -145,6 +156,9 @@ class StreamRegistry:
             self.close(event.request_id)
             raise StreamViolation(f"{event.request_id}: channel overflow") from None
         except trio.ClosedResourceError:
+            if entry.cancelled:
+                self._count_late(event)
+                return False
             # The request already had its terminal event: anything after it is a
             # protocol violation upstream (a duplicate terminal or a stray chunk).
             self.stats.after_terminal += 1
@@ -160,8 +174,22 @@ class StreamRegistry:
         if is_terminal(event):
             # Nothing may follow a terminal event: close the send side now, so a
             # second terminal or a stray chunk shows up as late, not as data.
+            entry.ended = True
             entry.send.close()
         return True
+
+    def cancel(self, request_id: str, message: str) -> bool:
+        """End an open request from the node's side (POST /v1/cancel): its consumer
+        reads what was already delivered, then a `cancelled` terminal event. Returns
+        False if the request is not open or already has its terminal event. The
+        caller must also stop the runner's work on it."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry.ended:
+            return False
+        entry.cancelled = True
+        return self.deliver(
+            GenerationFailed(request_id=request_id, kind="cancelled", message=message)
+        )
 
     def close(self, request_id: str) -> None:
         """Unregister and close. Idempotent: called from `finally` blocks."""
@@ -178,12 +206,16 @@ class StreamRegistry:
     def open_ids(self) -> list[str]:
         return list(self._entries)
 
+    def _count_late(self, event: GenerationEvent) -> None:
+        kind = type(event).__name__
+        self.stats.late_events += 1
+        self.stats.late_by_kind[kind] = self.stats.late_by_kind.get(kind, 0) + 1
+        log.debug("late %s for ended request %s", kind, event.request_id)
+
     def _count_orphan(self, event: GenerationEvent) -> None:
         kind = type(event).__name__
         if event.request_id in self._recently_closed:
-            self.stats.late_events += 1
-            self.stats.late_by_kind[kind] = self.stats.late_by_kind.get(kind, 0) + 1
-            log.debug("late %s for closed request %s", kind, event.request_id)
+            self._count_late(event)
         else:
             self.stats.unknown_events += 1
             log.warning("%s for unknown request %s", kind, event.request_id)

@@ -6,6 +6,10 @@ worker: it loads instantly (after reporting progress), runs one "decode step" pe
 arrives while others decode joins at the next step), honours max_tokens, EOS (at
 `eos_after` tokens unless ignore_eos) and Cancel (dropped before the next step,
 acknowledged with CancelAck), and emits a deterministic token per (request, seq).
+
+For the simulator it also reports what it did to an optional `RunnerObserver`
+(the oracle the invariants compare clients against) and can hang (stop stepping
+but keep its pipe open and keep reading commands).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -36,6 +41,19 @@ def fake_text(token: int) -> str:
     return f"t{token} "
 
 
+class RunnerObserver(Protocol):
+    """What the simulator's ledger wants to know. Every call happens after the
+    bytes concerned were queued on the pipe (send_all returned)."""
+
+    def started(self, runner: FakeRunner, command: TextGeneration) -> None: ...
+
+    def sent(self, runner: FakeRunner, events: list[GenerationEvent]) -> None: ...
+
+    def cancelled(self, runner: FakeRunner, request_id: str, known: bool) -> None: ...
+
+    def stopped(self, runner: FakeRunner, request_ids: list[str]) -> None: ...
+
+
 @dataclass
 class _Active:
     command: TextGeneration
@@ -52,6 +70,9 @@ class FakeRunner:
         eos_after: int | None = None,
         context_length: int = 4096,
         max_batch: int = 8,
+        text_of: Callable[[int, int], str] | None = None,
+        observer: RunnerObserver | None = None,
+        index: int = 0,
     ) -> None:
         self.stream = stream
         self.model = model
@@ -59,6 +80,9 @@ class FakeRunner:
         self.eos_after = eos_after
         self.context_length = context_length
         self.max_batch = max_batch
+        self.text_of = text_of or (lambda seq, token: fake_text(token))
+        self.observer = observer
+        self.index = index  # which incarnation (the simulator restarts runners)
         self.active: dict[str, _Active] = {}
         self.steps = 0
         self.hung = False  # a hung runner stops stepping but keeps its pipe open
@@ -85,22 +109,47 @@ class FakeRunner:
                     break
                 await self._apply(command)
             # Input closed (or Shutdown): fail what is left and stop, like the real runner.
+            left = list(self.active)
             await self._send(
                 [
                     GenerationFailed(request_id=rid, kind="cancelled", message="runner stopping")
-                    for rid in self.active
+                    for rid in left
                 ]
             )
             self.active.clear()
+            if self.observer is not None and left:
+                self.observer.stopped(self, left)
             nursery.cancel_scope.cancel()
         await self.stream.aclose()
+
+    # ---- simulator controls ----
+
+    def hang(self) -> None:
+        self.hung = True
+
+    def resume(self) -> None:
+        self.hung = False
+        self._wake.set()
+
+    def died(self) -> None:
+        """The process is gone: whatever it held is lost (the worker fails it)."""
+        left = list(self.active)
+        self.active.clear()
+        if self.observer is not None and left:
+            self.observer.stopped(self, left)
+
+    # ---- protocol ----
 
     async def _apply(self, command: WorkerToRunner) -> None:
         if isinstance(command, TextGeneration):
             self.active[command.request_id] = _Active(command)
+            if self.observer is not None:
+                self.observer.started(self, command)
             self._wake.set()
         elif isinstance(command, Cancel):
             known = self.active.pop(command.request_id, None) is not None
+            if self.observer is not None:
+                self.observer.cancelled(self, command.request_id, known)
             await self._send(
                 [CancelAck(request_id=command.request_id, steps_after_cancel=0, known=known)]
             )
@@ -112,11 +161,15 @@ class FakeRunner:
                 await self._wake.wait()
                 continue
             await trio.sleep(self.step_delay())
+            if self.hung or not self.active:
+                continue
             self.steps += 1
             events: list[GenerationEvent] = []
             for rid, job in list(self.active.items())[: self.max_batch]:
                 events.extend(self._step_one(rid, job))
             await self._send(events)
+            if self.observer is not None:
+                self.observer.sent(self, events)
 
     def _step_one(self, rid: str, job: _Active) -> list[GenerationEvent]:
         params = job.command.params
@@ -126,7 +179,9 @@ class FakeRunner:
             return [self._finished(rid, job, "stop", prompt)]
         token = fake_token(rid, job.emitted)
         events: list[GenerationEvent] = [
-            ChunkGenerated(request_id=rid, seq=job.emitted, token=token, text=fake_text(token))
+            ChunkGenerated(
+                request_id=rid, seq=job.emitted, token=token, text=self.text_of(job.emitted, token)
+            )
         ]
         job.emitted += 1
         if job.emitted >= params.max_tokens:

@@ -1,0 +1,82 @@
+"""Sampling parameters as every dialect spells them, checked once.
+
+Each dialect names its knobs differently (max_tokens, max_output_tokens,
+num_predict; stop, stop_sequences) and allows different ranges; the adapters
+translate names and pass their limits here, so the checks and the error messages
+are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+from exo_trio.api.errors import ApiError
+from exo_trio.types import SamplingParams
+
+# OpenAI's logit_bias of -100 means "ban"; make it a hard ban, not a large penalty.
+BAN = -1e9
+
+
+def parse_logit_bias(raw: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (raw or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias key `{key}` is not a token id.", param=param) from None
+        if not -100.0 <= value <= 100.0:
+            raise ApiError(400, "logit_bias values must be in [-100, 100].", param=param)
+        bias[token] = BAN if value <= -100.0 else value
+    return bias
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def build_params(
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    logit_bias: dict[str, float] | None = None,
+    ignore_eos: bool = False,
+    max_temperature: float = 2.0,
+    max_stops: int | None = 4,
+    names: dict[str, str] | None = None,
+) -> SamplingParams:
+    """Validate and build SamplingParams. `names` maps our field names onto the
+    dialect's, so an error points at the field the client actually sent."""
+    names = names or {}
+
+    def name(field: str) -> str:
+        return names.get(field, field)
+
+    if max_tokens < 1:
+        raise ApiError(400, f"{name('max_tokens')} must be at least 1.", param=name("max_tokens"))
+    if not (math.isfinite(temperature) and 0.0 <= temperature <= max_temperature):
+        raise ApiError(
+            400,
+            f"temperature must be between 0 and {max_temperature:g}.",
+            param=name("temperature"),
+        )
+    if not 0.0 < top_p <= 1.0:
+        raise ApiError(400, "top_p must be greater than 0 and at most 1.", param=name("top_p"))
+    if top_k is not None and top_k < 0:
+        raise ApiError(400, "top_k must not be negative.", param=name("top_k"))
+    stops = stop or []
+    if (max_stops is not None and len(stops) > max_stops) or any(not s for s in stops):
+        limit = f"at most {max_stops} " if max_stops is not None else ""
+        raise ApiError(400, f"{name('stop')} takes {limit}non-empty strings.", param=name("stop"))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stops),
+        logit_bias=parse_logit_bias(logit_bias, name("logit_bias")),
+        ignore_eos=ignore_eos,
+    )

@@ -1,0 +1,261 @@
+"""The runner process: one model, one Engine, the framed protocol on stdin/stdout.
+
+Run as ``python -m exo_trio.runner --model PATH --model-id ID [--max-batch N]``.
+
+The worker writes commands (`WorkerToRunner`: TextGeneration, Cancel, Shutdown)
+to our stdin and reads `RunnerToWorker` messages from our stdout, both as
+length-prefixed msgpack frames (framing.py). The sequence on stdout is:
+`Loading`... then `Ready` (or `RunnerError` and exit status 1 if the model does
+not load), then generation events and `CancelAck`s.
+
+Structure:
+
+* A reader thread decodes frames from stdin into a `queue.Queue`, stamping each
+  command with its arrival time. Threads are fine here: this process never runs
+  inside the simulator (the simulator uses a fake runner speaking the same
+  protocol), and a thread is the simplest way to keep reading commands while the
+  main thread is busy inside an MLX step.
+* The main loop drains every queued command without blocking, applies them
+  (submit / cancel / shutdown), runs one `Engine.step()` if there is work, and
+  writes everything that produced in one write. With no work it blocks on the
+  queue. So a Cancel that arrives during a step is applied right after that step:
+  the request runs at most one more step (`CancelAck.steps_after_cancel` <= 1).
+* EOF on stdin means the worker is gone or wants us gone: like Shutdown, every
+  in-flight request gets GenerationFailed(kind="cancelled") and we exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from exo_trio.framing import FrameDecoder, FrameError, encode_frame
+from exo_trio.runner_protocol import (
+    CancelAck,
+    Loading,
+    Ready,
+    RunnerError,
+    RunnerToWorker,
+    Shutdown,
+    WorkerToRunner,
+)
+from exo_trio.types import Cancel, TextGeneration
+
+if TYPE_CHECKING:  # the engine pulls in MLX; import it only after stdout is claimed
+    from exo_trio.engine import Engine
+
+log = logging.getLogger("exo_trio.runner")
+
+READ_SIZE = 65536
+
+
+def claim_stdout() -> int:
+    """Keep the real stdout for the protocol and point fd 1 at stderr.
+
+    Returns a private duplicate of the original stdout. Anything else that writes
+    to fd 1 afterwards (a library's print, a C extension's printf, a warning) lands
+    on stderr instead of corrupting the frame stream. Must run before MLX,
+    transformers or anything else chatty is imported.
+    """
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)  # not inheritable: child processes cannot write frames
+    os.dup2(2, 1)
+    return protocol_fd
+
+
+class ProtocolWriter:
+    """Writes messages to the protocol fd, one os.write loop per batch.
+
+    Unbuffered on purpose: a batch is encoded into one bytes object and written
+    completely before returning, so there is nothing to flush and nothing left in
+    a buffer if the process dies right after.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def send(self, messages: Sequence[RunnerToWorker]) -> None:
+        if not messages:
+            return
+        data = memoryview(b"".join(encode_frame(m) for m in messages))
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A command and when it arrived (time.monotonic())."""
+
+    command: WorkerToRunner
+    at: float
+
+
+@dataclass(frozen=True)
+class EndOfInput:
+    """stdin ended (error is None) or became unreadable/undecodable."""
+
+    error: str | None = None
+
+
+QueueItem = Arrival | EndOfInput
+
+
+def read_commands(fd: int, out: queue.Queue[QueueItem]) -> None:
+    """Reader thread: decode frames from fd into the queue until EOF or error."""
+    decoder = FrameDecoder(WorkerToRunner)  # type: ignore[arg-type]
+    try:
+        while True:
+            data = os.read(fd, READ_SIZE)
+            if not data:
+                if decoder.pending_bytes:
+                    out.put(EndOfInput("stdin ended inside a frame"))
+                else:
+                    out.put(EndOfInput())
+                return
+            now = time.monotonic()
+            for command in decoder.feed(data):
+                out.put(Arrival(command, now))
+    except (FrameError, OSError) as exc:
+        out.put(EndOfInput(f"bad command stream: {exc}"))
+
+
+class Runner:
+    """The main loop around an Engine. Single-threaded apart from the reader."""
+
+    def __init__(self, engine: Engine, writer: ProtocolWriter, commands: queue.Queue[QueueItem]):
+        self.engine = engine
+        self.writer = writer
+        self.commands = commands
+        # monotonic() at the end of the last step; a Cancel that arrived before
+        # this was already waiting while that step ran.
+        self._last_step_end = float("-inf")
+        # Requests submitted since the last step: they have not run a step yet.
+        self._fresh: set[str] = set()
+
+    def run(self) -> int:
+        """Serve until Shutdown or EOF; returns the exit status."""
+        while True:
+            outgoing: list[RunnerToWorker] = []
+            for item in self._take(block=not self.engine.has_work):
+                if isinstance(item, EndOfInput) or isinstance(item.command, Shutdown):
+                    return self._stop(item, outgoing)
+                outgoing.extend(self._apply(item))
+            if self.engine.has_work:
+                self._fresh.clear()
+                outgoing.extend(self.engine.step())
+                self._last_step_end = time.monotonic()
+            self.writer.send(outgoing)
+
+    def _take(self, *, block: bool) -> list[QueueItem]:
+        """Everything queued now; with block=True wait for at least one item."""
+        items: list[QueueItem] = []
+        if block:
+            items.append(self.commands.get())
+        while True:
+            try:
+                items.append(self.commands.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _apply(self, item: Arrival) -> list[RunnerToWorker]:
+        command = item.command
+        if isinstance(command, TextGeneration):
+            self._fresh.add(command.request_id)
+            return list(self.engine.submit(command))
+        if isinstance(command, Cancel):
+            rid = command.request_id
+            known = self.engine.cancel(rid)
+            # The request ran a step after the Cancel arrived iff a step finished
+            # after the arrival and the request was already in that step.
+            ran = known and rid not in self._fresh and item.at < self._last_step_end
+            self._fresh.discard(rid)
+            return [CancelAck(request_id=rid, steps_after_cancel=int(ran), known=known)]
+        raise TypeError(f"unexpected command {command!r}")  # Shutdown is handled by run()
+
+    def _stop(self, item: QueueItem, outgoing: list[RunnerToWorker]) -> int:
+        if isinstance(item, EndOfInput) and item.error is not None:
+            # The command stream is corrupt: nothing after this point can be trusted.
+            log.error("%s", item.error)
+            outgoing.extend(self.engine.fail_all("internal", item.error))
+            outgoing.append(RunnerError(message=item.error))
+            self.writer.send(outgoing)
+            return 1
+        reason = "shutdown" if isinstance(item, Arrival) else "stdin closed"
+        log.info("%s: stopping with %d request(s) in flight", reason, len(self.engine.active))
+        outgoing.extend(self.engine.fail_all("cancelled", f"runner stopped ({reason})"))
+        self.writer.send(outgoing)
+        return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m exo_trio.runner", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="model directory")
+    parser.add_argument("--model-id", required=True, help="model id reported in Ready")
+    parser.add_argument("--max-batch", type=int, default=16, help="max concurrent sequences")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    writer = ProtocolWriter(claim_stdout())
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=os.environ.get("EXO_TRIO_RUNNER_LOG", "INFO").upper(),
+        format=f"runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+    commands: queue.Queue[QueueItem] = queue.Queue()
+    # Start reading at once so EOF or Shutdown during a long load are seen as soon
+    # as the load ends, and the worker's pipe never fills up.
+    threading.Thread(
+        target=read_commands, args=(sys.stdin.fileno(), commands), name="stdin", daemon=True
+    ).start()
+    try:
+        writer.send([Loading(fraction=0.0, phase="starting")])
+        from exo_trio.engine import Engine
+
+        engine = Engine.load(
+            args.model,
+            args.model_id,
+            max_batch=args.max_batch,
+            on_progress=lambda fraction, phase: writer.send(
+                [Loading(fraction=fraction, phase=phase)]
+            ),
+        )
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:
+        log.exception("loading %s failed", args.model)
+        writer.send([RunnerError(message=f"loading {args.model} failed: {exc}")])
+        return 1
+    try:
+        writer.send(
+            [
+                Ready(
+                    model=args.model_id,
+                    context_length=engine.context_length,
+                    max_batch=engine.max_batch,
+                    pid=os.getpid(),
+                )
+            ]
+        )
+        return Runner(engine, writer, commands).run()
+    except BrokenPipeError:
+        # The worker closed its end of our stdout: nobody is listening any more.
+        log.warning("protocol pipe closed by the worker; exiting")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
