@@ -1,0 +1,289 @@
+"""This node through HTTP against raw mlx-lm, on the same model, in one run.
+
+    python -m bench.node_vs_mlx [--model DIR] [--tokens 128] [--repeats 3]
+
+Measures, in order (never two at once, so they do not share the cores):
+
+1. raw mlx-lm `stream_generate`, one stream: decode tokens/s and time to first token;
+2. raw mlx-lm `BatchGenerator` with 8 sequences: aggregate decode tokens/s;
+3. an `exo-trio node` process serving the same model, driven over HTTP with
+   streaming chat completions: one stream, then 8 concurrent streams;
+4. the time to first token of a request that arrives while another stream decodes,
+   in units of that stream's decode step.
+
+and prints each figure with its ratio to the raw baseline. Exact lengths come from
+`ignore_eos` (no logits processor, so the batch samples in one call, like the
+baseline). Without --model the demo model is built into a temporary directory.
+
+On Linux the mlx CPU wheel links a reference BLAS that makes prefill (matrix-matrix
+products) about 5x slower per token than decode here, which would swamp every
+time-to-first-token figure. When an OpenBLAS library is found (Debian:
+`apt-get install libopenblas0-pthread`), the benchmark re-executes itself with it
+preloaded, so the baseline and the node (whose processes inherit the environment)
+run on the same BLAS. `--blas none` turns that off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+
+from exo_trio.demo_model import build_demo_model
+from exo_trio.prompts import HFPromptEncoder
+from tests.nodeproc import start_node
+
+MESSAGES = [{"role": "user", "content": "Write a long story about structured concurrency."}]
+
+
+@dataclass
+class Run:
+    tokens: int
+    ttft: float  # seconds from request to first token
+    decode_time: float  # seconds from first to last token
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.tokens - 1) / self.decode_time if self.decode_time > 0 else 0.0
+
+
+def best(runs: list[float]) -> float:
+    return max(runs)
+
+
+def raw_single(model_dir: Path, prompt: list[int], tokens: int) -> Run:
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(model_dir))
+    # No EOS: generate exactly `tokens` tokens, like ignore_eos on the node.
+    tokenizer._eos_token_ids = set()  # noqa: SLF001
+    start = time.perf_counter()
+    first = last = start
+    count = 0
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=tokens, sampler=lambda x: mx.argmax(x, axis=-1)
+    ):
+        count += 1
+        last = time.perf_counter()
+        if count == 1:
+            first = last
+        if response.finish_reason:
+            break
+    return Run(count, first - start, last - first)
+
+
+def raw_batch(model_dir: Path, prompt: list[int], tokens: int, batch: int) -> float:
+    """Aggregate decode tokens/s of BatchGenerator with `batch` sequences decoding."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    model, _ = load(str(model_dir))
+    generator = BatchGenerator(model, max_tokens=tokens, completion_batch_size=batch)
+    generator.insert([list(prompt) for _ in range(batch)], [tokens] * batch)
+    produced = 0
+    started: float | None = None
+    while True:
+        _, responses = generator.next()
+        if responses and started is None:
+            started = time.perf_counter()  # all sequences decoding from here on
+            continue
+        produced += len(responses)
+        if any(r.finish_reason for r in responses) and not len(generator._generation_batch):  # noqa: SLF001
+            break
+        if not responses and started is not None:
+            break
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    generator.close()
+    return produced / elapsed
+
+
+async def http_stream(client: httpx.AsyncClient, tokens: int, content: str | None = None) -> Run:
+    messages = [{"role": "user", "content": content}] if content else MESSAGES
+    body = {
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = trio.current_time()
+    first = last = start
+    count = 0
+    usage_tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if '"content":"' in line and '"content":""' not in line:
+                count += 1
+                last = trio.current_time()
+                if count == 1:
+                    first = last
+            if '"usage":{' in line:
+                usage_tokens = int(line.split('"completion_tokens":')[1].split(",")[0])
+    assert usage_tokens == tokens, (usage_tokens, tokens)
+    return Run(usage_tokens, first - start, last - first)
+
+
+async def http_concurrent(base_url: str, tokens: int, streams: int) -> float:
+    """Aggregate decode tokens/s with `streams` concurrent streams."""
+    runs: list[Run] = []
+    limits = httpx.Limits(max_connections=streams + 2)
+    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
+        start = trio.current_time()
+
+        async def one() -> None:
+            runs.append(await http_stream(client, tokens))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(streams):
+                nursery.start_soon(one)
+        total = trio.current_time() - start
+    # Exclude the shared prefill: time from the last first-token to the end.
+    ttft = max(r.ttft for r in runs)
+    return sum(r.tokens - 1 for r in runs) / (total - ttft)
+
+
+async def joining_ttft(base_url: str, tokens: int) -> tuple[float, float]:
+    """TTFT of a short request arriving while a long stream decodes, and that
+    stream's median decode step, both in seconds."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        body = {
+            "model": "bench",
+            "messages": MESSAGES,
+            "max_tokens": tokens * 4,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        stamps: list[float] = []
+        joined = trio.Event()
+        result: list[Run] = []
+
+        async def long_stream() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if '"content":"' in line and '"content":""' not in line:
+                        stamps.append(trio.current_time())
+                        if len(stamps) == 20:
+                            joined.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_stream)
+            await joined.wait()
+            result.append(await http_stream(client, 4, content="hi"))
+            nursery.cancel_scope.cancel()
+    steps = [b - a for a, b in zip(stamps[10:], stamps[11:], strict=False)]
+    return result[0].ttft, statistics.median(steps)
+
+
+def timed(label: str, fn: Callable[[], float]) -> float:
+    value = fn()
+    print(f"  measured {label}: {value:.2f}", file=sys.stderr)
+    return value
+
+
+OPENBLAS_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+]
+
+
+def preload_blas(choice: str) -> str:
+    """Re-exec with an optimised BLAS preloaded (LD_PRELOAD works only at start)."""
+    if choice == "none" or sys.platform != "linux":
+        return "default"
+    path = (
+        choice
+        if choice != "auto"
+        else next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), "")
+    )
+    if not path:
+        return "default (no OpenBLAS found)"
+    if path not in os.environ.get("LD_PRELOAD", ""):
+        env = {**os.environ, "LD_PRELOAD": path, "OPENBLAS_NUM_THREADS": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", "bench.node_vs_mlx", *sys.argv[1:]], env)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--blas", default="auto", help="auto, none, or a libopenblas path")
+    args = parser.parse_args()
+    blas = preload_blas(args.blas)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = args.model or build_demo_model(work / "bench")
+        prompt = HFPromptEncoder(model_dir).chat_tokens(MESSAGES)
+
+        raw1 = [raw_single(model_dir, prompt, args.tokens) for _ in range(args.repeats)]
+        raw8 = [raw_batch(model_dir, prompt, args.tokens, 8) for _ in range(args.repeats)]
+
+        node = start_node(model_dir, work / "node")
+        try:
+            node.wait_healthy()
+
+            async def http_single_runs() -> list[Run]:
+                async with httpx.AsyncClient(base_url=node.base_url, timeout=300) as client:
+                    await http_stream(client, 8)  # warm-up
+                    return [await http_stream(client, args.tokens) for _ in range(args.repeats)]
+
+            node1 = trio.run(http_single_runs)
+            node8 = [
+                trio.run(http_concurrent, node.base_url, args.tokens, 8)
+                for _ in range(args.repeats)
+            ]
+            joins = [
+                trio.run(joining_ttft, node.base_url, args.tokens) for _ in range(args.repeats)
+            ]
+        finally:
+            node.stop()
+
+    raw1_tps = best([r.decode_tps for r in raw1])
+    node1_tps = best([r.decode_tps for r in node1])
+    raw1_ttft = min(r.ttft for r in raw1)
+    node1_ttft = min(r.ttft for r in node1)
+    raw8_tps, node8_tps = best(raw8), best(node8)
+    join_ttft = statistics.median(j[0] for j in joins)
+    join_step = statistics.median(j[1] for j in joins)
+
+    print(
+        f"model: {model_dir.name}, {args.tokens} tokens per stream, best of {args.repeats}, "
+        f"BLAS: {blas}"
+    )
+    print(f"{'figure':<44}{'raw mlx-lm':>12}{'exo-trio':>12}{'ratio':>8}")
+    print(
+        f"{'1 stream decode tokens/s':<44}{raw1_tps:>12.1f}{node1_tps:>12.1f}{node1_tps / raw1_tps:>8.3f}"
+    )
+    print(
+        f"{'1 stream time to first token (ms)':<44}{raw1_ttft * 1e3:>12.1f}{node1_ttft * 1e3:>12.1f}{node1_ttft / raw1_ttft:>8.2f}"
+    )
+    print(
+        f"{'8 streams decode tokens/s (BatchGenerator)':<44}{raw8_tps:>12.1f}{node8_tps:>12.1f}{node8_tps / raw8_tps:>8.3f}"
+    )
+    print(
+        f"joining request: first token after {join_ttft * 1e3:.1f} ms = "
+        f"{join_ttft / join_step:.2f} decode steps of the running stream ({join_step * 1e3:.1f} ms/step)"
+    )
+
+
+if __name__ == "__main__":
+    main()
