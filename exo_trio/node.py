@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from exo_trio.metrics import Metrics, NodeSnapshot
 from exo_trio.prompts import PromptEncoder
@@ -35,6 +36,55 @@ class ModelCard:
     architecture: str = ""
     size_bytes: int = 0
     digest: str = ""
+    # Token ids must be below this (prompt ids, logit_bias keys); 0 = unknown.
+    vocab_size: int = 0
+
+
+class Dispatcher(Protocol):
+    """Where registered requests go: one local worker, or the cluster."""
+
+    def dispatch(self, command: TextGeneration) -> object:
+        """Hand the command to a runner (synchronously). Returns a handle for
+        `cancel`; raises RunnerUnavailable if nothing can take it."""
+        ...
+
+    def cancel(self, request_id: str, handle: object) -> None: ...
+
+    def finished(self, request_id: str) -> None: ...
+
+    def ready(self, model_id: str) -> bool: ...
+
+    def unavailable_reason(self, model_id: str) -> str: ...
+
+    def local_worker(self, model_id: str) -> Worker | None:
+        """The worker of this node's runner for the model (health, metrics)."""
+        ...
+
+
+class WorkerDispatcher:
+    """A node on its own: every request goes to its one local worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def dispatch(self, command: TextGeneration) -> object:
+        self.worker.submit(command)
+        return None
+
+    def cancel(self, request_id: str, handle: object) -> None:
+        self.worker.cancel(request_id)
+
+    def finished(self, request_id: str) -> None:
+        return None
+
+    def ready(self, model_id: str) -> bool:
+        return self.worker.ready
+
+    def unavailable_reason(self, model_id: str) -> str:
+        return self.worker.unavailable_reason()
+
+    def local_worker(self, model_id: str) -> Worker | None:
+        return self.worker
 
 
 class Node:
@@ -47,12 +97,16 @@ class Node:
         registry: StreamRegistry,
         seams: Seams,
         metrics: Metrics | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.model = model
         self.encoder = encoder
         self.worker = worker
+        self.dispatcher: Dispatcher = dispatcher or WorkerDispatcher(worker)
         self.registry = registry
         self.seams = seams
+        # Handles of the requests in flight, for cancel_request.
+        self._handles: dict[str, object] = {}
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.metrics_snapshot)
 
@@ -70,16 +124,23 @@ class Node:
         can run, so no event can arrive for an id that has no channel. Raises
         RunnerUnavailable (with nothing left registered) if no runner can take it.
         """
-        stream = self.registry.open(command.request_id, command.params.max_tokens)
+        rid = command.request_id
+        stream = self.registry.open(rid, command.params.max_tokens)
+        dispatched = False
         try:
-            self.worker.submit(command)
+            self._handles[rid] = self.dispatcher.dispatch(command)
+            dispatched = True
             yield stream
         finally:
-            if not stream.finished:
-                # The client went away, the server is stopping, or the consumer
-                # failed: the runner must stop spending steps on it.
-                self.worker.cancel(command.request_id)
-            self.registry.close(command.request_id)
+            handle = self._handles.pop(rid, None)
+            if dispatched:
+                if stream.finished:
+                    self.dispatcher.finished(rid)
+                else:
+                    # The client went away, the server is stopping, or the consumer
+                    # failed: the runner must stop spending steps on it.
+                    self.dispatcher.cancel(rid, handle)
+            self.registry.close(rid)
 
     def cancel_request(self, request_id: str) -> bool:
         """End an in-flight request by the id its client saw (POST /v1/cancel).
@@ -88,19 +149,32 @@ class Node:
         its dialect's error shape) and the runner is told to drop the work. False
         if no such request is open here.
         """
+        if request_id not in self._handles:
+            return False
         if not self.registry.cancel(request_id, "The request was cancelled."):
             return False
-        self.worker.cancel(request_id)
+        self.dispatcher.cancel(request_id, self._handles[request_id])
         return True
 
+    def ready(self, model_id: str) -> bool:
+        return self.dispatcher.ready(model_id)
+
+    def unavailable_reason(self, model_id: str) -> str:
+        return self.dispatcher.unavailable_reason(model_id)
+
+    def local_worker(self) -> Worker | None:
+        """The runner on this node serving the node's model, if there is one."""
+        return self.dispatcher.local_worker(self.model.id)
+
     def metrics_snapshot(self) -> NodeSnapshot:
-        info = self.worker.ready_info
+        worker = self.local_worker()
+        info = worker.ready_info if worker is not None else None
         stats = self.registry.stats
         return NodeSnapshot(
-            runner_ready=self.worker.ready,
-            runner_active=len(self.worker.jobs),
+            runner_ready=self.ready(self.model.id),
+            runner_active=len(worker.jobs) if worker is not None else 0,
             max_batch=info.max_batch if info is not None else 0,
-            runner_restarts=self.worker.stats.restarts,
+            runner_restarts=worker.stats.restarts if worker is not None else 0,
             open_streams=len(self.registry),
             unknown_events=stats.unknown_events,
             late_events=stats.late_events,
@@ -108,14 +182,14 @@ class Node:
         )
 
     def health(self) -> tuple[bool, dict[str, object]]:
-        worker = self.worker.health()
-        ok = self.worker.ready
-        reason = None if ok else self.worker.unavailable_reason()
+        """Healthy when a request for the node's model can be served now."""
+        ok = self.ready(self.model.id)
+        worker = self.local_worker()
         return ok, {
             "status": "ok" if ok else "unavailable",
-            "reason": reason,
+            "reason": None if ok else self.unavailable_reason(self.model.id),
             "model": self.model.id,
-            "runner": worker,
+            "runner": worker.health() if worker is not None else None,
             "open_streams": len(self.registry),
             "late_events": self.registry.stats.late_events,
             "unknown_events": self.registry.stats.unknown_events,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from exo_trio.cluster_messages import InstanceSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,9 @@ class ProcessRunner:
         await self.process.wait()
 
 
-def process_launcher(model_path: Path, model_id: str, max_batch: int):  # type: ignore[no-untyped-def]
+def process_launcher(
+    model_path: Path, model_id: str, max_batch: int, extra_args: tuple[str, ...] = ()
+):  # type: ignore[no-untyped-def]
     """A Worker launcher that starts `python -m exo_trio.runner` for this model."""
 
     async def launch() -> ProcessRunner:
@@ -52,6 +58,7 @@ def process_launcher(model_path: Path, model_id: str, max_batch: int):  # type: 
                 model_id,
                 "--max-batch",
                 str(max_batch),
+                *extra_args,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -62,3 +69,41 @@ def process_launcher(model_path: Path, model_id: str, max_batch: int):  # type: 
         return ProcessRunner(process=process, stream=stream, pid=process.pid)
 
     return launch
+
+
+def write_hostfile(directory: Path, spec: InstanceSpec) -> Path:
+    """The mx.distributed ring hostfile: one [host:port] list per rank, rank order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{spec.instance_id}.hosts.json"
+    hosts = [[f"{s.host}:{s.port}"] for s in spec.shards]
+    path.write_text(json.dumps(hosts))
+    return path
+
+
+def shard_launcher_factory(
+    model_paths: dict[str, Path], max_batch: int, run_dir: Path
+) -> Callable[[InstanceSpec, int], Callable[[], Awaitable[ProcessRunner]]]:
+    """Launchers for this node's rank of an instance (the ShardManager's factory)."""
+
+    def launcher_for(spec: InstanceSpec, rank: int) -> Callable[[], Awaitable[ProcessRunner]]:
+        shard = spec.shards[rank]
+        extra: tuple[str, ...] = ()
+        if spec.world_size > 1:
+            hostfile = write_hostfile(run_dir, spec)
+            extra = (
+                "--rank",
+                str(rank),
+                "--world-size",
+                str(spec.world_size),
+                "--hostfile",
+                str(hostfile),
+                "--backend",
+                spec.backend,
+                "--sharding",
+                spec.sharding,
+                "--layers",
+                f"{shard.start_layer}:{shard.end_layer}",
+            )
+        return process_launcher(model_paths[spec.model], spec.model, max_batch, extra)
+
+    return launcher_for

@@ -20,6 +20,7 @@ FailureKind = Literal[
     "cancelled",  # POST /v1/cancel or a shutdown ended it
     "invalid",  # the runner refused the request (e.g. a prompt longer than the context)
     "internal",  # an unexpected error inside the runner
+    "peer_lost",  # the node running the request (or its link) was lost
 ]
 
 
@@ -29,6 +30,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample from the k most likely tokens only; 0 = no limit
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: dict[int, float] = {}
@@ -72,6 +74,9 @@ class GenerationFinished(msgspec.Struct, frozen=True, kw_only=True, tag="finishe
     prompt_tokens: int
     completion_tokens: int
     text: str = ""
+    # Which of the request's stop strings ended it (None: EOS, length, or no
+    # stop strings), for dialects that report it (Anthropic's stop_sequence).
+    stop_sequence: str | None = None
 
 
 class GenerationFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):

@@ -40,7 +40,7 @@ from exo_trio.types import (
 
 log = logging.getLogger(__name__)
 
-RunnerState = Literal["starting", "loading", "ready", "restarting", "stopped"]
+RunnerState = Literal["starting", "loading", "ready", "restarting", "stopped", "failed"]
 
 
 class RunnerConnection(Protocol):
@@ -90,11 +90,15 @@ class Worker:
         *,
         restart_backoff: float = 0.5,
         max_backoff: float = 10.0,
+        restart: bool = True,
     ) -> None:
         self._launch = launch
         self._deliver = deliver
         self._restart_backoff = restart_backoff
         self._max_backoff = max_backoff
+        # A single-rank runner is restarted in place; a rank of a sharded instance is
+        # not (its peers died with it): the leader tears the instance down instead.
+        self._restart = restart
         self._outbox: trio.MemorySendChannel[WorkerToRunner] | None = None
         self.state: RunnerState = "starting"
         self.load_fraction = 0.0
@@ -159,12 +163,16 @@ class Worker:
                     ran_ready = await self._serve(conn)
                     if ran_ready:
                         backoff = self._restart_backoff
+                if not self._restart:
+                    self.state = "failed"
+                    return
                 self.stats.restarts += 1
                 log.warning("runner down (%s); restarting in %.1fs", self.last_error, backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
         finally:
-            self.state = "stopped"
+            if self.state != "failed":
+                self.state = "stopped"
 
     async def _serve(self, conn: RunnerConnection) -> bool:
         """Run one runner until it dies. Returns whether it ever became ready."""

@@ -1,0 +1,558 @@
+"""The node's part in the cluster: membership, the leader's loop, shard commands,
+and the handlers for every node-to-node message.
+
+The decisions live in cluster_state.py and placement.py (pure functions); this is
+the imperative shell around them. Every node runs the same loop; only the node
+that `elect` names acts as leader: it rebuilds the instance table from the nodes'
+reports, tears down failed instances, places models that have none, and
+broadcasts its view. Requests never pass through the leader: a node dispatches to
+the entry node (rank 0) of a ready instance, locally or through the TokenRelay.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from exo_trio import cluster_state as decide
+from exo_trio.cluster_messages import (
+    ClusterMessage,
+    ClusterView,
+    InstanceSpec,
+    InstanceStatus,
+    ModelInfo,
+    NodeReport,
+    PlaceReply,
+    PlaceRequest,
+    RemoteAck,
+    RemoteCancel,
+    RemoteEvents,
+    RemoteGenerate,
+    RemoteResume,
+    StartShard,
+    StopShard,
+)
+from exo_trio.placement import PlacementError, place
+from exo_trio.shards import ShardManager
+from exo_trio.token_relay import TokenRelay
+from exo_trio.types import GenerationFailed, TextGeneration
+from exo_trio.worker import RunnerUnavailable, Worker
+
+log = logging.getLogger(__name__)
+
+
+class Links(Protocol):
+    def send(self, peer_id: str, message: Any) -> bool: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = ...) -> None: ...
+
+
+@dataclass
+class ClusterSettings:
+    tick: float = 0.25  # how often the leader loop runs and reports are sent
+    # How long a lost peer's requests wait for the link to come back before
+    # they are failed (a reconnect within this window loses nothing).
+    peer_grace: float = 2.0
+    # How long a placed instance may take to report all its ranks ready.
+    start_timeout: float = 120.0
+    # Before the first automatic placement, wait until every configured peer is
+    # connected, or this long, so nodes started together share one instance.
+    settle: float = 10.0
+    auto_place: bool = True
+    expected_peers: int = 0
+
+
+@dataclass
+class _Call:
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: PlaceReply | None = None
+
+
+class Cluster:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        host: str,
+        models: dict[str, ModelInfo],
+        serve: tuple[str, ...],
+        shards: ShardManager,
+        relay: TokenRelay,
+        memory_free: Callable[[], int],
+        free_ports: Callable[[], tuple[int, ...]],
+        new_id: Callable[[str], str],
+        settings: ClusterSettings | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.models = models
+        self.serve = serve
+        self.shards = shards
+        self.relay = relay
+        self._memory_free = memory_free
+        self._free_ports = free_ports
+        self._new_id = new_id
+        self.settings = settings or ClusterSettings()
+        self.links: Links | None = None
+        self.members: set[str] = {node_id}
+        self.term = 0
+        self.leader = ""  # nobody yet: the first tick elects (and takes term 1)
+        self.view: ClusterView | None = None
+        # Leader-only soft state, rebuilt from reports after every leader change.
+        self.reports: dict[str, NodeReport] = {}
+        self.pending: dict[str, decide.Pending] = {}
+        self.suppressed: set[str] = set()  # models whose instance a user deleted
+        self._calls: dict[str, _Call] = {}
+        self._down_since: dict[str, float] = {}
+        self._wake = trio.Event()
+        self._started_at = 0.0
+        self._settled = False
+        # Automatic placement that keeps failing is retried with backoff.
+        self._auto_attempts: dict[str, tuple[int, float]] = {}
+
+    # ---- wiring ----
+
+    def attach(self, links: Links) -> None:
+        self.links = links
+
+    def send(self, node_id: str, message: ClusterMessage) -> bool:
+        if node_id == self.node_id:
+            self.on_message(node_id, message)
+            return True
+        return self.links is not None and self.links.send(node_id, message)
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started_at = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            if self.links is not None:
+                await nursery.start(self.links.run)
+            nursery.start_soon(self._loop)
+            task_status.started()
+
+    async def _loop(self) -> None:
+        while True:
+            self._tick()
+            with trio.move_on_after(self.settings.tick):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    # ---- membership ----
+
+    def on_peer_up(self, peer_id: str) -> None:
+        log.info("peer %s up", peer_id)
+        self.members.add(peer_id)
+        self._down_since.pop(peer_id, None)
+        self.relay.on_peer_up(peer_id)
+        self.changed()
+
+    def on_peer_down(self, peer_id: str, reason: str) -> None:
+        log.warning("peer %s down: %s", peer_id, reason)
+        self.members.discard(peer_id)
+        self.reports.pop(peer_id, None)
+        self._down_since.setdefault(peer_id, trio.current_time())
+        self.changed()
+
+    def _expire_lost_peers(self, now: float) -> None:
+        """Peers down longer than the grace period are gone for good: their
+        requests end with an explicit error, and their requests here stop."""
+        for peer_id, since in list(self._down_since.items()):
+            if now - since < self.settings.peer_grace:
+                continue
+            del self._down_since[peer_id]
+            failed = self.relay.fail_routes(peer_id, f"node {peer_id} was lost")
+            for request_id in self.relay.drop_origin(peer_id):
+                self._cancel_local(request_id)
+            if failed:
+                log.warning("node %s lost: failed %d request(s)", peer_id, failed)
+
+    # ---- the loop every node runs ----
+
+    def _tick(self) -> None:
+        now = trio.current_time()
+        self._expire_lost_peers(now)
+        leader = decide.elect(self.members)
+        if leader != self.leader:
+            log.info("leader is now %s", leader)
+            self.leader = leader
+            if leader == self.node_id:
+                self.term += 1
+                self.reports = {}
+                self.pending = {}
+                log.info("leading the cluster in term %d", self.term)
+        report = self.report()
+        if self.leader == self.node_id:
+            self.reports[self.node_id] = report
+            self._lead(now)
+        else:
+            self.send(self.leader, report)
+
+    def report(self) -> NodeReport:
+        return NodeReport(
+            node_id=self.node_id,
+            term=self.term,
+            memory_free=self._memory_free(),
+            models=tuple(self.models.values()),
+            serve=self.serve,
+            shards=self.shards.statuses(),
+            host=self.host,
+            free_ports=self._free_ports(),
+        )
+
+    def _lead(self, now: float) -> None:
+        reports = {k: v for k, v in self.reports.items() if k in self.members}
+        self.reports = reports
+        statuses = decide.instance_statuses(reports, self.pending, now)
+        for target, stop in decide.teardown(statuses, self.term):
+            self.send(target, stop)
+        for status in statuses:
+            if status.state == "ready":
+                self._auto_attempts.pop(status.spec.model, None)
+            if status.state in ("ready", "failed"):
+                # Up (its shards' reports carry it from now on) or given up on.
+                self.pending.pop(status.spec.instance_id, None)
+        # Place only with every member's report in hand: a plan made without some
+        # node's report would leave that node out of an "all nodes" placement.
+        complete = self.members <= set(reports)
+        if self.settings.auto_place and complete and self._is_settled(now):
+            for model_id in decide.models_to_place(reports, statuses):
+                if model_id not in self.suppressed:
+                    self._auto_place(model_id, reports, now)
+        view = ClusterView(
+            term=self.term,
+            leader=self.node_id,
+            nodes=decide.summaries(reports),
+            instances=tuple(decide.instance_statuses(reports, self.pending, now)),
+        )
+        self.view = view
+        for member in self.members - {self.node_id}:
+            self.send(member, view)
+
+    def _is_settled(self, now: float) -> bool:
+        if not self._settled:
+            peers = len(self.members) - 1
+            waited = now - self._started_at
+            self._settled = peers >= self.settings.expected_peers or waited >= self.settings.settle
+        return self._settled
+
+    def _auto_place(self, model_id: str, reports: dict[str, NodeReport], now: float) -> None:
+        attempts, not_before = self._auto_attempts.get(model_id, (0, 0.0))
+        if now < not_before:
+            return
+        self._auto_attempts[model_id] = (attempts + 1, now + min(30.0, 0.5 * 2**attempts))
+        try:
+            placement = decide.auto_placement(reports, model_id)
+            self._launch(placement, reports, now, auto=True)
+        except PlacementError as exc:
+            log.warning("cannot place %s: %s", model_id, exc)
+
+    def _launch(
+        self, placement: Any, reports: dict[str, NodeReport], now: float, *, auto: bool
+    ) -> InstanceSpec:
+        used = {s.port for p in self.pending.values() for s in p.spec.shards}
+        ports = {}
+        for shard in placement.shards:
+            free = [p for p in reports[shard.node_id].free_ports if p not in used]
+            if not free:
+                raise PlacementError(f"node {shard.node_id} reported no free port")
+            ports[shard.node_id] = free[0]
+            used.add(free[0])
+        spec = decide.instance_spec(placement, reports, self._new_id("inst"), ports, auto=auto)
+        self.pending[spec.instance_id] = decide.Pending(spec, now + self.settings.start_timeout)
+        log.info(
+            "placing %s as %s on %s",
+            spec.model,
+            spec.instance_id,
+            ", ".join(f"{s.node_id}[{s.start_layer}:{s.end_layer}]" for s in spec.shards),
+        )
+        for target, start in decide.start_actions(spec, self.term):
+            self.send(target, start)
+        return spec
+
+    # ---- placement requests (HTTP /v1/instances) ----
+
+    async def place(self, request: PlaceRequest, patience: float = 10.0) -> PlaceReply:
+        """Answer a placement or deletion request, forwarding it to the leader."""
+        if self.leader == self.node_id:
+            return self._answer_place(request)
+        call = _Call()
+        self._calls[request.call_id] = call
+        try:
+            if not self.send(self.leader, request):
+                return PlaceReply(
+                    call_id=request.call_id, ok=False, status=503, message="leader unreachable"
+                )
+            with trio.move_on_after(patience):
+                await call.done.wait()
+        finally:
+            self._calls.pop(request.call_id, None)
+        if call.reply is None:
+            return PlaceReply(
+                call_id=request.call_id, ok=False, status=504, message="leader did not answer"
+            )
+        return call.reply
+
+    def _answer_place(self, request: PlaceRequest) -> PlaceReply:
+        def reply(
+            ok: bool, status: int, message: str, spec: InstanceSpec | None = None
+        ) -> PlaceReply:
+            return PlaceReply(
+                call_id=request.call_id, ok=ok, status=status, message=message, instance=spec
+            )
+
+        now = trio.current_time()
+        reports = {k: v for k, v in self.reports.items() if k in self.members}
+        if request.delete is not None:
+            statuses = decide.instance_statuses(reports, self.pending, now)
+            match = [s for s in statuses if s.spec.instance_id == request.delete]
+            if not match:
+                return reply(False, 404, f"no instance {request.delete}")
+            spec = match[0].spec
+            self.suppressed.add(spec.model)
+            self.pending.pop(spec.instance_id, None)
+            for shard in spec.shards:
+                self.send(
+                    shard.node_id,
+                    StopShard(term=self.term, instance_id=spec.instance_id, reason="deleted"),
+                )
+            self.changed()
+            return reply(True, 200, "deleted", spec)
+        info = decide.find_model(reports, request.model)
+        if info is None:
+            return reply(False, 404, f"no node has model {request.model}")
+        try:
+            placement = place(
+                decide.resources(reports),
+                decide.model_spec(info),
+                request.sharding,
+                node_ids=list(request.nodes) if request.nodes is not None else None,
+                min_nodes=request.min_nodes,
+            )
+            spec = self._launch(placement, reports, now, auto=False)
+        except PlacementError as exc:
+            return reply(False, 400, str(exc))
+        self.suppressed.discard(request.model)
+        self.changed()
+        return reply(True, 201, "placing", spec)
+
+    # ---- message handlers ----
+
+    def on_message(self, peer: str, message: ClusterMessage) -> None:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            log.warning("unexpected %s from %s", type(message).__name__, peer)
+            return
+        handler(self, peer, message)
+
+    def _on_report(self, peer: str, report: NodeReport) -> None:
+        if report.term > self.term:
+            # Someone saw a newer term: if we still lead, lead in a newer one.
+            self.term = report.term + (1 if self.leader == self.node_id else 0)
+        if self.leader == self.node_id and peer in self.members:
+            self.reports[peer] = report
+
+    def _on_view(self, peer: str, view: ClusterView) -> None:
+        if view.term < self.term:
+            log.debug("ignoring view of stale term %d from %s", view.term, peer)
+            return
+        self.term = view.term
+        self.view = view
+
+    def _fenced(self, term: int, what: str, peer: str) -> bool:
+        if term < self.term:
+            log.warning("rejecting %s from %s: stale term %d < %d", what, peer, term, self.term)
+            return True
+        self.term = term
+        return False
+
+    def _on_start(self, peer: str, message: StartShard) -> None:
+        if not self._fenced(message.term, "StartShard", peer):
+            self.shards.start(message.instance, message.rank)
+
+    def _on_stop(self, peer: str, message: StopShard) -> None:
+        if not self._fenced(message.term, "StopShard", peer):
+            self.shards.stop(message.instance_id, message.reason)
+
+    def _on_place(self, peer: str, request: PlaceRequest) -> None:
+        if self.leader != self.node_id:
+            answer = PlaceReply(
+                call_id=request.call_id, ok=False, status=503, message="not the leader"
+            )
+        else:
+            answer = self._answer_place(request)
+        self.send(peer, answer)
+
+    def _on_place_reply(self, peer: str, reply: PlaceReply) -> None:
+        call = self._calls.get(reply.call_id)
+        if call is not None:
+            call.reply = reply
+            call.done.set()
+
+    def _on_remote_generate(self, peer: str, message: RemoteGenerate) -> None:
+        self.relay.accept(peer, message)
+        worker = self.shards.worker(message.instance_id)
+        try:
+            if worker is None:
+                raise RunnerUnavailable(f"instance {message.instance_id} is not running here")
+            worker.submit(message.command)
+        except RunnerUnavailable as exc:
+            self.relay.route_event(
+                GenerationFailed(
+                    request_id=message.command.request_id,
+                    kind="runner_unavailable",
+                    message=str(exc),
+                )
+            )
+
+    def _on_remote_events(self, peer: str, message: RemoteEvents) -> None:
+        self.relay.on_events(peer, message)
+
+    def _on_remote_ack(self, peer: str, message: RemoteAck) -> None:
+        self.relay.on_ack(peer, message)
+
+    def _on_remote_resume(self, peer: str, message: RemoteResume) -> None:
+        self.relay.on_resume(peer, message)
+
+    def _on_remote_cancel(self, peer: str, message: RemoteCancel) -> None:
+        if self.relay.on_cancel(peer, message):
+            self._cancel_local(message.request_id)
+
+    _handlers: dict[type, Callable[[Cluster, str, Any], None]] = {
+        NodeReport: _on_report,
+        ClusterView: _on_view,
+        StartShard: _on_start,
+        StopShard: _on_stop,
+        PlaceRequest: _on_place,
+        PlaceReply: _on_place_reply,
+        RemoteGenerate: _on_remote_generate,
+        RemoteEvents: _on_remote_events,
+        RemoteAck: _on_remote_ack,
+        RemoteResume: _on_remote_resume,
+        RemoteCancel: _on_remote_cancel,
+    }
+
+    # ---- the data path ----
+
+    def ready_instances(self, model_id: str) -> list[InstanceStatus]:
+        if self.view is None:
+            return []
+        return [
+            s
+            for s in self.view.instances
+            if s.spec.model == model_id and s.state == "ready" and s.spec.entry_node in self.members
+        ]
+
+    def choose_instance(self, model_id: str) -> InstanceSpec | None:
+        """A ready instance of the model: one whose entry is this node first (no hop),
+        then the one with the fewest requests this node has routed to it."""
+        ready = self.ready_instances(model_id)
+        if not ready:
+            return None
+        load: dict[str, int] = {}
+        for route in self.relay.routes.values():
+            load[route.entry_node] = load.get(route.entry_node, 0) + 1
+        best = min(
+            ready,
+            key=lambda s: (
+                s.spec.entry_node != self.node_id,
+                load.get(s.spec.entry_node, 0),
+                s.spec.instance_id,
+            ),
+        )
+        return best.spec
+
+    def dispatch(self, command: TextGeneration) -> InstanceSpec:
+        """Send a registered request to an instance. Synchronous; raises
+        RunnerUnavailable when no ready instance can take it."""
+        spec = self.choose_instance(command.model)
+        if spec is None:
+            raise RunnerUnavailable(self.unavailable_reason(command.model))
+        if spec.entry_node == self.node_id:
+            worker = self.shards.worker(spec.instance_id)
+            if worker is None:
+                raise RunnerUnavailable(f"instance {spec.instance_id} is not running here")
+            worker.submit(command)
+        else:
+            self.relay.dispatch(spec.entry_node, spec.instance_id, command)
+        return spec
+
+    def ready(self, model_id: str) -> bool:
+        return bool(self.ready_instances(model_id))
+
+    def local_worker(self, model_id: str) -> Worker | None:
+        """This node's rank-0 runner of a ready instance of the model, else any
+        local runner of it (for health and metrics)."""
+        candidates = [s for s in self.shards.shards.values() if s.spec.model == model_id]
+        candidates.sort(key=lambda s: (s.rank != 0, s.state != "ready", s.spec.instance_id))
+        return candidates[0].worker if candidates else None
+
+    def cancel(self, request_id: str, spec: InstanceSpec) -> None:
+        if spec.entry_node == self.node_id:
+            self._cancel_local(request_id)
+        else:
+            self.relay.cancel(request_id)
+
+    def finished(self, request_id: str) -> None:
+        self.relay.forget(request_id)
+
+    def _cancel_local(self, request_id: str) -> None:
+        for shard in self.shards.shards.values():
+            if request_id in shard.worker.jobs:
+                shard.worker.cancel(request_id)
+
+    def unavailable_reason(self, model_id: str) -> str:
+        if self.view is None:
+            return "the cluster has no view yet (starting)"
+        mine = [s for s in self.view.instances if s.spec.model == model_id]
+        if not mine:
+            return f"model {model_id} is not placed on any instance yet"
+        states = ", ".join(f"{s.spec.instance_id}: {s.state}" for s in mine)
+        return f"no ready instance of {model_id} ({states})"
+
+    def state(self) -> dict[str, Any]:
+        view = self.view
+        return {
+            "node_id": self.node_id,
+            "leader": self.leader,
+            "term": self.term,
+            "members": sorted(self.members),
+            "nodes": [] if view is None else [_plain(n) for n in view.nodes],
+            "instances": [] if view is None else [_instance(s) for s in view.instances],
+            "shards": [
+                {
+                    "instance_id": s.instance.instance_id,
+                    "rank": s.rank,
+                    "state": s.state,
+                    "error": s.error,
+                    "active_requests": s.active_requests,
+                }
+                for s in self.shards.statuses()
+            ],
+            "relay": _plain(self.relay.stats),
+        }
+
+
+def _plain(value: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(value)
+
+
+def _instance(status: InstanceStatus) -> dict[str, Any]:
+    spec = status.spec
+    return {
+        "id": spec.instance_id,
+        "model": spec.model,
+        "sharding": spec.sharding,
+        "backend": spec.backend,
+        "state": status.state,
+        "error": status.error,
+        "auto": spec.auto,
+        "shards": [_plain(s) for s in spec.shards],
+    }

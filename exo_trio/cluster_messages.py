@@ -1,0 +1,178 @@
+"""Messages between nodes (carried by exo_trio.net links as msgpack).
+
+Control messages (reports, the leader's view, shard start/stop) carry the sender's
+term so that a stale leader's decisions can be recognised and rejected. Data
+messages (remote generation, its events, acks, cancels) go point to point between
+the node that owns a request and the node hosting the instance's rank 0; they never
+pass through the leader.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from exo_trio.types import GenerationEvent, TextGeneration
+
+ShardState = Literal["starting", "loading", "ready", "failed", "stopped"]
+InstanceState = Literal["placing", "loading", "ready", "failed"]
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    size_bytes: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    supports_tensor: bool
+    context_length: int
+
+
+class ShardSpec(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    rank: int
+    start_layer: int
+    end_layer: int
+    host: str  # where the other ranks reach this rank's mx.distributed endpoint
+    port: int
+
+
+class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    model: str
+    sharding: Literal["pipeline", "tensor"]
+    backend: Literal["ring", "jaccl"]
+    shards: tuple[ShardSpec, ...]
+    auto: bool  # placed by the leader on its own (re-placed after failures)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.shards)
+
+    @property
+    def entry_node(self) -> str:
+        """The node hosting rank 0: the one that takes this instance's requests."""
+        return self.shards[0].node_id
+
+
+class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
+    instance: InstanceSpec
+    rank: int
+    state: ShardState
+    error: str | None = None
+    active_requests: int = 0
+
+
+class NodeReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
+    """A node's soft state, sent to the leader on change and periodically."""
+
+    node_id: str
+    term: int
+    memory_free: int
+    models: tuple[ModelInfo, ...]
+    serve: tuple[str, ...]  # models this node was started to serve (auto placement)
+    shards: tuple[ShardStatus, ...]
+    host: str  # the address peers reach this node at
+    free_ports: tuple[int, ...]
+
+
+class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    memory_free: int
+    models: tuple[str, ...]
+    host: str
+
+
+class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
+    spec: InstanceSpec
+    state: InstanceState
+    error: str | None = None
+
+
+class ClusterView(msgspec.Struct, frozen=True, kw_only=True, tag="view"):
+    """The leader's view, broadcast to every node."""
+
+    term: int
+    leader: str
+    nodes: tuple[NodeSummary, ...]
+    instances: tuple[InstanceStatus, ...]
+
+
+class StartShard(msgspec.Struct, frozen=True, kw_only=True, tag="start_shard"):
+    term: int
+    instance: InstanceSpec
+    rank: int
+
+
+class StopShard(msgspec.Struct, frozen=True, kw_only=True, tag="stop_shard"):
+    term: int
+    instance_id: str
+    reason: str
+
+
+class PlaceRequest(msgspec.Struct, frozen=True, kw_only=True, tag="place"):
+    """Ask the leader to place (or delete) an instance; answered with PlaceReply."""
+
+    call_id: str
+    model: str = ""
+    sharding: Literal["pipeline", "tensor"] = "pipeline"
+    nodes: tuple[str, ...] | None = None
+    min_nodes: int = 1
+    delete: str | None = None  # an instance id to delete instead
+
+
+class PlaceReply(msgspec.Struct, frozen=True, kw_only=True, tag="place_reply"):
+    call_id: str
+    ok: bool
+    status: int
+    message: str
+    instance: InstanceSpec | None = None
+
+
+class RemoteGenerate(msgspec.Struct, frozen=True, kw_only=True, tag="remote_generate"):
+    """From the owning node to the instance's entry node."""
+
+    origin: str
+    instance_id: str
+    command: TextGeneration
+
+
+class RemoteEvents(msgspec.Struct, frozen=True, kw_only=True, tag="remote_events"):
+    """Events of one request, in sequence order, from the entry node to the owner."""
+
+    request_id: str
+    events: tuple[GenerationEvent, ...]
+
+
+class RemoteAck(msgspec.Struct, frozen=True, kw_only=True, tag="remote_ack"):
+    """The owner has everything up to (not including) event number `upto`."""
+
+    request_id: str
+    upto: int
+
+
+class RemoteCancel(msgspec.Struct, frozen=True, kw_only=True, tag="remote_cancel"):
+    request_id: str
+
+
+class RemoteResume(msgspec.Struct, frozen=True, kw_only=True, tag="remote_resume"):
+    """After a reconnect: the owner asks for events from `next_event` on."""
+
+    request_id: str
+    next_event: int
+
+
+ClusterMessage = (
+    NodeReport
+    | ClusterView
+    | StartShard
+    | StopShard
+    | PlaceRequest
+    | PlaceReply
+    | RemoteGenerate
+    | RemoteEvents
+    | RemoteAck
+    | RemoteCancel
+    | RemoteResume
+)

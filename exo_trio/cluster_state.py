@@ -1,0 +1,207 @@
+"""The leader's decisions, as pure functions of the nodes' reports.
+
+Control state is soft: nothing here is persisted or replicated. The leader is the
+live member with the smallest node id; whoever becomes leader takes a term one
+higher than any it has seen and rebuilds the instance table from the shards the
+nodes report. Nodes reject shard commands from lower terms, so a deposed leader
+that has not noticed yet cannot start or stop anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from exo_trio.cluster_messages import (
+    InstanceSpec,
+    InstanceStatus,
+    ModelInfo,
+    NodeReport,
+    NodeSummary,
+    ShardSpec,
+    ShardStatus,
+    StartShard,
+    StopShard,
+)
+from exo_trio.placement import ModelSpec, NodeResources, Placement, PlacementError, place
+
+
+def elect(members: Iterable[str]) -> str:
+    """The leader of a membership: deterministic, so every node that sees the same
+    members agrees without a vote."""
+    return min(members)
+
+
+def model_spec(info: ModelInfo) -> ModelSpec:
+    return ModelSpec(
+        id=info.id,
+        size_bytes=info.size_bytes,
+        n_layers=info.n_layers,
+        n_heads=info.n_heads,
+        n_kv_heads=info.n_kv_heads,
+        supports_tensor=info.supports_tensor,
+    )
+
+
+def resources(reports: Mapping[str, NodeReport]) -> list[NodeResources]:
+    return [
+        NodeResources(r.node_id, r.memory_free, frozenset(m.id for m in r.models))
+        for r in reports.values()
+    ]
+
+
+def find_model(reports: Mapping[str, NodeReport], model_id: str) -> ModelInfo | None:
+    for report in reports.values():
+        for info in report.models:
+            if info.id == model_id:
+                return info
+    return None
+
+
+def instance_spec(
+    placement: Placement,
+    reports: Mapping[str, NodeReport],
+    instance_id: str,
+    ports: Mapping[str, int],
+    *,
+    auto: bool,
+) -> InstanceSpec:
+    """Turn a placement into a spec: every rank's reachable address and port."""
+    shards = tuple(
+        ShardSpec(
+            node_id=s.node_id,
+            rank=s.rank,
+            start_layer=s.start_layer,
+            end_layer=s.end_layer,
+            host=reports[s.node_id].host,
+            port=ports[s.node_id],
+        )
+        for s in placement.shards
+    )
+    return InstanceSpec(
+        instance_id=instance_id,
+        model=placement.model,
+        sharding=placement.sharding,
+        backend="ring",
+        shards=shards,
+        auto=auto,
+    )
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An instance the leader placed whose shards have not all been reported yet."""
+
+    spec: InstanceSpec
+    deadline: float
+
+
+def instance_statuses(
+    reports: Mapping[str, NodeReport], pending: Mapping[str, Pending], now: float
+) -> list[InstanceStatus]:
+    """What state every instance is in, from what the live nodes report.
+
+    An instance is ready when every rank reports ready, failed when any rank
+    failed, its node is gone, or it was placed and never came up in time.
+    """
+    shards: dict[str, dict[int, ShardStatus]] = {}
+    specs: dict[str, InstanceSpec] = {}
+    for report in reports.values():
+        for status in report.shards:
+            if status.state == "stopped":
+                continue
+            spec = status.instance
+            specs.setdefault(spec.instance_id, spec)
+            shards.setdefault(spec.instance_id, {})[status.rank] = status
+    for instance_id, item in pending.items():
+        specs.setdefault(instance_id, item.spec)
+    result = []
+    for instance_id in sorted(specs):
+        spec = specs[instance_id]
+        seen = shards.get(instance_id, {})
+        result.append(_status(spec, seen, reports, pending.get(instance_id), now))
+    return result
+
+
+def _status(
+    spec: InstanceSpec,
+    seen: Mapping[int, ShardStatus],
+    reports: Mapping[str, NodeReport],
+    pending: Pending | None,
+    now: float,
+) -> InstanceStatus:
+    for shard in spec.shards:
+        if shard.node_id not in reports:
+            return InstanceStatus(spec=spec, state="failed", error=f"node {shard.node_id} lost")
+    for status in seen.values():
+        if status.state == "failed":
+            return InstanceStatus(
+                spec=spec, state="failed", error=f"rank {status.rank}: {status.error}"
+            )
+    if len(seen) == spec.world_size and all(s.state == "ready" for s in seen.values()):
+        return InstanceStatus(spec=spec, state="ready")
+    if pending is not None and now > pending.deadline:
+        return InstanceStatus(spec=spec, state="failed", error="did not come up in time")
+    if not seen:
+        return InstanceStatus(spec=spec, state="placing")
+    return InstanceStatus(spec=spec, state="loading")
+
+
+def teardown(statuses: Iterable[InstanceStatus], term: int) -> list[tuple[str, StopShard]]:
+    """Stop every surviving shard of every failed instance."""
+    actions = []
+    for status in statuses:
+        if status.state != "failed":
+            continue
+        for shard in status.spec.shards:
+            actions.append(
+                (
+                    shard.node_id,
+                    StopShard(
+                        term=term,
+                        instance_id=status.spec.instance_id,
+                        reason=status.error or "failed",
+                    ),
+                )
+            )
+    return actions
+
+
+def start_actions(spec: InstanceSpec, term: int) -> list[tuple[str, StartShard]]:
+    return [(s.node_id, StartShard(term=term, instance=spec, rank=s.rank)) for s in spec.shards]
+
+
+def models_to_place(
+    reports: Mapping[str, NodeReport], statuses: Iterable[InstanceStatus]
+) -> list[str]:
+    """Models some node was started to serve that have no live instance."""
+    wanted = sorted({m for r in reports.values() for m in r.serve})
+    covered = {s.spec.model for s in statuses if s.state != "failed"}
+    return [m for m in wanted if m not in covered]
+
+
+def auto_placement(reports: Mapping[str, NodeReport], model_id: str) -> Placement:
+    """Automatic placement spans every live node that has the model and was started
+    to serve it (pipeline), falling back to the fewest nodes that fit."""
+    info = find_model(reports, model_id)
+    if info is None:
+        raise PlacementError(f"no node has model {model_id}")
+    spec = model_spec(info)
+    servers = [r for r in reports.values() if model_id in r.serve]
+    nodes = resources(reports)
+    try:
+        return place(nodes, spec, "pipeline", node_ids=sorted(r.node_id for r in servers))
+    except PlacementError:
+        return place(nodes, spec, "pipeline")
+
+
+def summaries(reports: Mapping[str, NodeReport]) -> tuple[NodeSummary, ...]:
+    return tuple(
+        NodeSummary(
+            node_id=r.node_id,
+            memory_free=r.memory_free,
+            models=tuple(m.id for m in r.models),
+            host=r.host,
+        )
+        for r in sorted(reports.values(), key=lambda r: r.node_id)
+    )

@@ -1,0 +1,126 @@
+"""The shards this node runs: one supervised runner per instance it takes part in.
+
+The leader says which (StartShard / StopShard); this module starts and stops the
+Workers and reports their state back (ShardStatus) for the leader to rebuild its
+instance table from. A single-rank instance's runner is restarted in place when it
+dies; a rank of a multi-node instance is not (its group broke with it), it is
+reported failed and the leader tears the instance down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from exo_trio.cluster_messages import InstanceSpec, ShardState, ShardStatus
+from exo_trio.types import GenerationEvent
+from exo_trio.worker import Launcher, Worker
+
+log = logging.getLogger(__name__)
+
+LauncherFactory = Callable[[InstanceSpec, int], Launcher]
+
+
+@dataclass
+class Shard:
+    spec: InstanceSpec
+    rank: int
+    worker: Worker
+    scope: trio.CancelScope
+    stopped: bool = False
+
+    @property
+    def state(self) -> ShardState:
+        if self.stopped:
+            return "stopped"
+        worker_state = self.worker.state
+        if worker_state == "ready":
+            return "ready"
+        if worker_state == "failed":
+            return "failed"
+        if worker_state in ("starting", "loading"):
+            return "loading" if worker_state == "loading" else "starting"
+        # "restarting" (single rank, coming back) or "stopped" (on the way out)
+        return "loading" if self.spec.world_size == 1 else "failed"
+
+    def status(self) -> ShardStatus:
+        return ShardStatus(
+            instance=self.spec,
+            rank=self.rank,
+            state=self.state,
+            error=self.worker.last_error if self.state == "failed" else None,
+            active_requests=len(self.worker.jobs),
+        )
+
+
+class ShardManager:
+    def __init__(
+        self,
+        launcher_for: LauncherFactory,
+        deliver: Callable[[GenerationEvent], object],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._launcher_for = launcher_for
+        self._deliver = deliver
+        self._on_change = on_change
+        self.shards: dict[str, Shard] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the shards run in; on the way out every shard stops."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def start(self, spec: InstanceSpec, rank: int) -> bool:
+        """Start this node's rank of an instance (idempotent). Returns False if it
+        was already running."""
+        if spec.instance_id in self.shards or self._nursery is None:
+            return False
+        worker = Worker(self._launcher_for(spec, rank), self._deliver, restart=spec.world_size == 1)
+        shard = Shard(spec, rank, worker, trio.CancelScope())
+        self.shards[spec.instance_id] = shard
+        self._nursery.start_soon(self._supervise, shard)
+        log.info(
+            "starting rank %d/%d of instance %s (%s, layers %d:%d)",
+            rank,
+            spec.world_size,
+            spec.instance_id,
+            spec.model,
+            spec.shards[rank].start_layer,
+            spec.shards[rank].end_layer,
+        )
+        self._on_change()
+        return True
+
+    async def _supervise(self, shard: Shard) -> None:
+        with shard.scope:
+            await shard.worker.run()
+        # A failed shard stays listed (so the leader learns of it) until stopped.
+        if shard.stopped:
+            self.shards.pop(shard.spec.instance_id, None)
+        self._on_change()
+
+    def stop(self, instance_id: str, reason: str) -> bool:
+        shard = self.shards.get(instance_id)
+        if shard is None:
+            return False
+        log.info("stopping instance %s: %s", instance_id, reason)
+        shard.stopped = True
+        shard.scope.cancel()
+        if shard.worker.state == "failed":
+            # Its task already ended: nothing will remove it but us.
+            self.shards.pop(instance_id, None)
+        self._on_change()
+        return True
+
+    def worker(self, instance_id: str) -> Worker | None:
+        shard = self.shards.get(instance_id)
+        return None if shard is None or shard.stopped else shard.worker
+
+    def statuses(self) -> tuple[ShardStatus, ...]:
+        return tuple(s.status() for s in self.shards.values())

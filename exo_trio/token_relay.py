@@ -1,0 +1,258 @@
+"""Moving a request's events between nodes, exactly once and in order.
+
+The node that owns a request (its HTTP client is connected there) registers the
+request's channel, then sends RemoteGenerate to the node hosting the instance's
+rank 0 (the entry node). The entry node submits it to its runner and relays every
+event back as RemoteEvents. Links are TCP, so events arrive in order while a link
+lives; across a reconnect some may be lost or repeated. So:
+
+- every event has a number: a chunk's `seq`, and the terminal event's number is the
+  chunk count, so the owner can drop duplicates and notice gaps;
+- the entry node keeps each request's unacknowledged events in a bounded buffer
+  and the owner acknowledges cumulatively (RemoteAck);
+- after a reconnect the owner asks for everything from its next expected number
+  (RemoteResume) and the entry node re-sends it from the buffer;
+- a peer lost for good (the caller decides when: after a grace period) ends every
+  affected request with an explicit GenerationFailed.
+
+Everything here is synchronous and does no I/O of its own: `send` puts a message
+in a link's outbox. That keeps "registered before dispatched" true across nodes too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from exo_trio.cluster_messages import (
+    ClusterMessage,
+    RemoteAck,
+    RemoteCancel,
+    RemoteEvents,
+    RemoteGenerate,
+    RemoteResume,
+)
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationEvent,
+    GenerationFailed,
+    TextGeneration,
+    is_terminal,
+)
+from exo_trio.worker import RunnerUnavailable
+
+log = logging.getLogger(__name__)
+
+# Events an entry node keeps per request until the owner acknowledges them. A
+# request that outruns its owner's acks by this much is ended with an error.
+BUFFER_LIMIT = 4096
+# The owner acknowledges after this many events (and always at the terminal).
+ACK_EVERY = 32
+RECENT = 4096
+
+
+def event_number(event: GenerationEvent) -> int | None:
+    """A chunk's seq; None for a terminal (its number is the chunk count)."""
+    return event.seq if isinstance(event, ChunkGenerated) else None
+
+
+@dataclass
+class _Route:
+    """Owner side: a request of ours running on another node."""
+
+    entry_node: str
+    next_event: int = 0
+    acked: int = 0
+
+
+@dataclass
+class _Outgoing:
+    """Entry side: a request from another node running here."""
+
+    origin: str
+    base: int = 0  # number of the first buffered event
+    events: list[GenerationEvent] = field(default_factory=list)
+    finished: bool = False
+
+
+@dataclass
+class RelayStats:
+    sent: int = 0
+    resent: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    overflows: int = 0
+    late: int = 0
+
+
+class TokenRelay:
+    def __init__(
+        self,
+        node_id: str,
+        send: Callable[[str, ClusterMessage], bool],
+        deliver: Callable[[GenerationEvent], object],
+        *,
+        buffer_limit: int = BUFFER_LIMIT,
+        ack_every: int = ACK_EVERY,
+    ) -> None:
+        self.node_id = node_id
+        self._send = send
+        self._deliver = deliver
+        self._buffer_limit = buffer_limit
+        self._ack_every = ack_every
+        self.routes: dict[str, _Route] = {}
+        self.outgoing: dict[str, _Outgoing] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self.stats = RelayStats()
+
+    # ---- owner side ----
+
+    def dispatch(self, entry_node: str, instance_id: str, command: TextGeneration) -> None:
+        """Send a registered request to its entry node. Raises RunnerUnavailable (and
+        records nothing) when the link to that node is down."""
+        message = RemoteGenerate(origin=self.node_id, instance_id=instance_id, command=command)
+        if not self._send(entry_node, message):
+            raise RunnerUnavailable(f"node {entry_node} is not reachable")
+        self.routes[command.request_id] = _Route(entry_node)
+
+    def cancel(self, request_id: str) -> None:
+        """The owner's request ended early: stop the remote work."""
+        route = self.routes.pop(request_id, None)
+        if route is not None:
+            self._send(route.entry_node, RemoteCancel(request_id=request_id))
+
+    def forget(self, request_id: str) -> None:
+        """The owner's request ended normally: no more events are expected."""
+        self.routes.pop(request_id, None)
+
+    def on_events(self, peer: str, message: RemoteEvents) -> None:
+        route = self.routes.get(message.request_id)
+        if route is None or route.entry_node != peer:
+            self.stats.late += len(message.events)
+            return
+        for event in message.events:
+            number = event_number(event)
+            expected = route.next_event
+            if number is not None and number < expected:
+                self.stats.duplicates += 1
+                continue
+            if number is not None and number > expected:
+                # Cannot happen while the entry node re-sends from our next number;
+                # if it does, the stream is broken: end it loudly.
+                self.stats.gaps += 1
+                self._fail(message.request_id, f"lost events {expected}..{number - 1}")
+                return
+            self._deliver(event)
+            if is_terminal(event):
+                self.routes.pop(message.request_id, None)
+                self._send(peer, RemoteAck(request_id=message.request_id, upto=expected + 1))
+                return
+            route.next_event += 1
+            if route.next_event - route.acked >= self._ack_every:
+                route.acked = route.next_event
+                self._send(peer, RemoteAck(request_id=message.request_id, upto=route.acked))
+
+    def on_peer_up(self, peer: str) -> None:
+        """A link came back: ask for whatever may have been lost while it was down."""
+        for request_id, route in self.routes.items():
+            if route.entry_node == peer:
+                self._send(peer, RemoteResume(request_id=request_id, next_event=route.next_event))
+
+    def fail_routes(self, peer: str, reason: str) -> int:
+        """The entry node is gone for good: end every request routed to it."""
+        lost = [rid for rid, route in self.routes.items() if route.entry_node == peer]
+        for request_id in lost:
+            self._fail(request_id, reason)
+        return len(lost)
+
+    def _fail(self, request_id: str, reason: str) -> None:
+        self.routes.pop(request_id, None)
+        self._deliver(GenerationFailed(request_id=request_id, kind="peer_lost", message=reason))
+
+    # ---- entry side ----
+
+    def accept(self, peer: str, message: RemoteGenerate) -> None:
+        """Record a remote request before it is submitted, so its first events
+        find their way back."""
+        self.outgoing[message.command.request_id] = _Outgoing(origin=peer)
+
+    def route_event(self, event: GenerationEvent) -> None:
+        """Every event of a local runner goes through here: remote requests'
+        events are relayed, local ones delivered."""
+        out = self.outgoing.get(event.request_id)
+        if out is None:
+            if event.request_id in self._cancelled:
+                self.stats.late += 1
+                return
+            self._deliver(event)
+            return
+        if out.finished:
+            self.stats.late += 1
+            return
+        if len(out.events) >= self._buffer_limit and not is_terminal(event):
+            self.stats.overflows += 1
+            event = GenerationFailed(
+                request_id=event.request_id,
+                kind="peer_lost",
+                message=f"node {out.origin} stopped acknowledging events",
+            )
+        out.events.append(event)
+        out.finished = is_terminal(event)
+        self.stats.sent += 1
+        self._send(out.origin, RemoteEvents(request_id=event.request_id, events=(event,)))
+
+    def on_ack(self, peer: str, message: RemoteAck) -> None:
+        out = self.outgoing.get(message.request_id)
+        if out is None or out.origin != peer:
+            return
+        drop = min(max(0, message.upto - out.base), len(out.events))
+        del out.events[:drop]
+        out.base += drop
+        if out.finished and not out.events:
+            del self.outgoing[message.request_id]
+
+    def on_resume(self, peer: str, message: RemoteResume) -> None:
+        out = self.outgoing.get(message.request_id)
+        if out is None or out.origin != peer:
+            return
+        start = max(0, message.next_event - out.base)
+        if message.next_event < out.base:
+            log.error(
+                "resume of %s from %d below buffer base %d",
+                message.request_id,
+                message.next_event,
+                out.base,
+            )
+        events = tuple(out.events[start:])
+        if events:
+            self.stats.resent += len(events)
+            self._send(peer, RemoteEvents(request_id=message.request_id, events=events))
+
+    def on_cancel(self, peer: str, message: RemoteCancel) -> bool:
+        """Returns True if the request was ours to cancel (the caller then stops
+        the runner work)."""
+        out = self.outgoing.get(message.request_id)
+        if out is None or out.origin != peer:
+            return False
+        del self.outgoing[message.request_id]
+        self._remember_cancelled(message.request_id)
+        return not out.finished
+
+    def drop_origin(self, peer: str) -> list[str]:
+        """The owner is gone for good: forget its requests; returns the ids whose
+        runner work must be cancelled."""
+        ids = [rid for rid, out in self.outgoing.items() if out.origin == peer]
+        running = []
+        for rid in ids:
+            out = self.outgoing.pop(rid)
+            self._remember_cancelled(rid)
+            if not out.finished:
+                running.append(rid)
+        return running
+
+    def _remember_cancelled(self, request_id: str) -> None:
+        self._cancelled[request_id] = None
+        if len(self._cancelled) > RECENT:
+            self._cancelled.popitem(last=False)

@@ -1,0 +1,309 @@
+"""Cluster logic (leader, placement, routing, failure) with in-memory links and
+fake runners: several Cluster objects in one trio run under a MockClock."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio.testing
+
+from exo_trio.cluster import Cluster, ClusterSettings
+from exo_trio.cluster_messages import (
+    ClusterMessage,
+    InstanceSpec,
+    ModelInfo,
+    PlaceRequest,
+    StartShard,
+)
+from exo_trio.node import ModelCard, Node
+from exo_trio.seams import Seams
+from exo_trio.shards import ShardManager
+from exo_trio.streams import StreamRegistry
+from exo_trio.token_relay import TokenRelay
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+)
+from sim.fake_runner import FakeRunner
+
+MODEL = ModelInfo(
+    id="m",
+    size_bytes=10_000,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    supports_tensor=True,
+    context_length=4096,
+)
+
+
+@dataclass
+class FakeConn:
+    stream: trio.abc.Stream
+    pid: int | None = None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@dataclass
+class Net:
+    """Directed in-memory links between clusters, each delivered by its own task so
+    messages from one peer arrive in order and never re-enter the sender."""
+
+    nursery: trio.Nursery
+    clusters: dict[str, Cluster] = field(default_factory=dict)
+    channels: dict[tuple[str, str], trio.MemorySendChannel[ClusterMessage]] = field(
+        default_factory=dict
+    )
+    cut: set[frozenset[str]] = field(default_factory=set)
+
+    def up(self, a: str, b: str) -> bool:
+        return a in self.clusters and b in self.clusters and frozenset((a, b)) not in self.cut
+
+    def links_for(self, node_id: str) -> Any:
+        net = self
+
+        class Links:
+            def send(self, peer_id: str, message: Any) -> bool:
+                if not net.up(node_id, peer_id):
+                    return False
+                net.channels[(node_id, peer_id)].send_nowait(message)
+                return True
+
+            async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                task_status.started()
+
+        return Links()
+
+    def join(self, cluster: Cluster) -> None:
+        self.clusters[cluster.node_id] = cluster
+        for other in list(self.clusters):
+            if other == cluster.node_id:
+                continue
+            for a, b in ((cluster.node_id, other), (other, cluster.node_id)):
+                send, receive = trio.open_memory_channel[ClusterMessage](math.inf)
+                self.channels[(a, b)] = send
+                self.nursery.start_soon(self._pump, a, b, receive)
+            self.clusters[other].on_peer_up(cluster.node_id)
+            cluster.on_peer_up(other)
+
+    async def _pump(self, a: str, b: str, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        async for message in receive:
+            await trio.sleep(0.001)  # a little latency
+            if self.up(a, b):
+                self.clusters[b].on_message(a, message)
+
+    def sever(self, a: str, b: str) -> None:
+        self.cut.add(frozenset((a, b)))
+        self.clusters[a].on_peer_down(b, "cut")
+        self.clusters[b].on_peer_down(a, "cut")
+
+    def kill(self, node_id: str) -> None:
+        for other in self.clusters:
+            if other != node_id:
+                self.clusters[other].on_peer_down(node_id, "killed")
+        del self.clusters[node_id]
+
+
+class Member:
+    """One node: registry, relay, shards with fake runners, cluster, Node."""
+
+    def __init__(self, net: Net, node_id: str, *, auto: bool, expected_peers: int) -> None:
+        self.registry = StreamRegistry()
+        self.runners: list[FakeRunner] = []
+        self.relay = TokenRelay(
+            node_id, lambda peer, msg: self.cluster.send(peer, msg), self.registry.deliver
+        )
+        self.shards = ShardManager(self._launcher, self.relay.route_event)
+        counter = iter(range(10**6))
+        self.cluster = Cluster(
+            node_id=node_id,
+            host="127.0.0.1",
+            models={"m": MODEL},
+            serve=("m",),
+            shards=self.shards,
+            relay=self.relay,
+            memory_free=lambda: 10**9,
+            free_ports=lambda: (5000, 5001, 5002),
+            new_id=lambda prefix: f"{prefix}-{node_id}-{next(counter)}",
+            settings=ClusterSettings(
+                auto_place=auto, expected_peers=expected_peers, peer_grace=1.0, settle=5.0
+            ),
+        )
+        self.cluster.attach(net.links_for(node_id))
+        self.node = Node(
+            model=ModelCard(id="m", context_length=4096, created=0),
+            encoder=None,  # type: ignore[arg-type]
+            worker=None,  # type: ignore[arg-type]
+            registry=self.registry,
+            seams=Seams(),
+            dispatcher=self.cluster,
+        )
+        self.scope = trio.CancelScope()
+
+    def _launcher(self, spec: InstanceSpec, rank: int) -> Any:
+        async def launch() -> FakeConn:
+            ours, theirs = trio.testing.memory_stream_pair()
+            runner = FakeRunner(theirs, model=spec.model, step_delay=lambda: 0.01)
+            self.runners.append(runner)
+            assert self.nursery is not None
+            self.nursery.start_soon(runner.run)
+            return FakeConn(ours)
+
+        return launch
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        with self.scope:
+            async with trio.open_nursery() as inner:
+                self.nursery = inner
+                await inner.start(self.shards.run)
+                await inner.start(self.cluster.run)
+
+
+async def start_members(
+    nursery: trio.Nursery, names: list[str], *, auto: bool = False
+) -> tuple[Net, dict[str, Member]]:
+    net = Net(nursery)
+    members = {}
+    for name in names:
+        member = Member(net, name, auto=auto, expected_peers=len(names) - 1)
+        members[name] = member
+        nursery.start_soon(member.run, nursery)
+    await trio.sleep(0)
+    for member in members.values():
+        net.join(member.cluster)
+    return net, members
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+def command(rid: str, n: int = 20) -> TextGeneration:
+    return TextGeneration(
+        request_id=rid, model="m", prompt_tokens=[1, 2], params=SamplingParams(max_tokens=n)
+    )
+
+
+async def collect(member: Member, rid: str, n: int = 20) -> list[GenerationEvent]:
+    with member.node.open_generation(command(rid, n)) as stream:
+        return [event async for event in stream]
+
+
+def ready(member: Member) -> bool:
+    return member.cluster.ready("m")
+
+
+async def place(member: Member, nodes: list[str], sharding: str = "pipeline") -> InstanceSpec:
+    reply = await member.cluster.place(
+        PlaceRequest(call_id="c", model="m", sharding=sharding, nodes=tuple(nodes))  # type: ignore[arg-type]
+    )
+    assert reply.ok, reply.message
+    assert reply.instance is not None
+    return reply.instance
+
+
+def iter_chunks(events: list[GenerationEvent]) -> Iterator[int]:
+    return (e.seq for e in events if isinstance(e, ChunkGenerated))
+
+
+async def test_the_smallest_id_leads_and_auto_placement_spans_all_nodes(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        net, members = await start_members(nursery, ["b", "a", "c"], auto=True)
+        await wait_for(lambda: all(ready(m) for m in members.values()))
+        assert {m.cluster.leader for m in members.values()} == {"a"}
+        (instance,) = members["c"].cluster.view.instances  # type: ignore[union-attr]
+        assert sorted(s.node_id for s in instance.spec.shards) == ["a", "b", "c"]
+        assert [(s.start_layer, s.end_layer) for s in instance.spec.shards] == [
+            (0, 2),
+            (2, 3),
+            (3, 4),
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_route_through_a_node_without_a_shard(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        net, members = await start_members(nursery, ["a", "b", "c"])
+        await wait_for(
+            lambda: members["a"].cluster.leader == "a" and len(members["a"].cluster.reports) == 3
+        )
+        spec = await place(members["c"], ["a", "b"])  # c asks; a (the leader) places
+        assert spec.entry_node == "a"
+        await wait_for(lambda: ready(members["c"]))
+        results = []
+
+        async def one(i: int) -> None:
+            results.append(await collect(members["c"], f"r{i}"))
+
+        async with trio.open_nursery() as inner:
+            for i in range(4):
+                inner.start_soon(one, i)
+        for events in results:
+            assert list(iter_chunks(events)) == list(range(20))
+            assert isinstance(events[-1], GenerationFinished)
+        assert not members["c"].relay.routes
+        # The last acknowledgement is on its way; then the entry node holds nothing.
+        await wait_for(lambda: not members["a"].relay.outgoing)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_entry_node_fails_requests_and_the_model_is_placed_again(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        net, members = await start_members(nursery, ["a", "b", "c"], auto=True)
+        await wait_for(lambda: all(ready(m) for m in members.values()))
+        got: list[GenerationEvent] = []
+
+        async def stream() -> None:
+            with members["c"].node.open_generation(command("x", 10_000)) as s:
+                async for event in s:
+                    got.append(event)
+                    if len(got) == 5:
+                        # The entry node (a, rank 0) dies mid-stream.
+                        net.kill("a")
+                        members["a"].scope.cancel()
+
+        with trio.fail_after(10):
+            await stream()
+        assert isinstance(got[-1], GenerationFailed) and got[-1].kind == "peer_lost"
+        assert list(iter_chunks(got)) == list(range(len(got) - 1))
+        # b leads now, in a newer term, and places the model on what is left.
+        await wait_for(lambda: members["b"].cluster.leader == "b" and ready(members["c"]))
+        assert members["b"].cluster.term > members["a"].cluster.term
+        (spec,) = [s.spec for s in members["c"].cluster.view.instances if s.state == "ready"]  # type: ignore[union-attr]
+        assert sorted(s.node_id for s in spec.shards) == ["b", "c"]
+        events = await collect(members["c"], "after")
+        assert isinstance(events[-1], GenerationFinished)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stale_leader_cannot_start_shards(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        net, members = await start_members(nursery, ["a", "b"])
+        await wait_for(lambda: members["b"].cluster.term >= 1)
+        net.sever("a", "b")  # b now leads itself, in a newer term
+        await wait_for(lambda: members["b"].cluster.leader == "b")
+        await trio.sleep(1)
+        spec = InstanceSpec(
+            instance_id="stale",
+            model="m",
+            sharding="pipeline",
+            backend="ring",
+            shards=(),
+            auto=False,
+        )
+        members["b"].cluster.on_message("a", StartShard(term=1, instance=spec, rank=0))
+        assert "stale" not in members["b"].shards.shards
+        nursery.cancel_scope.cancel()
