@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import trio
+
+from exo_trio.api.settings import DEFAULT_MAX_QUEUED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +25,28 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--max-batch", type=int, default=16, help="concurrent sequences per runner")
     node.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     node.add_argument("--keepalive", type=float, default=2.0, help="SSE keep-alive interval, s")
+    node.add_argument(
+        "--max-queued",
+        type=int,
+        default=DEFAULT_MAX_QUEUED,
+        help="generation requests that may wait beyond the runner's batch; more get 429/503",
+    )
+    node.add_argument(
+        "--api-key",
+        default=os.environ.get("EXO_TRIO_API_KEY") or None,
+        help="require this key on every endpoint but /health (default: $EXO_TRIO_API_KEY)",
+    )
+    node.add_argument(
+        "--insecure-no-api-key",
+        action="store_true",
+        help="allow serving a non-loopback --api-host without an API key",
+    )
+    node.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser calls from this origin (repeatable; '*' for any)",
+    )
     node.add_argument("-v", "--verbose", action="store_true")
 
     demo = sub.add_parser("demo-model", help="write the built-in demo model to a directory")
@@ -52,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         api_port=args.api_port,
         data_dir=args.data_dir or default_data_dir(),
         max_batch=args.max_batch,
-        api=ApiSettings(max_body_bytes=args.max_body_bytes, keepalive_interval=args.keepalive),
+        api=ApiSettings(
+            max_body_bytes=args.max_body_bytes,
+            keepalive_interval=args.keepalive,
+            max_queued=args.max_queued,
+            api_key=args.api_key,
+            cors_origins=tuple(args.cors_origin),
+        ),
+        insecure_no_api_key=args.insecure_no_api_key,
     )
     try:
         trio.run(run_node, config)

@@ -13,7 +13,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from exo_trio.api.app import ApiSettings, create_app
+from exo_trio.api.auth import check_exposure
 from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model
+from exo_trio.model_info import describe_model_dir
 from exo_trio.node import ModelCard, Node
 from exo_trio.process_runner import process_launcher
 from exo_trio.prompts import HFPromptEncoder, context_length
@@ -37,6 +39,8 @@ class NodeConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     max_batch: int = 16
     api: ApiSettings = field(default_factory=ApiSettings)
+    # Serve a non-loopback address without an API key (see api/auth.py).
+    insecure_no_api_key: bool = False
 
 
 def resolve_model(config: NodeConfig) -> tuple[str, Path]:
@@ -55,6 +59,7 @@ def bind_address(host: str, port: int) -> str:
 
 
 async def run_node(config: NodeConfig) -> None:
+    check_exposure(config.api_host, config.api, config.insecure_no_api_key)
     model_id, model_path = resolve_model(config)
     log.info("model %s from %s", model_id, model_path)
     log.info("loading tokenizer")
@@ -62,8 +67,15 @@ async def run_node(config: NodeConfig) -> None:
     seams = Seams()
     registry = StreamRegistry()
     worker = Worker(process_launcher(model_path, model_id, config.max_batch), registry.deliver)
+    facts = describe_model_dir(model_path)
     card = ModelCard(
-        id=model_id, context_length=context_length(model_path), created=int(seams.wall_clock())
+        id=model_id,
+        context_length=context_length(model_path),
+        created=int(seams.wall_clock()),
+        architecture=facts.architecture,
+        size_bytes=facts.size_bytes,
+        digest=facts.digest,
+        vocab_size=facts.vocab_size,
     )
     node = Node(model=card, encoder=encoder, worker=worker, registry=registry, seams=seams)
     app = create_app(node, config.api)

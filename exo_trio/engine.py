@@ -45,7 +45,12 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
+from mlx_lm.sample_utils import (
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_logits_processors,
+)
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
 from exo_trio.stop_strings import StopStringMatcher
@@ -60,12 +65,15 @@ from exo_trio.types import (
     TextGeneration,
 )
 
-__all__ = ["DEFAULT_CONTEXT_LENGTH", "Engine", "ProgressCallback"]
+__all__ = ["DEFAULT_CONTEXT_LENGTH", "Engine", "ModelHook", "ProgressCallback"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LENGTH = 4096
 ProgressCallback = Callable[[float, str], None]
+# Called on the lazily loaded model (and its config) before any weight is read;
+# returns the model to serve. Sharding cuts the model down here (sharding.py).
+ModelHook = Callable[[Any, dict[str, Any]], Any]
 Sampler = Callable[[mx.array], mx.array]
 
 # mx.random.key takes a uint64 seed; larger or negative API seeds are folded in.
@@ -97,10 +105,14 @@ def _make_sampler(params: SamplingParams) -> Sampler:
         return greedy_sampler
     inv_temp = 1.0 / params.temperature
     top_p = params.top_p
+    top_k = params.top_k
 
     def scaled(logprobs: mx.array) -> mx.array:
         if top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
+        # apply_top_k refuses k >= vocabulary size; such a k keeps every token anyway.
+        if 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
         return logprobs * inv_temp
 
     if params.seed is None:
@@ -133,6 +145,7 @@ class Engine:
         vocab_size: int,
         max_batch: int = 16,
         prefill_step_size: int = 2048,
+        recover_step_errors: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -143,6 +156,10 @@ class Engine:
         self.vocab_size = vocab_size
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size
+        # A failed step normally fails the batch and carries on with a fresh
+        # generator. A sharded runner must not: its ranks would stop agreeing on
+        # the batch, so the error propagates and ends the runner.
+        self.recover_step_errors = recover_step_errors
         self.eos_token_ids: frozenset[int] = frozenset(tokenizer.eos_token_ids)
         # StopSequences are immutable automata (each sequence gets its own matcher
         # inside the generator), so two shared instances cover every request.
@@ -162,8 +179,13 @@ class Engine:
         model_id: str,
         max_batch: int = 16,
         on_progress: ProgressCallback | None = None,
+        prepare: ModelHook | None = None,
+        recover_step_errors: bool = True,
     ) -> Engine:
-        """Load a model directory with mlx-lm, reporting progress as (fraction, phase)."""
+        """Load a model directory with mlx-lm, reporting progress as (fraction, phase).
+
+        `prepare` sees the model before its weights are read (see ModelHook).
+        """
 
         def progress(fraction: float, phase: str) -> None:
             if on_progress is not None:
@@ -173,6 +195,9 @@ class Engine:
         # lazy=True reads config, tokenizer and the weight index but not the weights,
         # so that materialising them below can be reported piece by piece.
         model, tokenizer, config = mlx_load(str(model_path), lazy=True, return_config=True)
+        if prepare is not None:
+            progress(0.05, "sharding")
+            model = prepare(model, config)
         progress(0.1, "weights")
         params = [p for _, p in tree_flatten(model.parameters())]
         chunk = max(1, math.ceil(len(params) / 8))
@@ -191,6 +216,7 @@ class Engine:
             context_length=_config_int(config, "max_position_embeddings") or DEFAULT_CONTEXT_LENGTH,
             vocab_size=_config_int(config, "vocab_size") or len(tokenizer),
             max_batch=max_batch,
+            recover_step_errors=recover_step_errors,
         )
         progress(1.0, "ready")
         return engine
@@ -214,6 +240,12 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def stream(self) -> mx.Stream:
+        """The stream the generator's work runs on. Collectives issued between steps
+        must use it too, so they run after the step's asynchronous work, in order."""
+        return self._generator.stream
 
     @property
     def steps(self) -> int:
@@ -329,6 +361,8 @@ class Engine:
                     continue
                 events.extend(self._on_token(request, response.token, response.finish_reason))
         except Exception as exc:
+            if not self.recover_step_errors:
+                raise
             # Whatever broke (an MLX error, an allocation failure), the batch state
             # can no longer be trusted: fail everything in flight explicitly and
             # start over with a fresh generator rather than crash the runner.
@@ -390,6 +424,7 @@ class Engine:
             prompt_tokens=request.prompt_tokens,
             completion_tokens=request.seq,
             text=text,
+            stop_sequence=request.stops.matched if reason == "stop" else None,
         )
 
     def _forget(self, request: _Request) -> None:

@@ -47,11 +47,13 @@ class _NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self._snapshot()
         yield GaugeMetricFamily(
-            "exo_trio_runner_ready", "1 when the runner is loaded and takes requests.",
+            "exo_trio_runner_ready",
+            "1 when the runner is loaded and takes requests.",
             value=int(s.runner_ready),
         )
         yield GaugeMetricFamily(
-            "exo_trio_runner_active_requests", "Requests the runner currently holds.",
+            "exo_trio_runner_active_requests",
+            "Requests the runner currently holds.",
             value=s.runner_active,
         )
         yield GaugeMetricFamily(
@@ -60,11 +62,13 @@ class _NodeCollector(Collector):
             value=max(0, s.runner_active - s.max_batch) if s.max_batch else 0,
         )
         yield CounterMetricFamily(
-            "exo_trio_runner_restarts", "Times the runner process was restarted.",
+            "exo_trio_runner_restarts",
+            "Times the runner process was restarted.",
             value=s.runner_restarts,
         )
         yield GaugeMetricFamily(
-            "exo_trio_open_streams", "Request channels currently registered.",
+            "exo_trio_open_streams",
+            "Request channels currently registered.",
             value=s.open_streams,
         )
         orphans = CounterMetricFamily(
@@ -94,11 +98,15 @@ class Metrics:
             registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "exo_trio_prompt_tokens", "Prompt tokens of finished requests.", ["model"],
+            "exo_trio_prompt_tokens",
+            "Prompt tokens of finished requests.",
+            ["model"],
             registry=self.registry,
         )
         self.generated_tokens = Counter(
-            "exo_trio_generated_tokens", "Tokens generated (chunks delivered).", ["model"],
+            "exo_trio_generated_tokens",
+            "Tokens generated (chunks delivered).",
+            ["model"],
             registry=self.registry,
         )
         self.generations = Counter(

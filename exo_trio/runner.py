@@ -1,6 +1,8 @@
 """The runner process: one model, one Engine, the framed protocol on stdin/stdout.
 
 Run as ``python -m exo_trio.runner --model PATH --model-id ID [--max-batch N]``.
+With ``--world-size N`` (N > 1) the runner is one rank of a model split across
+an `mx.distributed` group; see sharded_runner.py for those flags and semantics.
 
 The worker writes commands (`WorkerToRunner`: TextGeneration, Cancel, Shutdown)
 to our stdin and reads `RunnerToWorker` messages from our stdout, both as
@@ -36,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from exo_trio.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.runner_protocol import (
@@ -77,19 +79,44 @@ class ProtocolWriter:
 
     Unbuffered on purpose: a batch is encoded into one bytes object and written
     completely before returning, so there is nothing to flush and nothing left in
-    a buffer if the process dies right after.
+    a buffer if the process dies right after. A lock keeps batches whole when a
+    second thread (a sharded runner's watchdog or stdin thread) also writes.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._lock = threading.Lock()
 
     def send(self, messages: Sequence[RunnerToWorker]) -> None:
         if not messages:
             return
-        data = memoryview(b"".join(encode_frame(m) for m in messages))
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
+        data = b"".join(encode_frame(m) for m in messages)
+        with self._lock:
+            self._write(data)
+
+    def send_final(self, messages: Sequence[RunnerToWorker], status: int) -> NoReturn:
+        """Write the last messages and end the process at once, from any thread.
+
+        os._exit, not sys.exit: the main thread may be blocked inside MLX (a
+        collective waiting for a peer) and must not be waited for. The lock wait is
+        bounded in case the main thread holds it, stuck on a full pipe.
+        """
+        data = b"".join(encode_frame(m) for m in messages)
+        locked = self._lock.acquire(timeout=2.0)
+        try:
+            if locked and data:
+                self._write(data)
+        except OSError:
+            pass
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
 
 
 @dataclass(frozen=True)
@@ -202,7 +229,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="model directory")
     parser.add_argument("--model-id", required=True, help="model id reported in Ready")
     parser.add_argument("--max-batch", type=int, default=16, help="max concurrent sequences")
-    return parser.parse_args(argv)
+    from exo_trio.sharded_runner import add_shard_arguments, check_shard_arguments
+
+    add_shard_arguments(parser)
+    args = parser.parse_args(argv)
+    check_shard_arguments(parser, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("EXO_TRIO_RUNNER_LOG", "INFO").upper(),
         format=f"runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
+    if args.world_size > 1:
+        from exo_trio.sharded_runner import serve_sharded
+
+        status = serve_sharded(args, writer)
+        # os._exit, not a return: MLX's group threads may still be blocked on a lost
+        # peer, and interpreter shutdown must not wait for them.
+        writer.send_final([], status)
     commands: queue.Queue[QueueItem] = queue.Queue()
     # Start reading at once so EOF or Shutdown during a long load are seen as soon
     # as the load ends, and the worker's pipe never fills up.

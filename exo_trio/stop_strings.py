@@ -63,6 +63,8 @@ class StopStringMatcher:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self._stopped = False
+        # Which stop string ended the stream (Anthropic reports it as stop_sequence).
+        self.matched: str | None = None
 
     @property
     def stopped(self) -> bool:
@@ -84,6 +86,8 @@ class StopStringMatcher:
         start = first_stop(buffer, self._stops)
         if start is not None:
             self._stopped = True
+            # The winner starts at `start` and, of the stops starting there, ends first.
+            self.matched = min((s for s in self._stops if buffer.find(s) == start), key=len)
             self._held = ""
             return buffer[:start], True
         # Hold back the longest suffix that could still grow into a stop string.

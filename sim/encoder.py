@@ -33,6 +33,9 @@ class SimEncoder:
 
 def client_of(prompt_tokens: list[int]) -> int | None:
     """The client tag in a prompt, or None."""
-    text = "".join(chr(t) for t in prompt_tokens if 0 < t < 0x110000)
+    try:
+        text = "".join(map(chr, prompt_tokens))
+    except (ValueError, OverflowError):
+        return None
     matches = _TAG_RE.findall(text)
     return int(matches[-1]) if matches else None

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import trio
 import trio._core._run as trio_run
+import trio.testing
 
 from sim.choices import Choices
 
@@ -83,12 +84,16 @@ class ScheduleRandom(random.Random):
         n = len(batch)
         if n < 2:
             return
+        self.decisions += n - 1
+        if n == 2:  # the common case, without the lists
+            if self.choices.draw(2) == 0:  # the older task first: Trio pops from the end
+                batch[0], batch[1] = batch[1], batch[0]
+            return
         pending = list(batch)  # creation order
         order = []
         draw = self.choices.draw
         while len(pending) > 1:
             order.append(pending.pop(draw(len(pending))))
-            self.decisions += 1
         order.append(pending[0])
         order.reverse()  # Trio pops tasks from the end of the batch
         batch[:] = order

@@ -12,3 +12,11 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exo_trio.demo_model import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def eos_ban(demo_model_dir: Path) -> dict[str, int]:
+    """A logit_bias that bans the demo model's EOS ids, for exact lengths."""
+    from exo_trio.prompts import HFPromptEncoder
+
+    return {str(t): -100 for t in HFPromptEncoder(demo_model_dir).eos_token_ids}

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +78,14 @@ def start_node(model_dir: Path | None, data_dir: Path, *extra: str) -> NodeProce
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
     return NodeProcess(process, port, log_path)
+
+
+@contextmanager
+def serving(model_dir: Path | None, data_dir: Path, *extra: str) -> Iterator[NodeProcess]:
+    """A healthy node for the duration of the block (for module-scoped fixtures)."""
+    proc = start_node(model_dir, data_dir, *extra)
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()

@@ -63,7 +63,8 @@ class Admission:
 
     @property
     def limit(self) -> int:
-        info = self.node.worker.ready_info
+        worker = self.node.local_worker()
+        info = worker.ready_info if worker is not None else None
         return (info.max_batch if info is not None else 1) + self.max_queued
 
     def admit(self) -> None:

@@ -1,36 +1,78 @@
-"""The Quart-Trio application: routes, error envelopes, limits."""
+"""The Quart-Trio application: routes, error envelopes, auth, CORS, metrics."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from quart import Response, jsonify
+from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from exo_trio.api import openai_chat
-from exo_trio.api.errors import ApiError, openai_error_body
+from exo_trio.api import (
+    anthropic,
+    bench,
+    completions,
+    ollama,
+    ollama_models,
+    openai_chat,
+    ops,
+    responses,
+)
+from exo_trio.api.admission import Admission, ExchangeScope
+from exo_trio.api.auth import add_cors_headers, preflight, require_key
+from exo_trio.api.context import ApiContext
+from exo_trio.api.errors import ApiError, dialect_for_path, render_error
+from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard, Node
+
+__all__ = ["ApiSettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[..., Awaitable[Any]]
 
-@dataclass(frozen=True)
-class ApiSettings:
-    max_body_bytes: int = 4 * 1024 * 1024
-    # Seconds without an event before a streaming response sends a keep-alive.
-    keepalive_interval: float = 2.0
+OLLAMA_PREFIXES = ("/api", "/ollama/api")
 
 
 def error_response(error: ApiError) -> Response:
-    response = jsonify(openai_error_body(error))
-    response.status_code = error.status
+    """The error in the envelope of the dialect the request's path belongs to."""
+    body, status = render_error(error, dialect_for_path(request.path))
+    response = jsonify(body)
+    response.status_code = status
     return response
+
+
+def routes() -> list[tuple[str, str, Handler]]:
+    table: list[tuple[str, str, Handler]] = [
+        ("POST", "/v1/chat/completions", openai_chat.chat_completions),
+        ("POST", "/v1/completions", completions.completions),
+        ("POST", "/v1/responses", responses.responses),
+        ("POST", "/v1/messages", anthropic.messages),
+        ("POST", "/v1/messages/count_tokens", anthropic.count_tokens),
+        ("POST", "/bench/chat/completions", bench.bench_chat_completions),
+        ("GET", "/v1/models", list_models),
+        ("GET", "/v1/models/<path:model_id>", get_model),
+        ("POST", "/v1/cancel/<path:request_id>", ops.cancel),
+        ("GET", "/metrics", ops.metrics),
+        ("GET", "/health", health),
+    ]
+    for prefix in OLLAMA_PREFIXES:
+        table += [
+            ("POST", f"{prefix}/chat", ollama.chat),
+            ("POST", f"{prefix}/generate", ollama.generate),
+            ("GET", f"{prefix}/tags", ollama_models.tags),
+            ("POST", f"{prefix}/show", ollama_models.show),
+            ("GET", f"{prefix}/ps", ollama_models.ps),
+            ("GET", f"{prefix}/version", ollama_models.version),
+        ]
+    return table
 
 
 def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
     settings = settings or ApiSettings()
+    ctx = ApiContext(node, settings, Admission(node, settings.max_queued))
     app = QuartTrio("exo_trio")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -41,6 +83,23 @@ def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Admission slots are released when the whole HTTP exchange ends.
+    app.asgi_app = ExchangeScope(app.asgi_app)  # type: ignore[method-assign]
+
+    @app.before_request
+    async def guard() -> Response | None:
+        answer = preflight(settings)
+        if answer is not None:
+            return answer
+        require_key(settings)
+        return None
+
+    @app.after_request
+    async def finish(response: Response) -> Response:
+        add_cors_headers(response, settings)
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        node.metrics.http_requests.labels(rule, str(response.status_code)).inc()
+        return response
 
     @app.errorhandler(ApiError)
     async def on_api_error(error: ApiError) -> Response:
@@ -62,32 +121,38 @@ def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
             ApiError(500, "Internal server error.", type="server_error", code="internal_error")
         )
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> object:
-        return await openai_chat.chat_completions(node, settings.keepalive_interval)
-
-    @app.get("/v1/models")
-    async def list_models() -> object:
-        return {"object": "list", "data": [model_entry(m) for m in node.models()]}
-
-    @app.get("/v1/models/<path:model_id>")
-    async def get_model(model_id: str) -> object:
-        model = node.find_model(model_id)
-        if model is None:
-            raise ApiError(
-                404,
-                f"The model `{model_id}` does not exist.",
-                param="model",
-                code="model_not_found",
-            )
-        return model_entry(model)
-
-    @app.get("/health")
-    async def health() -> object:
-        ok, body = node.health()
-        return body, 200 if ok else 503
-
+    for method, rule, handler in routes():
+        app.add_url_rule(rule, rule, bind(handler, ctx), methods=[method])
     return app
+
+
+def bind(handler: Handler, ctx: ApiContext) -> Handler:
+    async def view(**params: str) -> Any:
+        return await handler(ctx, **params)
+
+    view.__name__ = handler.__name__
+    return view
+
+
+async def list_models(ctx: ApiContext) -> dict[str, object]:
+    return {"object": "list", "data": [model_entry(m) for m in ctx.node.models()]}
+
+
+async def get_model(ctx: ApiContext, model_id: str) -> dict[str, object]:
+    model = ctx.node.find_model(model_id)
+    if model is None:
+        raise ApiError(
+            404,
+            f"The model `{model_id}` does not exist.",
+            param="model",
+            code="model_not_found",
+        )
+    return model_entry(model)
+
+
+async def health(ctx: ApiContext) -> tuple[dict[str, object], int]:
+    ok, body = ctx.node.health()
+    return body, 200 if ok else 503
 
 
 def model_entry(model: ModelCard) -> dict[str, object]:

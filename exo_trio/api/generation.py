@@ -10,9 +10,11 @@ away; the `with` block then cancels the runner's work and unregisters the channe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import msgspec
 import trio
+from quart import Response
 
 from exo_trio.api.errors import ApiError
 from exo_trio.node import ModelCard, Node
@@ -27,8 +29,9 @@ from exo_trio.types import (
 )
 from exo_trio.worker import RunnerUnavailable
 
-# OpenAI's logit_bias of -100 means "ban"; make it a hard ban, not a large penalty.
-BAN = -1e9
+# Every generation response names its request, so any client (also Ollama's,
+# whose bodies carry no id) can pass it to POST /v1/cancel/{id}.
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 def find_model(node: Node, model_id: str) -> ModelCard:
@@ -50,11 +53,12 @@ def plan_generation(
     prompt_tokens: list[int],
     params: SamplingParams,
     request_id: str,
+    prompt_param: str = "messages",
 ) -> TextGeneration:
     """Check the request against the model and build the command. Pure checks only:
     a request that fails here never reaches a runner."""
     if not prompt_tokens:
-        raise ApiError(400, "The prompt is empty.", param="messages")
+        raise ApiError(400, "The prompt is empty.", param=prompt_param)
     if params.max_tokens < 1:
         raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
     if len(prompt_tokens) + params.max_tokens > model.context_length:
@@ -62,10 +66,22 @@ def plan_generation(
             400,
             f"This model's maximum context length is {model.context_length} tokens. "
             f"However, you requested {len(prompt_tokens) + params.max_tokens} tokens "
-            f"({len(prompt_tokens)} in the messages, {params.max_tokens} in the completion).",
-            param="messages",
+            f"({len(prompt_tokens)} in the {prompt_param}, {params.max_tokens} in the "
+            "completion).",
+            param=prompt_param,
             code="context_length_exceeded",
         )
+    if model.vocab_size:
+        # Out-of-range ids would only be refused by the runner, after a 200 for a
+        # streaming client: refuse them here (token-id prompts, logit_bias keys).
+        for where, ids in ((prompt_param, prompt_tokens), ("logit_bias", params.logit_bias)):
+            bad = [t for t in ids if not 0 <= t < model.vocab_size]
+            if bad:
+                raise ApiError(
+                    400,
+                    f"Token ids must be in [0, {model.vocab_size}); got {bad[:5]}.",
+                    param=where,
+                )
     return TextGeneration(
         request_id=request_id, model=model.id, prompt_tokens=prompt_tokens, params=params
     )
@@ -76,21 +92,67 @@ def default_max_tokens(model: ModelCard, prompt_tokens: list[int]) -> int:
     return max(1, model.context_length - len(prompt_tokens))
 
 
-def check_available(node: Node) -> None:
+def check_available(node: Node, model_id: str) -> None:
     """Refuse up front (503) when no runner can take work, so a streaming client
     gets a proper status instead of a 200 followed by an error event."""
-    if not node.worker.ready:
+    if not node.ready(model_id):
         raise ApiError(
-            503, node.worker.unavailable_reason(), type="server_error", code="runner_unavailable"
+            503,
+            node.unavailable_reason(model_id),
+            type="server_error",
+            code="runner_unavailable",
         )
 
 
+@dataclass
+class Timing:
+    """When a request's milestones happened, on Trio's clock (never wall time)."""
+
+    started: float = field(default_factory=trio.current_time)
+    first_token: float | None = None
+    last_token: float | None = None
+    ended: float | None = None
+
+    def token(self, now: float) -> tuple[float | None, float | None]:
+        """Record a token; returns (time to first token, gap since the previous)."""
+        ttft = gap = None
+        if self.first_token is None:
+            self.first_token = now
+            ttft = now - self.started
+        else:
+            gap = now - (self.last_token or now)
+        self.last_token = now
+        return ttft, gap
+
+    @property
+    def prefill_seconds(self) -> float:
+        """Until the first token (prefill and queueing), or the whole request."""
+        end = self.first_token or self.ended or trio.current_time()
+        return end - self.started
+
+    @property
+    def decode_seconds(self) -> float:
+        """From the first token to the end."""
+        if self.first_token is None:
+            return 0.0
+        return (self.ended or trio.current_time()) - self.first_token
+
+    @property
+    def total_seconds(self) -> float:
+        return (self.ended or trio.current_time()) - self.started
+
+
 async def events(
-    node: Node, command: TextGeneration, keepalive: float | None = None
+    node: Node,
+    command: TextGeneration,
+    keepalive: float | None = None,
+    timing: Timing | None = None,
 ) -> AsyncIterator[GenerationEvent | None]:
     """Register, dispatch, and yield the request's events up to and including its
     terminal event. Yields None after `keepalive` seconds without an event (so
-    streaming dialects can send a keep-alive while a long prompt is prefilled)."""
+    streaming dialects can send a keep-alive while a long prompt is prefilled).
+    Records milestones in `timing` and the node's metrics as events pass."""
+    timing = timing if timing is not None else Timing()
     try:
         generation = node.open_generation(command)
         stream = generation.__enter__()
@@ -108,10 +170,22 @@ async def events(
                 event = None
                 with trio.move_on_after(keepalive):
                     event = await stream.receive()
+            if event is not None:
+                observe(node, command, timing, event)
             # Yield outside the cancel scope: a suspended generator must not hold one.
             yield event
     finally:
         generation.__exit__(None, None, None)
+
+
+def observe(node: Node, command: TextGeneration, timing: Timing, event: GenerationEvent) -> None:
+    now = trio.current_time()
+    if isinstance(event, ChunkGenerated):
+        ttft, gap = timing.token(now)
+        node.metrics.observe_token(command.model, ttft, gap)
+    else:
+        timing.ended = now
+        node.metrics.observe_end(command.model, event)
 
 
 @dataclass
@@ -120,22 +194,53 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None
+    timing: Timing
 
 
 async def complete(node: Node, command: TextGeneration) -> Completion:
     """Run a request to its end and return the whole text (non-streaming dialects)."""
     parts: list[str] = []
-    async for event in events(node, command):
+    timing = Timing()
+    async for event in events(node, command, timing=timing):
         if isinstance(event, ChunkGenerated):
             parts.append(event.text)
         elif isinstance(event, GenerationFinished):
             parts.append(event.text)
             return Completion(
-                "".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens
+                "".join(parts),
+                event.finish_reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.stop_sequence,
+                timing,
             )
         elif isinstance(event, GenerationFailed):
             raise failure_error(event)
     raise AssertionError("a request stream ended without a terminal event")
+
+
+def streaming_response(
+    body: AsyncIterator[bytes], command: TextGeneration, content_type: str
+) -> Response:
+    return Response(
+        body,
+        content_type=content_type,
+        headers={
+            "Cache-Control": "no-cache",
+            # Tell proxies (nginx) not to buffer: tokens must reach the client as made.
+            "X-Accel-Buffering": "no",
+            REQUEST_ID_HEADER: command.request_id,
+        },
+    )
+
+
+def json_response(payload: dict[str, object], command: TextGeneration) -> Response:
+    return Response(
+        msgspec.json.encode(payload),
+        content_type="application/json",
+        headers={REQUEST_ID_HEADER: command.request_id},
+    )
 
 
 def failure_error(event: GenerationFailed) -> ApiError:

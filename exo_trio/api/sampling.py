@@ -37,8 +37,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 def build_params(
     *,
     max_tokens: int,
-    temperature: float,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_p: float | None = None,
     top_k: int | None = None,
     seed: int | None = None,
     stop: list[str] | None = None,
@@ -47,10 +47,16 @@ def build_params(
     max_temperature: float = 2.0,
     max_stops: int | None = 4,
     names: dict[str, str] | None = None,
+    defaults: tuple[float, float] = (1.0, 1.0),
 ) -> SamplingParams:
-    """Validate and build SamplingParams. `names` maps our field names onto the
-    dialect's, so an error points at the field the client actually sent."""
+    """Validate and build SamplingParams. A None temperature or top_p takes the
+    dialect's `defaults` (temperature, top_p). `names` maps our field names onto
+    the dialect's, so an error points at the field the client actually sent."""
     names = names or {}
+    if temperature is None:
+        temperature = defaults[0]
+    if top_p is None:
+        top_p = defaults[1]
 
     def name(field: str) -> str:
         return names.get(field, field)
@@ -75,6 +81,7 @@ def build_params(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k or 0,
         seed=seed,
         stop=tuple(stops),
         logit_bias=parse_logit_bias(logit_bias, name("logit_bias")),

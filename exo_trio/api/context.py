@@ -1,0 +1,49 @@
+"""What every route handler needs: the node, the settings, admission."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quart import Response, request
+
+from exo_trio.api.admission import Admission
+from exo_trio.api.generation import check_available, streaming_response
+from exo_trio.api.relay import StreamEncoder, relay
+from exo_trio.api.settings import ApiSettings
+from exo_trio.node import Node
+from exo_trio.types import TextGeneration
+
+
+@dataclass
+class ApiContext:
+    node: Node
+    settings: ApiSettings
+    admission: Admission
+
+    @property
+    def keepalive(self) -> float:
+        return self.settings.keepalive_interval
+
+    async def body(self) -> bytes:
+        """The raw request body (413 past --max-body-bytes, via MAX_CONTENT_LENGTH)."""
+        return await request.get_data(cache=False)
+
+    def begin(self, command: TextGeneration) -> None:
+        """After a request validated: refuse it if no runner is ready (503) or the
+        node is at capacity (429), else hold an admission slot for this exchange.
+        Nothing is registered or dispatched yet; that happens in `events`."""
+        check_available(self.node, command.model)
+        self.admission.admit()
+
+    def stream(
+        self,
+        command: TextGeneration,
+        encoder: StreamEncoder,
+        content_type: str = "text/event-stream",
+        keepalive: bool = True,
+    ) -> Response:
+        """A streaming response relaying the request's events through `encoder`."""
+        interval = self.keepalive if keepalive else None
+        return streaming_response(
+            relay(self.node, command, encoder, interval), command, content_type
+        )

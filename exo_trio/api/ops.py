@@ -1,0 +1,27 @@
+"""Operating a node: POST /v1/cancel/{request_id} and GET /metrics."""
+
+from __future__ import annotations
+
+from quart import Response
+
+from exo_trio.api.context import ApiContext
+from exo_trio.api.errors import ApiError
+from exo_trio.metrics import CONTENT_TYPE
+
+
+async def cancel(ctx: ApiContext, request_id: str) -> dict[str, object]:
+    """Cancel by the id the client saw (a chatcmpl/msg/resp/cmpl id, or the
+    X-Request-Id header of any generation response). The request's own stream
+    then ends with its dialect's error terminal."""
+    if not ctx.node.cancel_request(request_id):
+        raise ApiError(
+            404,
+            f"No request `{request_id}` is in flight on this node.",
+            param="request_id",
+            code="request_not_found",
+        )
+    return {"id": request_id, "object": "request.cancelled", "cancelled": True}
+
+
+async def metrics(ctx: ApiContext) -> Response:
+    return Response(ctx.node.metrics.render(), content_type=CONTENT_TYPE)

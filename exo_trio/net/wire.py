@@ -1,0 +1,141 @@
+"""What goes on the wire between nodes: handshake structs, data frames, beacons.
+
+Every link is one websocket. Each websocket binary message is either a handshake
+message (msgpack of a tagged struct below, only before the link is authenticated)
+or, afterwards, one data frame:
+
+    tag (32 bytes, HMAC-SHA256) | kind (1 byte) | body
+
+The tag covers an implicit per-direction counter, the kind and the body (see
+`auth.FrameMac`), so the counter never travels and a replayed, reordered or dropped
+frame fails verification. The protocol is described in docs/links.md.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+# The websocket resource a link asks for; anything else is refused before auth.
+LINK_RESOURCE = "/exo-trio/link/v1"
+
+NONCE_BYTES = 32
+TAG_BYTES = 32
+MAX_NODE_ID = 128
+MAX_ADDRESSES = 64
+# One app message per websocket message. 16 MiB is far above any control message
+# (activations go through mx.distributed, not these links); bigger is corruption.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# Data frame kinds (after the handshake).
+KIND_MESSAGE = 0  # body: msgpack of the caller's message type
+KIND_HEARTBEAT = 1  # body: empty; sent when nothing else was sent for a heartbeat interval
+KIND_ACTIVATE = 2  # body: empty; the deciding side (smaller node id) keeps this link
+FRAME_OVERHEAD = TAG_BYTES + 1
+
+# Websocket close codes (4000-4999 are for applications). The peer logs the reason.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL = 4000
+CLOSE_AUTH = 4001
+CLOSE_DUPLICATE = 4002
+CLOSE_BAD_MAC = 4003
+CLOSE_TIMEOUT = 4004
+CLOSE_SELF = 4006
+CLOSE_CLUSTER = 4007
+CLOSE_REPLACED = 4008
+
+
+class AdvertisedAddress(msgspec.Struct, frozen=True):
+    """One address a node listens on, so peers can pick the fastest path to it.
+
+    kind is a cheap guess from the address and interface name: "thunderbolt",
+    "link-local" (169.254/16, what Thunderbolt bridges self-assign), "private",
+    "public" or "loopback". interface is the OS interface name ("" if unknown).
+    """
+
+    host: str
+    port: int
+    interface: str = ""
+    kind: str = ""
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """Who I am. The dialer sends it first; the acceptor answers with its own.
+
+    Both raw encodings go into the transcript that the proofs and session keys are
+    derived from, so every field here is authenticated once the proofs check out.
+    """
+
+    version: int
+    cluster_id: str
+    node_id: str
+    # Random per process start: tells a restarted peer from a duplicate link.
+    incarnation: str
+    nonce: bytes
+    listen_port: int
+    addresses: list[AdvertisedAddress]
+
+
+class Proof(msgspec.Struct, tag="proof", frozen=True):
+    """HMAC proving knowledge of the cluster secret, bound to this transcript and role."""
+
+    proof: bytes
+
+
+HandshakeMessage = Hello | Proof
+handshake_decoder = msgspec.msgpack.Decoder(HandshakeMessage)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_handshake(message: Hello | Proof) -> bytes:
+    return _encoder.encode(message)
+
+
+def check_hello(hello: Hello) -> str | None:
+    """Why a decoded Hello is malformed, or None. Called before anything trusts it."""
+    if hello.version != PROTOCOL_VERSION:
+        return f"unsupported protocol version {hello.version} (we speak {PROTOCOL_VERSION})"
+    if not hello.node_id or len(hello.node_id) > MAX_NODE_ID:
+        return "bad node id"
+    if len(hello.nonce) != NONCE_BYTES:
+        return "bad nonce length"
+    if len(hello.addresses) > MAX_ADDRESSES or not 0 <= hello.listen_port <= 65535:
+        return "bad address list"
+    return None
+
+
+def pack_frame(tag: bytes, kind: int, body: bytes) -> bytes:
+    return tag + bytes((kind,)) + body
+
+
+def unpack_frame(data: bytes) -> tuple[bytes, int, bytes] | None:
+    """Split a data frame into (tag, kind, body); None if it is too short to be one."""
+    if len(data) < FRAME_OVERHEAD:
+        return None
+    return data[:TAG_BYTES], data[TAG_BYTES], data[FRAME_OVERHEAD:]
+
+
+# --- discovery beacons -------------------------------------------------------------
+
+BEACON_MAGIC = b"EXOTRIO-BEACON/1"
+# Fits one unfragmented UDP datagram on any LAN.
+MAX_BEACON_BYTES = 1400
+
+
+class Beacon(msgspec.Struct, tag="beacon", frozen=True):
+    """Multicast on the LAN: 'a node of this cluster listens here'."""
+
+    version: int
+    cluster_id: str
+    node_id: str
+    incarnation: str
+    listen_port: int
+    addresses: list[AdvertisedAddress]
+
+
+beacon_decoder = msgspec.msgpack.Decoder(Beacon)
+
+
+def encode_beacon_body(beacon: Beacon) -> bytes:
+    return _encoder.encode(beacon)

@@ -1,0 +1,487 @@
+"""One rank of a runner whose model is split across an `mx.distributed` group.
+
+Started as ``python -m exo_trio.runner --model PATH --model-id ID [--max-batch N]
+--rank R --world-size N --hostfile FILE [--backend ring|jaccl]
+[--sharding pipeline|tensor] [--layers START:END]``, one process per node. The
+node writes the hostfile (ring: JSON ``[["host:port"], ...]``, one list per rank
+in rank order; rank r listens on its own entries) and picks each rank's layer
+range (pipeline: contiguous, in rank order, together tiling all layers; tensor:
+``0:n_layers`` or omitted).
+
+Roles:
+
+* **Rank 0 is the coordinator.** Only it takes TextGeneration / Cancel commands
+  and only it emits generation events and CancelAcks, exactly as a
+  single-process runner does. Before every step it sends all ranks the commands
+  applied at that step (step_sync.py). Requests without a seed get a random one
+  first, so that every rank samples the same tokens.
+* **Other ranks follow.** They apply rank 0's orders and step in lockstep,
+  emitting only Loading / Ready and RunnerError on their pipe. A TextGeneration
+  sent to them is refused (GenerationFailed "invalid"), a Cancel acknowledged as
+  unknown.
+
+Every rank emits Loading... then Ready once the whole group has loaded (the
+warmup forward pass is a collective, so it waits for the slowest rank).
+
+Endings:
+
+* Shutdown or EOF on rank 0: every rank is told to stop; rank 0 fails its
+  in-flight requests with kind "cancelled" (as an unsharded runner does); all
+  ranks exit 0.
+* Shutdown or EOF on another rank: it exits 0 at once. The group breaks, which is
+  the teardown signal for the other ranks (next point).
+* A collective fails (a peer died, its link broke, or the ranks diverged): rank 0
+  fails every in-flight request with kind "runner_died", every rank sends
+  RunnerError and exits 1 within moments.
+* No collective completes for --stall-timeout seconds (a peer frozen, or a link
+  cut without a reset): a watchdog thread does the same as above. Rank 0 sends a
+  heartbeat exchange every second while idle, so the other ranks never wait
+  long legitimately.
+* The group cannot be formed within --connect-timeout seconds, or the layout is
+  inconsistent (ranges that do not tile the layers, tensor sharding that the
+  model does not support): RunnerError, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from exo_trio.framing import FrameDecoder, FrameError
+from exo_trio.runner import (
+    READ_SIZE,
+    Arrival,
+    EndOfInput,
+    ProtocolWriter,
+    QueueItem,
+    Runner,
+    read_commands,
+)
+from exo_trio.runner_protocol import (
+    CancelAck,
+    Loading,
+    Ready,
+    RunnerError,
+    RunnerToWorker,
+    Shutdown,
+    WorkerToRunner,
+)
+from exo_trio.types import (
+    Cancel,
+    ChunkGenerated,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationFinished,
+    TextGeneration,
+)
+
+if TYPE_CHECKING:  # these pull in MLX, imported only once stdout is claimed
+    from exo_trio.engine import Engine
+    from exo_trio.sharding import ShardSpec
+    from exo_trio.step_sync import StepSync
+
+__all__ = ["add_shard_arguments", "check_shard_arguments", "serve_sharded"]
+
+log = logging.getLogger("exo_trio.runner")
+
+# Rank 0 runs an empty exchange this often while idle, so that a lost peer is
+# noticed without waiting for the next request and the other ranks' waits stay short.
+HEARTBEAT_SECONDS = 1.0
+_GENERATION_EVENTS = (ChunkGenerated, GenerationFinished, GenerationFailed)
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sharding (world size > 1)")
+    group.add_argument("--rank", type=int, default=0, help="this runner's rank")
+    group.add_argument("--world-size", type=int, default=1, help="ranks in the instance")
+    group.add_argument("--hostfile", type=Path, help='ring: JSON [["host:port"], ...] by rank')
+    group.add_argument("--backend", choices=("ring", "jaccl"), default="ring")
+    group.add_argument("--sharding", choices=("pipeline", "tensor"), default="pipeline")
+    group.add_argument(
+        "--layers", help="pipeline: this rank's layers START:END (default: even split)"
+    )
+    group.add_argument("--ibv-devices", type=Path, help="jaccl: the RDMA device matrix file")
+    group.add_argument("--jaccl-coordinator", help="jaccl: rank 0's host:port")
+    group.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to form the group"
+    )
+    group.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a step or exchange may wait on the group before it is declared dead",
+    )
+
+
+def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from exo_trio.sharding import parse_layers  # no MLX import at module level there
+
+    if args.world_size < 1:
+        parser.error("--world-size must be >= 1")
+    if not 0 <= args.rank < args.world_size:
+        parser.error(f"--rank must be in [0, {args.world_size})")
+    if args.layers is not None:
+        try:
+            args.layers = parse_layers(args.layers)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.world_size > 1 and args.backend == "ring" and args.hostfile is None:
+        parser.error("--hostfile is required with --world-size > 1 and the ring backend")
+
+
+def _spec(args: argparse.Namespace) -> ShardSpec:
+    from exo_trio.sharding import ShardSpec
+
+    return ShardSpec(
+        rank=args.rank,
+        world_size=args.world_size,
+        backend=args.backend,
+        sharding=args.sharding,
+        layers=args.layers,
+        hostfile=args.hostfile,
+        ibv_devices=args.ibv_devices,
+        jaccl_coordinator=args.jaccl_coordinator,
+    )
+
+
+# -- watchdog ---------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Calls `on_expire(what)` from its own thread if an armed deadline passes.
+
+    A collective blocked on a silent peer cannot be interrupted from Python, so
+    the watchdog is the only way out: its handler writes the last messages and
+    ends the process. Arming is two attribute writes, cheap enough for every step.
+    """
+
+    def __init__(self, on_expire: Callable[[str, float], None], poll: float = 0.2) -> None:
+        self._on_expire = on_expire
+        self._poll = poll
+        self._deadline: float | None = None
+        self._seconds = 0.0
+        self._what = ""
+        threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+
+    def arm(self, seconds: float, what: str) -> None:
+        self._what = what
+        self._seconds = seconds
+        self._deadline = time.monotonic() + seconds
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._poll)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._on_expire(self._what, self._seconds)
+                return
+
+
+# -- rank 0 -----------------------------------------------------------------------------
+
+
+class Coordinator(Runner):
+    """Rank 0: the single-process Runner's loop with an exchange before every step."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        writer: ProtocolWriter,
+        commands: queue.Queue[QueueItem],
+        sync: StepSync,
+        watchdog: Watchdog,
+        stall_timeout: float,
+    ) -> None:
+        super().__init__(engine, writer, commands)
+        self.sync = sync
+        self.watchdog = watchdog
+        self.stall_timeout = stall_timeout
+        # Requests taken from the queue but not yet in the engine: if the group
+        # fails now they still need their failure event.
+        self._unapplied: list[str] = []
+
+    def in_flight(self) -> list[str]:
+        return sorted(set(self.engine.active) | set(self._unapplied))
+
+    def run(self) -> int:
+        digest = 0
+        while True:
+            stop_item: QueueItem | None = None
+            arrivals: list[Arrival] = []
+            for item in self._take_or_heartbeat():
+                if isinstance(item, EndOfInput) or isinstance(item.command, Shutdown):
+                    stop_item = item  # anything after a stop is never answered
+                    break
+                arrivals.append(_with_seed(item))
+            self._unapplied = [
+                a.command.request_id for a in arrivals if isinstance(a.command, TextGeneration)
+            ]
+            outgoing: list[RunnerToWorker] = []
+            try:
+                self.watchdog.arm(self.stall_timeout, "exchanging step orders")
+                self.sync.exchange(
+                    self.engine.stream,
+                    digest,
+                    stop=stop_item is not None,
+                    commands=[a.command for a in arrivals],  # type: ignore[misc]
+                )
+                for arrival in arrivals:
+                    outgoing.extend(self._apply(arrival))
+                self._unapplied = []
+                if stop_item is not None:
+                    self.watchdog.disarm()
+                    return self._stop(stop_item, outgoing)
+                if self.engine.has_work:
+                    self.watchdog.arm(self.stall_timeout, "running a step")
+                    self._fresh.clear()
+                    outgoing.extend(self.engine.step())
+                    self._last_step_end = time.monotonic()
+                self.watchdog.disarm()
+            except Exception as exc:  # a collective failed: a peer is gone, or divergence
+                return self._group_failed(exc, outgoing)
+            digest = _digest(outgoing)
+            self.writer.send(outgoing)
+
+    def _take_or_heartbeat(self) -> list[QueueItem]:
+        if self.engine.has_work:
+            return self._take(block=False)
+        try:
+            first = self.commands.get(timeout=HEARTBEAT_SECONDS)
+        except queue.Empty:
+            return []  # nothing to do: the exchange is a heartbeat
+        return [first, *self._take(block=False)]
+
+    def _group_failed(self, exc: Exception, outgoing: list[RunnerToWorker]) -> int:
+        message = f"distributed group failed: {exc}"
+        log.error("%s", message)
+        failed = [
+            GenerationFailed(request_id=rid, kind="runner_died", message=message)
+            for rid in self._unapplied
+        ]
+        outgoing.extend(failed)
+        outgoing.extend(self.engine.fail_all("runner_died", message))
+        outgoing.append(RunnerError(message=message))
+        self.writer.send(outgoing)
+        return 1
+
+
+def _with_seed(item: Arrival) -> Arrival:
+    """Give a sampled request without a seed a random one, so all ranks draw alike."""
+    command = item.command
+    if (
+        isinstance(command, TextGeneration)
+        and command.params.temperature > 0
+        and command.params.seed is None
+    ):
+        params = msgspec.structs.replace(command.params, seed=secrets.randbits(63))
+        return Arrival(msgspec.structs.replace(command, params=params), item.at)
+    return item
+
+
+def _digest(events: Sequence[object]) -> int:
+    from exo_trio.step_sync import events_digest
+
+    return events_digest([e for e in events if isinstance(e, _GENERATION_EVENTS)])  # type: ignore[misc]
+
+
+# -- other ranks ------------------------------------------------------------------------
+
+
+class Follower:
+    """A rank > 0: applies rank 0's orders and steps in lockstep, emits no events."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        writer: ProtocolWriter,
+        sync: StepSync,
+        watchdog: Watchdog,
+        stall_timeout: float,
+    ) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.sync = sync
+        self.watchdog = watchdog
+        self.stall_timeout = stall_timeout
+
+    def run(self) -> int:
+        digest = 0
+        while True:
+            events: list[GenerationEvent] = []
+            try:
+                # Rank 0 exchanges at least every heartbeat, or after its step.
+                self.watchdog.arm(self.stall_timeout + HEARTBEAT_SECONDS, "waiting for orders")
+                orders = self.sync.exchange(self.engine.stream, digest)
+                for command in orders.commands:
+                    if isinstance(command, TextGeneration):
+                        events.extend(self.engine.submit(command))
+                    else:
+                        self.engine.cancel(command.request_id)
+                if orders.stop:
+                    self.watchdog.disarm()
+                    self.engine.fail_all("cancelled", "runner stopped")
+                    return 0
+                if self.engine.has_work:
+                    self.watchdog.arm(self.stall_timeout, "running a step")
+                    events.extend(self.engine.step())
+                self.watchdog.disarm()
+            except Exception as exc:
+                message = f"distributed group failed: {exc}"
+                log.error("%s", message)
+                self.writer.send([RunnerError(message=message)])
+                return 1
+            digest = _digest(events)
+
+
+def follower_stdin(fd: int, writer: ProtocolWriter, rank: int) -> None:
+    """Thread of a rank > 0: it takes no requests; Shutdown or EOF ends the process."""
+    decoder = FrameDecoder(WorkerToRunner)  # type: ignore[arg-type]
+    refusal = f"rank {rank} of a sharded runner takes no requests; send them to rank 0"
+    try:
+        while True:
+            data = os.read(fd, READ_SIZE)
+            if not data:
+                log.info("stdin closed: leaving the group")
+                writer.send_final([], 0)
+            for command in decoder.feed(data):
+                if isinstance(command, Shutdown):
+                    log.info("shutdown: leaving the group")
+                    writer.send_final([], 0)
+                if isinstance(command, TextGeneration):
+                    writer.send(
+                        [
+                            GenerationFailed(
+                                request_id=command.request_id, kind="invalid", message=refusal
+                            )
+                        ]
+                    )
+                elif isinstance(command, Cancel):
+                    writer.send(
+                        [
+                            CancelAck(
+                                request_id=command.request_id, steps_after_cancel=0, known=False
+                            )
+                        ]
+                    )
+    except (FrameError, OSError) as exc:
+        writer.send_final([RunnerError(message=f"bad command stream: {exc}")], 1)
+
+
+# -- the process ------------------------------------------------------------------------
+
+
+def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
+    """Join the group, load this rank's shard, serve; returns the exit status."""
+    rank = args.rank
+    commands: queue.Queue[QueueItem] = queue.Queue()
+    if rank == 0:
+        reader: Callable[[], None] = lambda: read_commands(0, commands)  # noqa: E731
+    else:
+        reader = lambda: follower_stdin(0, writer, rank)  # noqa: E731
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+
+    serving: list[Coordinator] = []  # set once rank 0 serves, for the watchdog
+
+    def on_stall(what: str, seconds: float) -> None:
+        message = (
+            f"distributed group stalled: no progress for {seconds:.0f}s while {what} "
+            "(a peer is stuck or unreachable)"
+        )
+        log.error("%s", message)
+        failed: list[RunnerToWorker] = []
+        if serving:
+            try:
+                in_flight = serving[0].in_flight()
+            except RuntimeError:  # the main thread changed the request table meanwhile
+                in_flight = []
+            failed = [
+                GenerationFailed(request_id=rid, kind="runner_died", message=message)
+                for rid in in_flight
+            ]
+        writer.send_final([*failed, RunnerError(message=message)], 1)
+
+    watchdog = Watchdog(on_stall)
+    try:
+        writer.send([Loading(fraction=0.0, phase="joining group")])
+        from exo_trio.engine import Engine
+        from exo_trio.sharding import ShardingError, apply_sharding, join_group
+        from exo_trio.step_sync import StepSync
+
+        spec = _spec(args)
+        watchdog.arm(args.connect_timeout, "joining the group")
+        try:
+            group = join_group(spec)
+        finally:
+            watchdog.disarm()
+        log.info("rank %d of %d joined the %s group", rank, args.world_size, args.backend)
+        engine = Engine.load(
+            args.model,
+            args.model_id,
+            max_batch=args.max_batch,
+            on_progress=lambda fraction, phase: writer.send(
+                [Loading(fraction=fraction, phase=phase)]
+            ),
+            prepare=lambda model, config: apply_sharding(model, config, group, spec),
+            recover_step_errors=False,
+        )
+    except BrokenPipeError:
+        return 1
+    except ShardingError as exc:
+        log.error("%s", exc)
+        writer.send([RunnerError(message=str(exc))])
+        return 1
+    except Exception as exc:
+        log.exception("loading %s failed", args.model)
+        writer.send([RunnerError(message=f"loading {args.model} failed: {exc}")])
+        return 1
+    try:
+        writer.send(
+            [
+                Ready(
+                    model=args.model_id,
+                    context_length=engine.context_length,
+                    max_batch=engine.max_batch,
+                    pid=os.getpid(),
+                )
+            ]
+        )
+        sync = StepSync(group)
+        if rank == 0:
+            coordinator = Coordinator(engine, writer, commands, sync, watchdog, args.stall_timeout)
+            serving.append(coordinator)
+            status = coordinator.run()
+        else:
+            status = Follower(engine, writer, sync, watchdog, args.stall_timeout).run()
+        _log_sync_cost(sync)
+        return status
+    except BrokenPipeError:
+        log.warning("protocol pipe closed by the worker; exiting")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _log_sync_cost(sync: StepSync) -> None:
+    if sync.exchanges:
+        log.info(
+            "step sync: %d exchanges (%d with commands), %.3f ms each on average",
+            sync.exchanges,
+            sync.payload_exchanges,
+            1000 * sync.seconds / sync.exchanges,
+        )

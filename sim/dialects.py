@@ -1,0 +1,335 @@
+"""The API dialects the simulated clients speak.
+
+A dialect is one small function: it reads one response message (an SSE event, an
+NDJSON line, or a whole JSON body with its status) and says what it meant, as
+signals: text, a finish, an error, the end-of-stream marker. The decorator gives
+it the endpoint, the framing and the request body. Adding a dialect to the
+simulator is writing one such function; `available()` offers the sweep every
+dialect whose endpoint the app actually serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Framing = Literal["sse", "ndjson", "json"]
+MODEL = "sim"
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Error:
+    detail: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The dialect's end-of-stream marker after the terminal event (`[DONE]`)."""
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A message the client could not make sense of."""
+
+    detail: str
+
+
+Signal = Text | Finish | Error | Done | Bad
+# (SSE event name or None, parsed JSON payload or raw string, HTTP status)
+Reader = Callable[[str | None, Any, int], Iterable[Signal]]
+BodyFn = Callable[[str, int], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    path: str
+    framing: Framing
+    body: BodyFn
+    read: Reader
+    method: str = "POST"
+
+    @property
+    def streaming(self) -> bool:
+        return self.framing != "json"
+
+
+DIALECTS: dict[str, Dialect] = {}
+
+
+def dialect(name: str, path: str, framing: Framing, body: BodyFn) -> Callable[[Reader], Reader]:
+    def register(read: Reader) -> Reader:
+        DIALECTS[name] = Dialect(name, path, framing, body, read)
+        return read
+
+    return register
+
+
+def available(paths: Iterable[str]) -> list[Dialect]:
+    """The dialects whose endpoint is among the app's routes, in a fixed order."""
+    served = set(paths)
+    return [d for _, d in sorted(DIALECTS.items()) if d.path in served]
+
+
+def _user(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _error_detail(payload: Any, status: int) -> str:
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):
+            return f"{status} {error.get('code') or error.get('type')}: {error.get('message')}"
+        if error is not None:
+            return f"{status} {error}"
+    return f"{status} {payload!r}"[:200]
+
+
+# ---- OpenAI chat completions ----
+
+
+@dialect(
+    "openai_chat_stream",
+    "/v1/chat/completions",
+    "sse",
+    lambda prompt, n: {"model": MODEL, "messages": _user(prompt), "max_tokens": n, "stream": True},
+)
+def openai_chat_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if payload == "[DONE]":
+        yield Done()
+        return
+    if not isinstance(payload, dict):
+        yield Bad(f"not JSON: {payload!r}")
+        return
+    if "error" in payload:
+        yield Error(_error_detail(payload, status))
+        return
+    choices = payload.get("choices")
+    if not choices:
+        return  # the usage chunk
+    choice = choices[0]
+    content = (choice.get("delta") or {}).get("content")
+    if content:
+        yield Text(content)
+    if choice.get("finish_reason") is not None:
+        yield Finish(choice["finish_reason"])
+
+
+@dialect(
+    "openai_chat",
+    "/v1/chat/completions",
+    "json",
+    lambda prompt, n: {"model": MODEL, "messages": _user(prompt), "max_tokens": n},
+)
+def openai_chat(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if status != 200 or not isinstance(payload, dict) or "choices" not in payload:
+        yield Error(_error_detail(payload, status))
+        return
+    choice = payload["choices"][0]
+    content = choice["message"].get("content")
+    if content:
+        yield Text(content)
+    yield Finish(choice["finish_reason"])
+
+
+@dialect(
+    "bench_chat",
+    "/bench/chat/completions",
+    "json",
+    lambda prompt, n: {"model": MODEL, "messages": _user(prompt), "max_tokens": n},
+)
+def bench_chat(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    yield from openai_chat(event, payload, status)
+    if status == 200 and isinstance(payload, dict) and "generation_stats" not in payload:
+        yield Bad("bench response without generation_stats")
+
+
+# ---- OpenAI legacy completions ----
+
+
+@dialect(
+    "openai_completions_stream",
+    "/v1/completions",
+    "sse",
+    lambda prompt, n: {"model": MODEL, "prompt": prompt, "max_tokens": n, "stream": True},
+)
+def openai_completions_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if payload == "[DONE]":
+        yield Done()
+        return
+    if not isinstance(payload, dict):
+        yield Bad(f"not JSON: {payload!r}")
+        return
+    if "error" in payload:
+        yield Error(_error_detail(payload, status))
+        return
+    for choice in payload.get("choices") or ():
+        if choice.get("text"):
+            yield Text(choice["text"])
+        if choice.get("finish_reason") is not None:
+            yield Finish(choice["finish_reason"])
+
+
+@dialect(
+    "openai_completions",
+    "/v1/completions",
+    "json",
+    lambda prompt, n: {"model": MODEL, "prompt": prompt, "max_tokens": n},
+)
+def openai_completions(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if status != 200 or not isinstance(payload, dict) or "choices" not in payload:
+        yield Error(_error_detail(payload, status))
+        return
+    choice = payload["choices"][0]
+    if choice.get("text"):
+        yield Text(choice["text"])
+    yield Finish(choice["finish_reason"])
+
+
+# ---- OpenAI responses ----
+
+_RESPONSE_FINISH = {"completed": "stop", "incomplete": "length"}
+
+
+@dialect(
+    "openai_responses_stream",
+    "/v1/responses",
+    "sse",
+    lambda prompt, n: {"model": MODEL, "input": prompt, "max_output_tokens": n, "stream": True},
+)
+def openai_responses_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if not isinstance(payload, dict):
+        yield Bad(f"not JSON: {payload!r}")
+        return
+    if status != 200 or ("error" in payload and event is None):
+        yield Error(_error_detail(payload, status))
+        return
+    kind = payload.get("type")
+    if kind != event:
+        yield Bad(f"event {event!r} carries type {kind!r}")
+    if kind == "response.output_text.delta":
+        yield Text(payload["delta"])
+    elif kind in ("response.completed", "response.incomplete"):
+        yield Finish(_RESPONSE_FINISH[payload["response"]["status"]])
+    elif kind == "response.failed":
+        yield Error(f"response.failed: {payload['response'].get('error')}")
+    elif kind == "error":
+        yield Error(f"error event: {payload}")
+
+
+@dialect(
+    "openai_responses",
+    "/v1/responses",
+    "json",
+    lambda prompt, n: {"model": MODEL, "input": prompt, "max_output_tokens": n},
+)
+def openai_responses(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if status != 200 or not isinstance(payload, dict) or payload.get("object") != "response":
+        yield Error(_error_detail(payload, status))
+        return
+    for item in payload.get("output") or ():
+        for part in item.get("content") or ():
+            if part.get("text"):
+                yield Text(part["text"])
+    if payload["status"] == "failed":
+        yield Error(f"response failed: {payload.get('error')}")
+    else:
+        yield Finish(_RESPONSE_FINISH[payload["status"]])
+
+
+# ---- Anthropic messages ----
+
+_ANTHROPIC_FINISH = {"max_tokens": "length", "end_turn": "stop", "stop_sequence": "stop"}
+
+
+def _anthropic_body(stream: bool) -> BodyFn:
+    return lambda prompt, n: {
+        "model": MODEL,
+        "max_tokens": n,
+        "messages": _user(prompt),
+        "stream": stream,
+    }
+
+
+@dialect("anthropic_stream", "/v1/messages", "sse", _anthropic_body(True))
+def anthropic_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if not isinstance(payload, dict):
+        yield Bad(f"not JSON: {payload!r}")
+        return
+    kind = payload.get("type")
+    if status != 200 or kind == "error":
+        yield Error(_error_detail(payload, status))
+        return
+    if kind != event:
+        yield Bad(f"event {event!r} carries type {kind!r}")
+    if kind == "content_block_delta":
+        yield Text(payload["delta"]["text"])
+    elif kind == "message_delta":
+        yield Finish(_ANTHROPIC_FINISH[payload["delta"]["stop_reason"]])
+    elif kind == "message_stop":
+        yield Done()
+
+
+@dialect("anthropic", "/v1/messages", "json", _anthropic_body(False))
+def anthropic(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    if status != 200 or not isinstance(payload, dict) or payload.get("type") != "message":
+        yield Error(_error_detail(payload, status))
+        return
+    for block in payload.get("content") or ():
+        if block.get("text"):
+            yield Text(block["text"])
+    yield Finish(_ANTHROPIC_FINISH[payload["stop_reason"]])
+
+
+# ---- Ollama chat and generate (NDJSON) ----
+
+
+def _ollama_body(kind: str, stream: bool) -> BodyFn:
+    def body(prompt: str, n: int) -> dict[str, Any]:
+        text = {"messages": _user(prompt)} if kind == "chat" else {"prompt": prompt}
+        return {"model": MODEL, **text, "stream": stream, "options": {"num_predict": n}}
+
+    return body
+
+
+def _ollama(payload: Any, status: int, key: str) -> Iterable[Signal]:
+    if status != 200 or not isinstance(payload, dict) or "error" in payload:
+        yield Error(_error_detail(payload, status))
+        return
+    piece = payload.get(key)
+    text = piece.get("content") if isinstance(piece, dict) else piece
+    if text:
+        yield Text(text)
+    if payload.get("done"):
+        yield Finish(payload.get("done_reason") or "stop")
+
+
+@dialect("ollama_chat_stream", "/api/chat", "ndjson", _ollama_body("chat", True))
+def ollama_chat_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return _ollama(payload, status, "message")
+
+
+@dialect("ollama_chat", "/api/chat", "json", _ollama_body("chat", False))
+def ollama_chat(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return _ollama(payload, status, "message")
+
+
+@dialect("ollama_generate_stream", "/ollama/api/generate", "ndjson", _ollama_body("generate", True))
+def ollama_generate_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return _ollama(payload, status, "response")
+
+
+@dialect("ollama_generate", "/api/generate", "json", _ollama_body("generate", False))
+def ollama_generate(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return _ollama(payload, status, "response")

@@ -1,0 +1,65 @@
+"""Seeded faults: at the production fault points and on the simulated streams.
+
+Faults only fire inside the plan's early window; after it the system runs
+healthy, so that safety (nothing lost, nothing duplicated) is checked under
+faults and liveness (every stream ends) after them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import trio
+
+from exo_trio.seams import FaultPoints
+from sim.choices import Choices
+from sim.pipes import Shaper
+from sim.scenario import FaultPlan
+from sim.trace import Trace
+
+
+class SimFaultPoints(FaultPoints):
+    """The simulator's fault points: at each hit, maybe a reschedule (other tasks
+    run first), maybe a seeded delay. Production's are no-ops."""
+
+    def __init__(
+        self, choices: Choices, plan: FaultPlan, trace: Trace, delay_max: float
+    ) -> None:
+        self.choices = choices
+        self.plan = plan
+        self.trace = trace
+        self.delay_max = delay_max
+        self.hits: Counter[str] = Counter()
+        self.delays: Counter[str] = Counter()
+
+    async def hit(self, name: str, request_id: str | None = None) -> None:
+        self.hits[name] += 1
+        if trio.current_time() >= self.plan.window:
+            return
+        choices = self.choices
+        if choices.chance(self.plan.point_delay_p):
+            delay = choices.between(0.0, self.delay_max)
+            self.delays[name] += 1
+            self.trace.add("fault", name, request_id, f"{delay:.4f}")
+            await trio.sleep(delay)
+        elif choices.chance(self.plan.point_yield_p):
+            await trio.lowlevel.checkpoint()
+
+
+def link_shaper(
+    choices: Choices, window: float, delay_p: float, split_p: float, delay_max: float
+) -> Shaper:
+    """Delays and splits writes on one direction of a simulated stream (in the
+    fault window). Bytes stay in order; different streams drift apart."""
+
+    def shape(size: int) -> list[tuple[int, float]]:
+        if trio.current_time() >= window:
+            return [(size, 0.0)]
+        delay = choices.between(0.0, delay_max) if choices.chance(delay_p) else 0.0
+        if size > 1 and choices.chance(split_p):
+            cut = 1 + choices.draw(size - 1)
+            later = delay + choices.between(0.0, delay_max)
+            return [(cut, delay), (size - cut, later)]
+        return [(size, delay)]
+
+    return shape

@@ -1,0 +1,261 @@
+"""The invariants, checked after each run against the fake runners' ledger.
+
+Each violation names its kind (the shrinker keeps a reduction only if the same
+kind still fails), the client, the request id and, for delivery, the sequence
+number where what the client decoded first differs from what the runner emitted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from sim.clients import ClientResult
+from sim.dialects import DIALECTS, Error, Finish
+from sim.ledger import RunnerJob
+from sim.world import World
+
+_TOKEN = re.compile(r"\[(\d+):(\d+)\]")
+
+# Most telling first: a run's headline violation (and what --shrink preserves) is
+# the first of these it has; a lost token explains a hung stream, not the reverse.
+KINDS = (
+    "delivery",
+    "orphan_events",
+    "dispatched_twice",
+    "wrong_request",
+    "terminal",
+    "horizon",
+    "runner_kept_going",
+    "runner_work_leaked",
+    "registry_leak",
+    "worker_job_leak",
+    "leftover_tasks",
+    "garbled",
+    "unknown_job",
+    "unexpected_exception",
+    "unexpected_error_log",
+    "no_drain",
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str
+    message: str
+    client: int | None = None
+    request_id: str | None = None
+    seq: int | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.client is not None:
+            where.append(f"client {self.client}")
+        if self.request_id is not None:
+            where.append(self.request_id)
+        if self.seq is not None:
+            where.append(f"seq {self.seq}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        return f"{self.kind}: {prefix}{self.message}"
+
+
+def decode_tokens(text: str) -> tuple[list[tuple[int, int]], str]:
+    """The (seq, token) pairs in a client's text, and whatever else was there."""
+    pairs = [(int(s), int(t)) for s, t in _TOKEN.findall(text)]
+    return pairs, _TOKEN.sub("", text)
+
+
+def stop_bound(world: World) -> tuple[float, int]:
+    """How long after a client leaves (or asks to cancel) the runner may still
+    step its request, and how many steps that allows: the worst-case latency of
+    the HTTP link (the disconnect or the cancel request travelling to the server)
+    plus the runner pipe (the Cancel travelling to the runner), plus one step that
+    may already be under way."""
+    s = world.plan.scenario
+    latency = 2 * s.http_delay_max + 2 * s.pipe_delay_max + 1e-6
+    return latency, math.ceil(latency / s.step_delay[0]) + 1
+
+
+def check(world: World, crash: str | None, error_logs: list[str]) -> list[Violation]:
+    out: list[Violation] = []
+    if crash is not None:
+        out.append(Violation("unexpected_exception", crash))
+    for result in world.results:
+        out.extend(check_client(world, result))
+    out.extend(check_ledger(world))
+    out.extend(check_end_state(world))
+    for line in error_logs:
+        out.append(Violation("unexpected_error_log", line))
+    rank = {kind: i for i, kind in enumerate(KINDS)}
+    return sorted(out, key=lambda v: rank.get(v.kind, len(KINDS)))
+
+
+def check_client(world: World, result: ClientResult) -> list[Violation]:
+    plan = result.plan
+    dialect = DIALECTS[plan.dialect]
+    jobs = world.ledger.by_client.get(plan.index, [])
+    job = jobs[0] if jobs else None
+    rid = job.request_id if job is not None else result.request_id
+    out: list[Violation] = []
+
+    def bad(kind: str, message: str, seq: int | None = None) -> None:
+        out.append(Violation(kind, f"({dialect.name}) {message}", plan.index, rid, seq))
+
+    if len(jobs) > 1:
+        bad("dispatched_twice", f"the runner saw {len(jobs)} commands for one request")
+    if result.ending is None:
+        bad(
+            "horizon",
+            f"stream still open at the horizon ({world.plan.scenario.horizon}s); "
+            f"received {len(result.pieces)} pieces, terminals {result.terminals}",
+        )
+        return out
+    for detail in result.bad:
+        bad("garbled", detail)
+    received, garbage = decode_tokens(result.text)
+    if garbage:
+        bad("garbled", f"text that no runner emitted: {garbage[:80]!r}")
+    if job is not None and result.request_id is not None and result.request_id != job.request_id:
+        bad("wrong_request", f"client was told id {result.request_id}, runner ran {rid}")
+
+    expected = job.tokens if job is not None else []
+    terminal = result.terminals[0] if result.terminals else None
+    left = result.ending == "left"
+    cancelled = result.cancel_sent_at is not None
+    if isinstance(terminal, Error) and not dialect.streaming:
+        expected = []  # a failed non-streaming request returns no text by design
+    if left or (cancelled and not isinstance(terminal, Finish)):
+        ok = received == expected[: len(received)]
+        what = "a prefix of"
+    else:
+        ok = received == expected
+        what = "exactly"
+    if not ok:
+        seq = first_difference(received, expected)
+        bad(
+            "delivery",
+            f"client must get {what} the runner's chunks: got {len(received)} "
+            f"{_show(received, seq)}, runner emitted {len(expected)} {_show(expected, seq)}; "
+            f"client's terminal: {terminal}",
+            seq,
+        )
+
+    if result.after_terminal:
+        bad("terminal", f"received {result.after_terminal[:3]} after the terminal event")
+    if not left:
+        if terminal is None:
+            bad(
+                "terminal",
+                f"response ended ({result.ending}, status {result.status}) without a "
+                f"terminal event after {len(received)} chunks",
+            )
+        elif isinstance(terminal, Finish):
+            if job is None or job.end != "finished":
+                bad(
+                    "terminal",
+                    f"client got finish ({terminal.reason}) but the runner's job "
+                    f"{'never ran' if job is None else 'ended ' + str(job.end)}",
+                )
+            elif job.finish_reason is not None and terminal.reason != job.finish_reason:
+                bad("terminal", f"finish reason {terminal.reason}, runner said {job.finish_reason}")
+            if dialect.streaming and not result.done_marker and _has_done_marker(plan.dialect):
+                bad("terminal", "stream finished without its end-of-stream marker")
+        elif job is not None and job.end == "finished" and not cancelled:
+            bad("terminal", f"client got an error ({terminal.detail}) for a finished job")
+        elif job is not None and job.end == "cancelled" and not cancelled:
+            bad("terminal", f"the runner cancelled a job nobody gave up: {terminal.detail}")
+    out.extend(check_stopped(world, result, job))
+    return out
+
+
+def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> list[Violation]:
+    """Work a client gave up on stops within a bounded number of runner steps."""
+    gave_up = result.left_at if result.ending == "left" else result.cancel_sent_at
+    if job is None or gave_up is None:
+        return []
+    latency, max_steps = stop_bound(world)
+    out = []
+    after = sum(1 for t in job.emit_times if t > gave_up)
+    late = sum(1 for t in job.emit_times if t > gave_up + latency)
+    if after > max_steps or late > 1:
+        out.append(
+            Violation(
+                "runner_kept_going",
+                f"the runner ran {after} steps for the request after its client "
+                f"{'left' if result.ending == 'left' else 'cancelled'} at {gave_up:.4f}s "
+                f"(bound {max_steps}; {late} more than {latency * 1000:.0f}ms later)",
+                result.plan.index,
+                job.request_id,
+            )
+        )
+    return out
+
+
+def check_ledger(world: World) -> list[Violation]:
+    out = []
+    for rid in world.ledger.duplicate_starts:
+        out.append(Violation("dispatched_twice", "the runner got the same id twice", None, rid))
+    for job in world.ledger.jobs.values():
+        if job.client is None:
+            out.append(
+                Violation("unknown_job", "a runner job no client asked for", None, job.request_id)
+            )
+    return out
+
+
+def check_end_state(world: World) -> list[Violation]:
+    state = world.end_state
+    if state is None:
+        return [Violation("no_drain", "the run never reached its drain")]
+    out = []
+    for node, ids in state.registry_open.items():
+        for rid in ids:
+            out.append(
+                Violation(
+                    "registry_leak", f"node {node}: still registered after the drain", None, rid
+                )
+            )
+    for node, ids in state.worker_jobs.items():
+        for rid in ids:
+            out.append(
+                Violation(
+                    "worker_job_leak", f"node {node}: worker job left after the drain", None, rid
+                )
+            )
+    for runner, ids in state.runner_active.items():
+        for rid in ids:
+            out.append(
+                Violation(
+                    "runner_work_leaked",
+                    f"runner {runner} still generating after the drain",
+                    None,
+                    rid,
+                )
+            )
+    if state.tasks:
+        out.append(Violation("leftover_tasks", f"tasks alive after the drain: {state.tasks}"))
+    for node, stats in state.stats.items():
+        for key in ("unknown_events", "after_terminal", "overflows", "admission_in_flight"):
+            if stats[key]:
+                out.append(
+                    Violation("orphan_events", f"node {node}: registry {key} = {stats[key]}")
+                )
+    return out
+
+
+def first_difference(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return x[0] if i < len(a) else i
+    return min(len(a), len(b))
+
+
+def _show(tokens: list[tuple[int, int]], seq: int) -> str:
+    seqs = [s for s, _ in tokens]
+    lo = max(0, min(seq, len(seqs)) - 2)
+    return f"(seqs ...{seqs[lo : lo + 5]}...)"
+
+
+def _has_done_marker(name: str) -> bool:
+    return name in ("openai_chat_stream", "openai_completions_stream", "anthropic_stream")

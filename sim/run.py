@@ -1,0 +1,181 @@
+"""One simulated run: a choice list in, a digest, coverage and violations out.
+
+Everything happens inside one `trio.run` under `MockClock(autojump_threshold=0)`
+with the schedule hook installed, cyclic GC paused (so no finalizer runs at a
+moment that depends on the heap) and the loggers captured (an error logged by
+the production code is an unexpected exception).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+
+import trio
+import trio.testing
+
+from sim import speedups
+from sim.choices import Choices
+from sim.dialects import DIALECTS, available
+from sim.invariants import Violation, check
+from sim.scenario import DEFAULT, Scenario, draw_plan
+from sim.schedule import Policy, ScheduleRandom, controlled, self_test
+from sim.trace import Trace
+from sim.world import World
+
+CANCEL_PREFIX = "/v1/cancel"
+
+
+@dataclass
+class RunResult:
+    digest: str
+    violations: list[Violation]
+    coverage: Counter[str]
+    choices: list[int]
+    dialects: list[str]
+    policy: Policy
+    elapsed: float
+    cpu: float
+    seed: int | None = None
+    lines: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def kinds(self) -> set[str]:
+        return {v.kind for v in self.violations}
+
+
+@cache
+def served_routes() -> tuple[str, ...]:
+    """The app's routes, from a throwaway node (the set grows as dialects land)."""
+    plan = draw_plan(Choices(replay=[]), DEFAULT, ["openai_chat"], False)
+    return tuple(World(plan, Choices(replay=[]), Trace()).nodes[0].routes())
+
+
+def default_dialects() -> list[str]:
+    return [d.name for d in available(served_routes())]
+
+
+def can_cancel() -> bool:
+    return any(route.startswith(CANCEL_PREFIX) for route in served_routes())
+
+
+def virtual_clock() -> trio.testing.MockClock:
+    """MockClock(autojump_threshold=0): time moves only when every task is blocked,
+    straight to the next deadline. At rate 0 a reading ignores the real clock, so
+    the read is skipped (the run loop asks for the time thousands of times a run;
+    MockClock is final, hence an instance attribute rather than a subclass)."""
+    clock = trio.testing.MockClock(rate=0, autojump_threshold=0)
+    clock.current_time = lambda: clock._virtual_base  # type: ignore[method-assign]
+    return clock
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            line += f" ({type(exc).__name__}: {exc})"
+        self.lines.append(line)
+
+
+@contextmanager
+def captured_errors() -> Iterator[list[str]]:
+    root = logging.getLogger()
+    handler = _Capture()
+    saved = root.level, root.handlers[:]
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    try:
+        yield handler.lines
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def run_choices(
+    choices: Choices,
+    *,
+    scenario: Scenario = DEFAULT,
+    policy: Policy = "native",
+    dialects: Sequence[str] | None = None,
+    keep_lines: bool = False,
+    seed: int | None = None,
+) -> RunResult:
+    self_test()
+    speedups.apply()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    names = list(dialects) if dialects is not None else default_dialects()
+    unknown = [name for name in names if name not in DIALECTS]
+    if unknown or not names:
+        raise ValueError(f"unknown dialects {unknown} (known: {sorted(DIALECTS)})")
+    trace = Trace(keep_lines)
+    plan = draw_plan(choices, scenario, names, can_cancel())
+    hook = ScheduleRandom(choices, policy)
+    world = World(plan, choices, trace)
+    crash: str | None = None
+    with gc_paused(), captured_errors() as errors, controlled(hook):
+        try:
+            trio.run(world.main, clock=virtual_clock())
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            crash = "".join(traceback.format_exception(exc)).strip()
+    violations = check(world, crash, errors)
+    coverage = world.coverage
+    coverage.update(f"fault_{k}" for k, n in world.faults.delays.items() for _ in range(n))
+    for result in world.results:
+        coverage[f"ending_{result.ending}"] += 1
+        jobs = world.ledger.by_client.get(result.plan.index)
+        first_emit = jobs[0].first_emit_tick if jobs else None
+        if first_emit is not None and (
+            result.first_byte_tick is None or first_emit < result.first_byte_tick
+        ):
+            coverage["chunk_before_client_read"] += 1
+        if result.cancel_sent_at is not None:
+            coverage[f"cancel_status_{result.cancel_status}"] += 1
+        if result.keepalives:
+            coverage["keepalive_received"] += 1
+        if result.status is not None and result.status != 200:
+            coverage[f"status_{result.status}"] += 1
+    return RunResult(
+        digest=trace.digest(),
+        violations=violations,
+        coverage=coverage,
+        choices=choices.record,
+        dialects=names,
+        policy=policy,
+        elapsed=time.perf_counter() - started,
+        cpu=time.process_time() - cpu_started,
+        seed=seed,
+        lines=trace.lines,
+    )
+
+
+def run_seed(seed: int, **kwargs: object) -> RunResult:
+    return run_choices(Choices(seed=seed), seed=seed, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,166 @@
+"""Running many seeds: in this process or across worker processes, with coverage.
+
+A sweep fails if any seed violates an invariant, or if (given enough seeds) one of
+the key situations never happened: a sweep that never let a chunk arrive before
+its reader, never cut a stream mid-way and never crashed a runner mid-stream has
+proved nothing, however green it is.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+from sim.choices import Choices
+from sim.mutants import MUTANTS
+from sim.run import RunResult, run_choices
+from sim.schedule import Policy
+
+# Situations every sweep of at least MIN_COVERAGE_SEEDS seeds must have produced.
+KEY_COVERAGE = (
+    "chunk_before_client_read",  # the runner emitted before the client read a byte
+    "chunk_before_consumer_read",  # a chunk reached its channel before anyone waited on it
+    "disconnect_mid_stream",
+    "runner_crash_mid_stream",
+)
+MIN_COVERAGE_SEEDS = 50
+CHUNK = 10
+
+
+@dataclass
+class SeedOutcome:
+    seed: int
+    digest: str
+    violations: list[str]
+    kinds: list[str]
+    coverage: dict[str, int]
+    elapsed: float
+    cpu: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+@dataclass
+class SweepReport:
+    seeds: int = 0
+    failures: list[SeedOutcome] = field(default_factory=list)
+    coverage: Counter[str] = field(default_factory=Counter)
+    wall: float = 0.0
+    cpu: float = 0.0  # summed per-seed CPU time (what the cores spent, without waits)
+    missing_coverage: list[str] = field(default_factory=list)
+
+    @property
+    def seeds_per_s(self) -> float:
+        return self.seeds / self.wall if self.wall else 0.0
+
+    @property
+    def seeds_per_s_per_core(self) -> float:
+        return self.seeds / self.cpu if self.cpu else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.missing_coverage
+
+
+def mutant_context(name: str | None) -> AbstractContextManager[None]:
+    return MUTANTS[name].apply() if name else nullcontext()
+
+
+def run_one(seed: int, policy: Policy = "native", mutant: str | None = None) -> RunResult:
+    with mutant_context(mutant):
+        return run_choices(Choices(seed=seed), policy=policy, seed=seed)
+
+
+def outcome(result: RunResult) -> SeedOutcome:
+    assert result.seed is not None
+    return SeedOutcome(
+        seed=result.seed,
+        digest=result.digest,
+        violations=[str(v) for v in result.violations],
+        kinds=sorted(result.kinds),
+        coverage=dict(result.coverage),
+        elapsed=result.elapsed,
+        cpu=result.cpu,
+    )
+
+
+def _run_chunk(args: tuple[list[int], Policy, str | None]) -> list[SeedOutcome]:
+    seeds, policy, mutant = args
+    return [outcome(run_one(seed, policy, mutant)) for seed in seeds]
+
+
+def outcomes(
+    seeds: Iterable[int], policy: Policy, mutant: str | None, jobs: int
+) -> Iterator[SeedOutcome]:
+    seeds = list(seeds)
+    if jobs <= 1:
+        for seed in seeds:
+            yield outcome(run_one(seed, policy, mutant))
+        return
+    chunks = [(seeds[i : i + CHUNK], policy, mutant) for i in range(0, len(seeds), CHUNK)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for batch in pool.imap_unordered(_run_chunk, chunks):
+            yield from batch
+
+
+def sweep(
+    seeds: Iterable[int],
+    *,
+    policy: Policy = "native",
+    mutant: str | None = None,
+    jobs: int = 1,
+    on_outcome: Callable[[SeedOutcome], None] | None = None,
+) -> SweepReport:
+    report = SweepReport()
+    started = time.perf_counter()
+    for result in outcomes(seeds, policy, mutant, jobs):
+        report.seeds += 1
+        report.cpu += result.cpu
+        report.coverage.update(result.coverage)
+        if not result.ok:
+            report.failures.append(result)
+        if on_outcome is not None:
+            on_outcome(result)
+    report.wall = time.perf_counter() - started
+    report.failures.sort(key=lambda o: o.seed)
+    if report.seeds >= MIN_COVERAGE_SEEDS and mutant is None:
+        report.missing_coverage = [k for k in KEY_COVERAGE if not report.coverage.get(k)]
+    return report
+
+
+@dataclass
+class MutantReport:
+    name: str
+    bug: str
+    caught: bool
+    seeds_to_catch: int
+    seed: int | None
+    violation: str | None
+
+
+def _hunt(args: tuple[str, int, int, Policy]) -> MutantReport:
+    name, start, limit, policy = args
+    for i in range(limit):
+        seed = start + i
+        result = run_one(seed, policy, name)
+        if result.violations:
+            return MutantReport(
+                name, MUTANTS[name].bug, True, i + 1, seed, str(result.violations[0])
+            )
+    return MutantReport(name, MUTANTS[name].bug, False, limit, None, None)
+
+
+def hunt_mutants(
+    names: list[str], *, start: int, limit: int, policy: Policy, jobs: int
+) -> list[MutantReport]:
+    tasks = [(name, start, limit, policy) for name in names]
+    if jobs <= 1:
+        return [_hunt(t) for t in tasks]
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+        return pool.map(_hunt, tasks)

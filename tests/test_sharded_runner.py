@@ -1,0 +1,291 @@
+"""Sharded runners: two real runner processes joined in one mx.distributed ring over
+loopback, serving the demo model pipeline-split and tensor-split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from exo_trio.framing import encode_frame, read_frames
+from exo_trio.runner_protocol import (
+    CancelAck,
+    Loading,
+    Ready,
+    RunnerError,
+    RunnerToWorker,
+    Shutdown,
+    WorkerToRunner,
+)
+from exo_trio.types import (
+    Cancel,
+    ChunkGenerated,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+)
+
+pytestmark = pytest.mark.trio
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BANNED_EOS = {1: -1e9, 3: -1e9}  # the demo model's EOS ids
+PROMPTS = {
+    "a": [2, 882, 198, 72, 89, 3, 198, 2, 125, 198],
+    "b": [2, 400, 198, 33, 17, 3, 198, 2, 125, 198, 55, 9],
+}
+SPLITS = {"pipeline": ("0:2", "2:4"), "tensor": ("0:4", "0:4")}
+LONG = 1000  # tokens of the requests that are cancelled or cut short
+
+
+@dataclass
+class Rank:
+    proc: trio.Process
+    stream: trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream]
+    frames: AsyncIterator[RunnerToWorker]
+    seen: list[RunnerToWorker] = field(default_factory=list)
+
+    async def send(self, command: WorkerToRunner) -> None:
+        await self.stream.send_all(encode_frame(command))
+
+    async def receive(self) -> RunnerToWorker:
+        message = await anext(self.frames)
+        self.seen.append(message)
+        return message
+
+    async def wait_ready(self) -> Ready:
+        while True:
+            message = await self.receive()
+            if isinstance(message, Ready):
+                return message
+            assert isinstance(message, Loading), message
+
+
+def free_hostfile(directory: Path, ranks: int) -> Path:
+    """A ring hostfile with one free loopback port per rank."""
+    sockets = [socket.socket() for _ in range(ranks)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        hosts = [[f"127.0.0.1:{s.getsockname()[1]}"] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    path = directory / "hosts.json"
+    path.write_text(json.dumps(hosts))
+    return path
+
+
+def runner_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["EXO_TRIO_RUNNER_LOG"] = "WARNING"
+    return env
+
+
+@asynccontextmanager
+async def start_rank(model_dir: Path, *extra: str) -> AsyncIterator[Rank]:
+    proc = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            *("-m", "exo_trio.runner", "--model", str(model_dir), "--model-id", "demo"),
+            *extra,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=runner_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    frames = read_frames(proc.stdout, RunnerToWorker)  # type: ignore[arg-type]
+    try:
+        yield Rank(proc, trio.StapledStream(proc.stdin, proc.stdout), frames)
+    finally:
+        await frames.aclose()  # type: ignore[attr-defined]
+        if proc.returncode is None:
+            proc.kill()
+        with trio.move_on_after(5):
+            await proc.wait()
+
+
+@asynccontextmanager
+async def start_group(
+    model_dir: Path, tmp_path: Path, sharding: str, layers: tuple[str, str]
+) -> AsyncIterator[list[Rank]]:
+    hostfile = free_hostfile(tmp_path, 2)
+    async with AsyncExitStack() as stack:
+        ranks = [
+            await stack.enter_async_context(
+                start_rank(
+                    model_dir,
+                    *("--rank", str(rank), "--world-size", "2", "--hostfile", str(hostfile)),
+                    *("--sharding", sharding, "--layers", layers[rank]),
+                )
+            )
+            for rank in range(2)
+        ]
+        yield ranks
+
+
+def generation(rid: str, max_tokens: int) -> TextGeneration:
+    return TextGeneration(
+        request_id=rid,
+        model="demo",
+        prompt_tokens=PROMPTS[rid[0]],
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=BANNED_EOS),
+    )
+
+
+async def collect(rank: Rank, rid: str, seq: int = 0) -> tuple[list[int], RunnerToWorker]:
+    """Tokens of rid (from chunk `seq` on) up to its terminal event, which must be rid's."""
+    tokens: list[int] = []
+    while True:
+        message = await rank.receive()
+        assert getattr(message, "request_id", rid) == rid, message
+        if isinstance(message, ChunkGenerated):
+            assert message.seq == seq + len(tokens)
+            tokens.append(message.token)
+        else:
+            return tokens, message
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(demo_model_dir: Path) -> dict[str, list[int]]:
+    """Greedy tokens from a single (world size 1) runner, each prompt alone
+    ("a": LONG tokens, "b": 24)."""
+
+    async def run() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        with trio.fail_after(60):
+            async with start_rank(demo_model_dir) as runner:
+                await runner.wait_ready()
+                for rid in PROMPTS:
+                    await runner.send(generation(rid, LONG if rid == "a" else 24))
+                    out[rid], final = await collect(runner, rid)
+                    assert isinstance(final, GenerationFinished), final
+                await runner.send(Shutdown())
+        return out
+
+    return trio.run(run)
+
+
+@pytest.mark.parametrize("sharding", ["pipeline", "tensor"])
+async def test_sharded_matches_single_runner(
+    sharding: str, demo_model_dir: Path, tmp_path: Path, reference_tokens: dict[str, list[int]]
+) -> None:
+    with trio.fail_after(90):
+        async with start_group(demo_model_dir, tmp_path, sharding, SPLITS[sharding]) as ranks:
+            leader, follower = ranks
+            for rank in ranks:
+                assert (await rank.wait_ready()).model == "demo"
+
+            # Greedy output is token-for-token the single runner's.
+            await leader.send(generation("a1", 24))
+            tokens, final = await collect(leader, "a1")
+            assert tokens == reference_tokens["a"][:24]
+            assert isinstance(final, GenerationFinished) and final.chunks == 24
+
+            # Two concurrent requests; one is cancelled mid-stream, the other completes
+            # exactly as it would alone.
+            await leader.send(generation("a2", LONG))
+            await leader.send(generation("b1", 24))
+            a2: list[int] = []
+            b1: list[int] = []
+            ack: CancelAck | None = None
+            b_final: RunnerToWorker | None = None
+            while b_final is None or ack is None:
+                message = await leader.receive()
+                if isinstance(message, ChunkGenerated) and message.request_id == "a2":
+                    assert ack is None, "no chunk of a cancelled request after its ack"
+                    a2.append(message.token)
+                    if len(a2) == 3:
+                        await leader.send(Cancel(request_id="a2"))
+                elif isinstance(message, ChunkGenerated):
+                    assert message.request_id == "b1" and message.seq == len(b1)
+                    b1.append(message.token)
+                elif isinstance(message, CancelAck):
+                    assert message.request_id == "a2" and message.known
+                    assert message.steps_after_cancel <= 1
+                    ack = message
+                else:
+                    assert isinstance(message, GenerationFinished), message
+                    assert message.request_id == "b1"
+                    b_final = message
+            assert 3 <= len(a2) < LONG
+            assert a2 == reference_tokens["a"][: len(a2)]
+            assert b1 == reference_tokens["b"]
+
+            # The group keeps serving after the cancel.
+            await leader.send(generation("a3", 5))
+            tokens, final = await collect(leader, "a3")
+            assert tokens == reference_tokens["a"][:5]
+
+            # Other ranks take no requests.
+            await follower.send(generation("a4", 5))
+            refused = await follower.receive()
+            assert isinstance(refused, GenerationFailed) and refused.kind == "invalid"
+
+            # Stopping rank 0 (Shutdown, or EOF) stops every rank cleanly.
+            await leader.send(generation("a5", LONG))
+            while not isinstance(await leader.receive(), ChunkGenerated):
+                pass
+            if sharding == "pipeline":
+                await leader.send(Shutdown())
+            else:
+                await leader.stream.send_stream.aclose()
+            while isinstance(final := await leader.receive(), ChunkGenerated):
+                pass
+            assert isinstance(final, GenerationFailed) and final.kind == "cancelled"
+            with trio.fail_after(10):
+                assert await leader.proc.wait() == 0
+                assert await follower.proc.wait() == 0
+
+
+async def test_killed_rank_fails_in_flight_requests(
+    demo_model_dir: Path, tmp_path: Path, reference_tokens: dict[str, list[int]]
+) -> None:
+    with trio.fail_after(60):
+        async with start_group(demo_model_dir, tmp_path, "pipeline", ("0:2", "2:4")) as ranks:
+            leader, follower = ranks
+            for rank in ranks:
+                await rank.wait_ready()
+            await leader.send(generation("a", LONG))
+            first = await leader.receive()
+            assert isinstance(first, ChunkGenerated)
+            follower.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            with trio.fail_after(5):
+                tokens, message = await collect(leader, "a", seq=1)
+                failed_after = time.monotonic() - killed
+                # Every token emitted is right: none computed from a broken collective.
+                assert [first.token, *tokens] == reference_tokens["a"][: 1 + len(tokens)]
+                assert len(tokens) < LONG - 1, "the request ended before the kill landed"
+                assert isinstance(message, GenerationFailed), message
+                assert (message.request_id, message.kind) == ("a", "runner_died")
+                assert "distributed group failed" in message.message
+                error = await leader.receive()
+                assert isinstance(error, RunnerError)
+                assert await leader.proc.wait() == 1
+            print(f"kill -> failure event: {failed_after * 1000:.0f} ms")
+
+
+async def test_inconsistent_layout_is_refused(demo_model_dir: Path, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with start_group(demo_model_dir, tmp_path, "pipeline", ("0:2", "1:4")) as ranks:
+            for rank in ranks:
+                while isinstance(message := await rank.receive(), Loading):
+                    pass
+                assert isinstance(message, RunnerError), message
+                assert "do not tile" in message.message
+                assert await rank.proc.wait() == 1

@@ -1,0 +1,185 @@
+"""The deterministic simulator: its machinery, a sweep, the mutants, determinism and
+the regression corpus (python -m sim; see docs/simulator.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from sim import determinism, replay, schedule
+from sim.choices import Choices
+from sim.invariants import Violation
+from sim.mutants import MUTANTS
+from sim.pipes import pipe_pair
+from sim.run import RunResult, default_dialects, run_choices
+from sim.shrink import shrink
+from sim.sweep import KEY_COVERAGE, run_one, sweep
+from sim.world import leftover_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Real bugs the simulator found that are not fixed yet, by signature. A sweep
+# tolerates exactly these; each has a corpus entry that must start passing (and
+# then this entry must go) once the bug is fixed.
+KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {
+    # Worker._write_commands cancels the whole runner session when a write to a
+    # dead runner fails, so runner output already in the pipe is never read:
+    # requests lose their last chunks before the runner_died error.
+    "bug-delivery-1.json": lambda v: v.kind == "delivery" and "runner input closed" in v.message,
+}
+
+
+def unexplained(result: RunResult) -> list[Violation]:
+    return [v for v in result.violations if not any(known(v) for known in KNOWN_BUGS.values())]
+
+
+# ---- machinery ----
+
+
+def test_the_schedule_hook_is_live_and_trio_is_the_pinned_minor() -> None:
+    schedule._self_tested = False
+    schedule.self_test()
+    assert trio.__version__.startswith(schedule.TRIO_MINOR + ".")
+
+
+def test_choices_replay_what_they_record_and_read_zeros_past_the_end() -> None:
+    generated = Choices(seed=7)
+    values = [generated.draw(10) for _ in range(50)]
+    replayed = Choices(replay=generated.record + [3])
+    assert [replayed.draw(10) for _ in range(50)] == values
+    assert replayed.draw(2) == 1  # 3 % 2
+    assert replayed.draw(5) == 0  # exhausted
+    assert Choices(replay=[]).chance(0.99) is False
+
+
+def test_pipes_keep_order_under_splits_and_delays_and_writes_are_atomic() -> None:
+    async def main() -> None:
+        def shaper(size: int) -> list[tuple[int, float]]:
+            return [(1, 0.003)] + ([(size - 1, 0.001)] if size > 1 else [])
+
+        a, b = pipe_pair(shaper_ab=shaper, capacity_ab=8)
+        await a.send_all(b"hello")
+        with trio.move_on_after(0.001):  # blocked: 5 bytes in flight, capacity 8
+            await a.send_all(b"world!")
+        got = b""
+        while len(got) < 5:
+            got += await b.receive_some()
+        assert got == b"hello"  # nothing of the cancelled write arrived
+        assert trio.current_time() >= 0.003
+        await a.send_all(b"more")
+        await a.aclose()
+        rest = b""
+        while chunk := await b.receive_some():
+            rest += chunk
+        assert rest == b"more"
+        with pytest.raises(trio.BrokenResourceError):
+            await b.send_all(b"to a closed peer")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_leftover_tasks_are_noticed() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def stray() -> None:
+                await trio.sleep_forever()
+
+            nursery.start_soon(stray)
+            await trio.sleep(0.1)
+            assert any("stray" in name for name in leftover_tasks(trio.lowlevel.current_task()))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_every_served_generation_endpoint_has_a_simulated_client() -> None:
+    dialects = default_dialects()
+    assert "openai_chat_stream" in dialects and "openai_chat" in dialects
+    paths = {d.split("_stream")[0] for d in dialects}
+    assert len(paths) >= 2
+
+
+# ---- the proof ----
+
+
+def test_a_sweep_violates_nothing_and_reaches_the_key_situations() -> None:
+    report = sweep(range(1, 301))
+    found = {}
+    for failure in report.failures:  # tolerated only if every violation is a known bug
+        left = unexplained(run_one(failure.seed))
+        if left:
+            found[failure.seed] = left[0]
+    assert not found, "\n".join(f"python -m sim --seed {s}: {v}" for s, v in found.items())
+    assert not report.missing_coverage, report.missing_coverage
+    assert all(report.coverage[k] for k in KEY_COVERAGE)
+
+
+def test_a_pct_sweep_violates_nothing() -> None:
+    for seed in range(1, 41):
+        result = run_one(seed, "pct")
+        assert not unexplained(result), f"seed {seed} (pct): {unexplained(result)[0]}"
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_every_mutant_is_caught_within_20_seeds(name: str) -> None:
+    for seed in range(1, 21):
+        if run_one(seed, mutant=name).violations:
+            return
+    pytest.fail(f"mutant {name} survived 20 seeds")
+
+
+def test_runs_are_deterministic_here_and_in_a_fresh_process() -> None:
+    assert determinism.check([1, 2, 3]) == []
+
+
+def test_a_replayed_choice_list_reproduces_the_digest() -> None:
+    original = run_one(5)
+    again = run_choices(Choices(replay=original.choices), dialects=original.dialects)
+    assert again.digest == original.digest
+    assert again.choices == original.choices
+
+
+def test_shrinking_keeps_the_failure_and_shortens_the_list() -> None:
+    with MUTANTS["missing_unregister"].apply():
+        failing = run_one(1)
+        assert "registry_leak" in failing.kinds
+
+        def rerun(candidate: list[int]) -> RunResult:
+            return run_choices(Choices(replay=candidate), dialects=failing.dialects)
+
+        report = shrink(failing, rerun, "registry_leak", budget=4.0)
+    assert len(report.choices) < report.original_length
+    assert "registry_leak" in report.result.kinds
+
+
+@pytest.mark.parametrize("path", replay.corpus_files(), ids=lambda p: p.name)
+def test_the_regression_corpus(path: Path) -> None:
+    from sim.__main__ import check_corpus_entry
+
+    problems = check_corpus_entry(path)
+    if path.name in KNOWN_BUGS:
+        assert problems, f"{path.name} passes now: remove it from KNOWN_BUGS in this file"
+        pytest.xfail(f"known bug, not fixed yet: {problems[0]}")
+    assert not problems, problems
+
+
+def test_the_command_line_ends_with_one_json_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sim", "--seeds", "3", "--start", "100", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"seeds", "violations", "seeds_per_s"} <= set(data)
+    assert data["seeds"] == 3
+    assert done.returncode == (0 if data["violations"] == 0 else 1)
