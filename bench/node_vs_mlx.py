@@ -26,6 +26,7 @@ run on the same BLAS. `--blas none` turns that off.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -66,7 +67,7 @@ def raw_single(model_dir: Path, prompt: list[int], tokens: int) -> Run:
 
     model, tokenizer = load(str(model_dir))
     # No EOS: generate exactly `tokens` tokens, like ignore_eos on the node.
-    tokenizer._eos_token_ids = set()  # noqa: SLF001
+    tokenizer._eos_token_ids = set()
     start = time.perf_counter()
     first = last = start
     count = 0
@@ -98,7 +99,7 @@ def raw_batch(model_dir: Path, prompt: list[int], tokens: int, batch: int) -> fl
             started = time.perf_counter()  # all sequences decoding from here on
             continue
         produced += len(responses)
-        if any(r.finish_reason for r in responses) and not len(generator._generation_batch):  # noqa: SLF001
+        if any(r.finish_reason for r in responses) and not len(generator._generation_batch):
             break
         if not responses and started is not None:
             break
@@ -185,7 +186,7 @@ async def joining_ttft(base_url: str, tokens: int) -> tuple[float, float]:
             await joined.wait()
             result.append(await http_stream(client, 4, content="hi"))
             nursery.cancel_scope.cancel()
-    steps = [b - a for a, b in zip(stamps[10:], stamps[11:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(stamps[10:])]
     return result[0].ttft, statistics.median(steps)
 
 
@@ -269,19 +270,18 @@ def main() -> None:
         f"model: {model_dir.name}, {args.tokens} tokens per stream, best of {args.repeats}, "
         f"BLAS: {blas}"
     )
+
+    def row(label: str, raw: float, ours: float, digits: int = 1) -> None:
+        print(f"{label:<44}{raw:>12.{digits}f}{ours:>12.{digits}f}{ours / raw:>8.3f}")
+
     print(f"{'figure':<44}{'raw mlx-lm':>12}{'exo-trio':>12}{'ratio':>8}")
-    print(
-        f"{'1 stream decode tokens/s':<44}{raw1_tps:>12.1f}{node1_tps:>12.1f}{node1_tps / raw1_tps:>8.3f}"
-    )
-    print(
-        f"{'1 stream time to first token (ms)':<44}{raw1_ttft * 1e3:>12.1f}{node1_ttft * 1e3:>12.1f}{node1_ttft / raw1_ttft:>8.2f}"
-    )
-    print(
-        f"{'8 streams decode tokens/s (BatchGenerator)':<44}{raw8_tps:>12.1f}{node8_tps:>12.1f}{node8_tps / raw8_tps:>8.3f}"
-    )
+    row("1 stream decode tokens/s", raw1_tps, node1_tps)
+    row("1 stream time to first token (ms)", raw1_ttft * 1e3, node1_ttft * 1e3)
+    row("8 streams decode tokens/s (BatchGenerator)", raw8_tps, node8_tps)
     print(
         f"joining request: first token after {join_ttft * 1e3:.1f} ms = "
-        f"{join_ttft / join_step:.2f} decode steps of the running stream ({join_step * 1e3:.1f} ms/step)"
+        f"{join_ttft / join_step:.2f} decode steps of the running stream "
+        f"({join_step * 1e3:.1f} ms/step)"
     )
 
 

@@ -47,11 +47,56 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="allow browser calls from this origin (repeatable; '*' for any)",
     )
+    cluster = node.add_argument_group("cluster")
+    cluster.add_argument("--node-id", help="this node's id (default: kept in the data dir)")
+    cluster.add_argument(
+        "--listen",
+        default=None,
+        help="HOST:PORT for links to other nodes (default: 127.0.0.1:52416 without a "
+        "secret, 0.0.0.0:52416 with one; port 0 picks a free port)",
+    )
+    cluster.add_argument(
+        "--peer", action="append", default=[], help="HOST:PORT of another node (repeatable)"
+    )
+    cluster.add_argument("--cluster-id", default="exo-trio", help="nodes join only their cluster")
+    cluster.add_argument(
+        "--cluster-secret",
+        default=os.environ.get("EXO_TRIO_CLUSTER_SECRET") or None,
+        help="shared secret authenticating every link (default: $EXO_TRIO_CLUSTER_SECRET); "
+        "without one the node links only over loopback",
+    )
+    cluster.add_argument(
+        "--no-discovery", action="store_true", help="do not look for peers on the LAN"
+    )
+    cluster.add_argument(
+        "--placement",
+        choices=["auto", "manual"],
+        default="auto",
+        help="auto: the leader places the model across the nodes that serve it; "
+        "manual: only POST /v1/instances does",
+    )
+    cluster.add_argument(
+        "--advertise-host", help="address other nodes reach this one at (mx.distributed)"
+    )
+    cluster.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds to wait for peers before the first automatic placement",
+    )
     node.add_argument("-v", "--verbose", action="store_true")
 
     demo = sub.add_parser("demo-model", help="write the built-in demo model to a directory")
     demo.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT) -> (host, port), with a usage error if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"exo-trio: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from exo_trio.api.app import ApiSettings
     from exo_trio.daemon import NodeConfig, default_data_dir, run_node
 
+    listen = parse_address(args.listen) if args.listen else None
     config = NodeConfig(
         model_path=args.model,
         api_host=args.api_host,
@@ -85,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             cors_origins=tuple(args.cors_origin),
         ),
         insecure_no_api_key=args.insecure_no_api_key,
+        node_id=args.node_id,
+        listen_host=listen[0] if listen else None,
+        listen_port=listen[1] if listen else 52416,
+        peers=tuple(parse_address(p) for p in args.peer),
+        cluster_id=args.cluster_id,
+        cluster_secret=args.cluster_secret.encode() if args.cluster_secret else None,
+        discovery=not args.no_discovery,
+        auto_place=args.placement == "auto",
+        advertise_host=args.advertise_host,
+        settle=args.settle,
     )
     try:
         trio.run(run_node, config)

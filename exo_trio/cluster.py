@@ -445,8 +445,19 @@ class Cluster:
         return [
             s
             for s in self.view.instances
-            if s.spec.model == model_id and s.state == "ready" and s.spec.entry_node in self.members
+            if s.spec.model == model_id
+            and s.state == "ready"
+            and s.spec.entry_node in self.members
+            and self._entry_alive(s.spec)
         ]
+
+    def _entry_alive(self, spec: InstanceSpec) -> bool:
+        """The view lags by a tick; for an instance whose entry is here, ask the
+        runner itself, so a dead runner is noticed at once."""
+        if spec.entry_node != self.node_id:
+            return True
+        worker = self.shards.worker(spec.instance_id)
+        return worker is not None and worker.ready
 
     def choose_instance(self, model_id: str) -> InstanceSpec | None:
         """A ready instance of the model: one whose entry is this node first (no hop),

@@ -1,10 +1,17 @@
-"""Assembling and running one node: model, runner supervision, HTTP API."""
+"""Assembling and running one node: model, shards, links to peers, HTTP API.
+
+Every node runs the cluster code, alone or not: on its own it is the leader of a
+one-node cluster and places its model on itself, so the single-node path and the
+multi-node path are the same code.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +21,20 @@ from hypercorn.trio import serve
 
 from exo_trio.api.app import ApiSettings, create_app
 from exo_trio.api.auth import check_exposure
+from exo_trio.cluster import Cluster, ClusterSettings
+from exo_trio.cluster_messages import ClusterMessage
 from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model
-from exo_trio.model_info import describe_model_dir
+from exo_trio.model_info import describe_model_dir, model_info
+from exo_trio.net.discovery import Discovery
+from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
+from exo_trio.net.links import PeerLinks
 from exo_trio.node import ModelCard, Node
-from exo_trio.process_runner import process_launcher
+from exo_trio.process_runner import shard_launcher_factory
 from exo_trio.prompts import HFPromptEncoder, context_length
 from exo_trio.seams import Seams
+from exo_trio.shards import ShardManager
 from exo_trio.streams import StreamRegistry
-from exo_trio.worker import Worker
+from exo_trio.token_relay import TokenRelay
 
 log = logging.getLogger("exo_trio")
 
@@ -41,6 +54,16 @@ class NodeConfig:
     api: ApiSettings = field(default_factory=ApiSettings)
     # Serve a non-loopback address without an API key (see api/auth.py).
     insecure_no_api_key: bool = False
+    node_id: str | None = None
+    listen_host: str | None = None  # default: loopback without a secret, else all
+    listen_port: int = 52416
+    peers: tuple[tuple[str, int], ...] = ()
+    cluster_id: str = "exo-trio"
+    cluster_secret: bytes | None = None
+    discovery: bool = True
+    auto_place: bool = True
+    advertise_host: str | None = None
+    settle: float = 10.0
 
 
 def resolve_model(config: NodeConfig) -> tuple[str, Path]:
@@ -58,15 +81,69 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def load_node_id(config: NodeConfig) -> str:
+    """A stable id per data directory (so a restarted node is the same node)."""
+    if config.node_id:
+        return config.node_id
+    path = config.data_dir / "node_id"
+    if path.is_file():
+        return path.read_text().strip()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    node_id = f"node-{uuid.uuid4().hex[:12]}"
+    path.write_text(node_id + "\n")
+    return node_id
+
+
+def reachable_host(config: NodeConfig, listen_host: str) -> str:
+    """The address other nodes' runners connect to for this node's mx.distributed
+    endpoint: --advertise-host, else the listen address, else (listening on every
+    interface) the first non-loopback interface address."""
+    if config.advertise_host:
+        return config.advertise_host
+    if listen_host not in WILDCARD_HOSTS:
+        return listen_host
+    for _, address in interface_addresses():
+        if not is_loopback(address):
+            return address
+    return "127.0.0.1"
+
+
+def free_ports(host: str, count: int = 4) -> tuple[int, ...]:
+    """Ports free right now on `host`, offered to the leader for mx.distributed."""
+    ports = []
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+            ports.append(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return tuple(ports)
+
+
+def memory_free() -> int:
+    """Available memory in bytes (MemAvailable on Linux; total elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 async def run_node(config: NodeConfig) -> None:
     check_exposure(config.api_host, config.api, config.insecure_no_api_key)
     model_id, model_path = resolve_model(config)
-    log.info("model %s from %s", model_id, model_path)
+    node_id = load_node_id(config)
+    log.info("node %s; model %s from %s", node_id, model_id, model_path)
     log.info("loading tokenizer")
     encoder = HFPromptEncoder(model_path)
     seams = Seams()
     registry = StreamRegistry()
-    worker = Worker(process_launcher(model_path, model_id, config.max_batch), registry.deliver)
     facts = describe_model_dir(model_path)
     card = ModelCard(
         id=model_id,
@@ -77,7 +154,51 @@ async def run_node(config: NodeConfig) -> None:
         digest=facts.digest,
         vocab_size=facts.vocab_size,
     )
-    node = Node(model=card, encoder=encoder, worker=worker, registry=registry, seams=seams)
+    listen_host = config.listen_host or ("0.0.0.0" if config.cluster_secret else "127.0.0.1")
+    host = reachable_host(config, listen_host)
+    cluster: Cluster
+    relay = TokenRelay(node_id, lambda peer, msg: cluster.send(peer, msg), registry.deliver)
+    shards = ShardManager(
+        shard_launcher_factory({model_id: model_path}, config.max_batch, config.data_dir / "run"),
+        relay.route_event,
+    )
+    cluster = Cluster(
+        node_id=node_id,
+        host=host,
+        models={model_id: model_info(model_path, model_id)},
+        serve=(model_id,),
+        shards=shards,
+        relay=relay,
+        memory_free=memory_free,
+        free_ports=lambda: free_ports(host),
+        new_id=seams.new_id,
+        settings=ClusterSettings(
+            auto_place=config.auto_place,
+            expected_peers=len(config.peers),
+            settle=config.settle if (config.peers or config.discovery) else 0.0,
+        ),
+    )
+    links: PeerLinks[ClusterMessage] = PeerLinks(
+        node_id,
+        config.cluster_id,
+        config.cluster_secret,
+        ClusterMessage,
+        cluster.on_message,
+        lambda info: cluster.on_peer_up(info.node_id),
+        cluster.on_peer_down,
+        listen_host=listen_host,
+        listen_port=config.listen_port,
+        peers=config.peers,
+    )
+    cluster.attach(links)
+    node = Node(
+        model=card,
+        encoder=encoder,
+        worker=None,
+        registry=registry,
+        seams=seams,
+        dispatcher=cluster,
+    )
     app = create_app(node, config.api)
 
     hconfig = HypercornConfig()
@@ -88,7 +209,11 @@ async def run_node(config: NodeConfig) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal, nursery.cancel_scope)
-        nursery.start_soon(worker.run)
+        await nursery.start(shards.run)
+        await nursery.start(cluster.run)
+        log.info("links listening on %s:%s", listen_host, links.listen_port)
+        # LAN discovery: off without a secret (links are loopback-only then).
+        await nursery.start(Discovery(links, enabled=config.discovery).run)
         binds = await nursery.start(serve, app, hconfig)
         for url in binds:
             log.info("API listening on %s (OpenAI base URL %s/v1)", url, url)

@@ -93,16 +93,21 @@ class Node:
         *,
         model: ModelCard,
         encoder: PromptEncoder,
-        worker: Worker,
         registry: StreamRegistry,
         seams: Seams,
-        metrics: Metrics | None = None,
+        worker: Worker | None = None,
         dispatcher: Dispatcher | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """Give either one local `worker` (a node on its own, as the unit tests and
+        the single-node simulator build it) or a `dispatcher` (the cluster)."""
+        if dispatcher is None:
+            if worker is None:
+                raise ValueError("a Node needs a worker or a dispatcher")
+            dispatcher = WorkerDispatcher(worker)
         self.model = model
         self.encoder = encoder
-        self.worker = worker
-        self.dispatcher: Dispatcher = dispatcher or WorkerDispatcher(worker)
+        self.dispatcher: Dispatcher = dispatcher
         self.registry = registry
         self.seams = seams
         # Handles of the requests in flight, for cancel_request.

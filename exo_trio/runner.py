@@ -87,6 +87,10 @@ class ProtocolWriter:
         self._fd = fd
         self._lock = threading.Lock()
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def send(self, messages: Sequence[RunnerToWorker]) -> None:
         if not messages:
             return

@@ -49,6 +49,8 @@ import logging
 import os
 import queue
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from exo_trio.framing import FrameDecoder, FrameError
+from exo_trio.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.runner import (
     READ_SIZE,
     Arrival,
@@ -191,6 +193,52 @@ class Watchdog:
             if deadline is not None and time.monotonic() > deadline:
                 self._on_expire(self._what, self._seconds)
                 return
+
+
+# The guard process of `join_group`. MLX holds the GIL while it forms the group
+# (the ring's accepting side waits forever for a peer that never comes), so no
+# thread of ours can act on a timeout; a separate process can. It waits for the
+# runner to close `ready_fd` (joined, or dead); on timeout it writes the prepared
+# RunnerError frame to the protocol pipe and kills the runner.
+_GUARD_CODE = """
+import os, select, signal, sys
+protocol_fd, ready_fd, pid = (int(a) for a in sys.argv[1:4])
+if not select.select([ready_fd], [], [], float(sys.argv[4]))[0]:
+    os.write(protocol_fd, bytes.fromhex(sys.argv[5]))
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+class JoinGuard:
+    """Ends this process (RunnerError, then SIGKILL) if the group is not formed in time."""
+
+    def __init__(self, protocol_fd: int, seconds: float) -> None:
+        self._protocol_fd = protocol_fd
+        self._seconds = seconds
+        self._ready_write: int | None = None
+
+    def __enter__(self) -> JoinGuard:
+        message = f"the distributed group was not formed within {self._seconds:.0f}s"
+        frame = encode_frame(RunnerError(message=message)).hex()
+        ready_read, self._ready_write = os.pipe()
+        try:
+            subprocess.Popen(
+                [
+                    *(sys.executable, "-c", _GUARD_CODE),
+                    *(str(self._protocol_fd), str(ready_read), str(os.getpid())),
+                    *(str(self._seconds), frame),
+                ],
+                pass_fds=(self._protocol_fd, ready_read),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(ready_read)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._ready_write is not None
+        os.close(self._ready_write)  # the guard sees EOF and exits
 
 
 # -- rank 0 -----------------------------------------------------------------------------
@@ -424,11 +472,8 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         from exo_trio.step_sync import StepSync
 
         spec = _spec(args)
-        watchdog.arm(args.connect_timeout, "joining the group")
-        try:
+        with JoinGuard(writer.fd, args.connect_timeout):
             group = join_group(spec)
-        finally:
-            watchdog.disarm()
         log.info("rank %d of %d joined the %s group", rank, args.world_size, args.backend)
         engine = Engine.load(
             args.model,

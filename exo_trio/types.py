@@ -21,6 +21,7 @@ FailureKind = Literal[
     "invalid",  # the runner refused the request (e.g. a prompt longer than the context)
     "internal",  # an unexpected error inside the runner
     "peer_lost",  # the node running the request (or its link) was lost
+    "timeout",  # a per-request time limit passed (api/timeouts.py)
 ]
 
 

@@ -109,6 +109,10 @@ class Worker:
         self.stats = WorkerStats()
         self.pid: int | None = None
         self._ready_event = trio.Event()
+        # When the runner last showed progress while holding work: any message from
+        # it, or work arriving at an idle runner. A runner with work and no progress
+        # for long is wedged (`stalled_for`, reported by /health).
+        self._progress_at: float | None = None
 
     # ---- what the node calls (synchronous: no scheduling point) ----
 
@@ -121,6 +125,9 @@ class Worker:
             raise RunnerUnavailable(self.unavailable_reason())
         if command.request_id in self.jobs:
             raise ValueError(f"request {command.request_id} is already running")
+        if not self.jobs:
+            # An idle runner owes no progress: its clock starts with this work.
+            self._progress_at = trio.current_time()
         self.jobs[command.request_id] = Job(command.request_id)
         self._outbox.send_nowait(command)
         self.stats.submitted += 1
@@ -133,6 +140,14 @@ class Worker:
         job.cancelled = True
         self._outbox.send_nowait(Cancel(request_id=request_id))
         self.stats.cancels_sent += 1
+
+    def stalled_for(self) -> float:
+        """Seconds the runner has held work without sending anything (0 when it
+        holds none). Long stalls mean a wedged runner, even though its process is
+        alive and its pipe open."""
+        if not self.jobs or self._progress_at is None:
+            return 0.0
+        return max(0.0, trio.current_time() - self._progress_at)
 
     def unavailable_reason(self) -> str:
         if self.state == "loading":
@@ -217,6 +232,7 @@ class Worker:
 
     def _handle(self, message: RunnerToWorker) -> bool:
         """Apply one runner message. Returns True when the runner became ready."""
+        self._progress_at = trio.current_time()
         if isinstance(message, Loading):
             self.load_fraction, self.load_phase = message.fraction, message.phase
             log.info("loading model: %3.0f%% %s", message.fraction * 100, message.phase)
@@ -270,6 +286,7 @@ class Worker:
             "load_fraction": round(self.load_fraction, 3),
             "load_phase": self.load_phase,
             "active_requests": len(self.jobs),
+            "stalled_for": round(self.stalled_for(), 3),
             "restarts": self.stats.restarts,
             "last_error": self.last_error,
             "max_steps_after_cancel": self.stats.max_steps_after_cancel,

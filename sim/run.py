@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
+import threading
 import time
 import traceback
 from collections import Counter
@@ -31,6 +33,8 @@ from sim.trace import Trace
 from sim.world import World
 
 CANCEL_PREFIX = "/v1/cancel"
+# A run takes tens of milliseconds; one still going after this is stuck.
+REAL_TIME_LIMIT = 30.0
 
 
 @dataclass
@@ -107,6 +111,30 @@ def captured_errors() -> Iterator[list[str]]:
         root.setLevel(saved[0])
 
 
+class RealTimeout(Exception):
+    """A run took too long in real time: it is stuck where virtual time cannot
+    move (every task blocked with no deadline left, e.g. during teardown)."""
+
+
+@contextmanager
+def real_time_limit(seconds: float) -> Iterator[None]:
+    """SIGALRM after `seconds` of real time (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise RealTimeout(f"the run was still going after {seconds:.0f}s of real time")
+
+    saved = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved)
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     enabled = gc.isenabled()
@@ -139,7 +167,8 @@ def run_choices(
     hook = ScheduleRandom(choices, policy)
     world = World(plan, choices, trace)
     crash: str | None = None
-    with gc_paused(), captured_errors() as errors, controlled(hook):
+    limit = real_time_limit(REAL_TIME_LIMIT)
+    with gc_paused(), captured_errors() as errors, controlled(hook), limit:
         try:
             trio.run(world.main, clock=virtual_clock())
         except BaseException as exc:
@@ -148,7 +177,10 @@ def run_choices(
             crash = "".join(traceback.format_exception(exc)).strip()
     violations = check(world, crash, errors)
     coverage = world.coverage
-    coverage.update(f"fault_{k}" for k, n in world.faults.delays.items() for _ in range(n))
+    for name, n in world.faults.delays.items():
+        coverage[f"fault_delay_{name}"] += n
+    for name, n in world.faults.hits.items():
+        coverage[f"fault_point_{name}"] += n
     for result in world.results:
         coverage[f"ending_{result.ending}"] += 1
         jobs = world.ledger.by_client.get(result.plan.index)

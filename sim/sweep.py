@@ -26,6 +26,10 @@ KEY_COVERAGE = (
     "chunk_before_consumer_read",  # a chunk reached its channel before anyone waited on it
     "disconnect_mid_stream",
     "runner_crash_mid_stream",
+    # The production fault points the simulator widens races at: a refactor that
+    # drops one silently closes the window (exo's bug lived behind the first).
+    "fault_point_after_dispatch",
+    "fault_point_before_first_write",
 )
 MIN_COVERAGE_SEEDS = 50
 CHUNK = 10

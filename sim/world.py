@@ -76,6 +76,9 @@ class SimConnection:
 
 
 class SimNode:
+    """One node: the production registry, worker, node and app, with a fake
+    runner behind the worker and hypercorn serving simulated connections."""
+
     def __init__(self, world: World, index: int) -> None:
         self.world = world
         self.index = index

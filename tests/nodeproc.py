@@ -72,6 +72,9 @@ def start_node(model_dir: Path | None, data_dir: Path, *extra: str) -> NodeProce
     args += ["--data-dir", str(data_dir)]
     if model_dir is not None:
         args += ["--model", str(model_dir)]
+    if "--listen" not in extra:
+        # Nodes in tests never collide on the default link port.
+        args += ["--listen", "127.0.0.1:0"]
     args += list(extra)
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.lowlevel
 import trio.testing
 
 from exo_trio.cluster import Cluster, ClusterSettings
@@ -179,14 +180,14 @@ async def start_members(
         member = Member(net, name, auto=auto, expected_peers=len(names) - 1)
         members[name] = member
         nursery.start_soon(member.run, nursery)
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
     for member in members.values():
         net.join(member.cluster)
     return net, members
 
 
-async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    with trio.fail_after(timeout):
+async def wait_for(predicate: Any, limit: float = 30.0) -> None:
+    with trio.fail_after(limit):
         while not predicate():
             await trio.sleep(0.05)
 
@@ -219,9 +220,11 @@ def iter_chunks(events: list[GenerationEvent]) -> Iterator[int]:
     return (e.seq for e in events if isinstance(e, ChunkGenerated))
 
 
-async def test_the_smallest_id_leads_and_auto_placement_spans_all_nodes(autojump_clock: trio.testing.MockClock) -> None:
+async def test_the_smallest_id_leads_and_auto_placement_spans_all_nodes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
-        net, members = await start_members(nursery, ["b", "a", "c"], auto=True)
+        _net, members = await start_members(nursery, ["b", "a", "c"], auto=True)
         await wait_for(lambda: all(ready(m) for m in members.values()))
         assert {m.cluster.leader for m in members.values()} == {"a"}
         (instance,) = members["c"].cluster.view.instances  # type: ignore[union-attr]
@@ -234,9 +237,11 @@ async def test_the_smallest_id_leads_and_auto_placement_spans_all_nodes(autojump
         nursery.cancel_scope.cancel()
 
 
-async def test_requests_route_through_a_node_without_a_shard(autojump_clock: trio.testing.MockClock) -> None:
+async def test_requests_route_through_a_node_without_a_shard(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
-        net, members = await start_members(nursery, ["a", "b", "c"])
+        _net, members = await start_members(nursery, ["a", "b", "c"])
         await wait_for(
             lambda: members["a"].cluster.leader == "a" and len(members["a"].cluster.reports) == 3
         )
@@ -260,7 +265,9 @@ async def test_requests_route_through_a_node_without_a_shard(autojump_clock: tri
         nursery.cancel_scope.cancel()
 
 
-async def test_a_lost_entry_node_fails_requests_and_the_model_is_placed_again(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_lost_entry_node_fails_requests_and_the_model_is_placed_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
         net, members = await start_members(nursery, ["a", "b", "c"], auto=True)
         await wait_for(lambda: all(ready(m) for m in members.values()))

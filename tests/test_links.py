@@ -6,6 +6,7 @@ the same code over in-memory streams under MockClock, as the simulator does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -18,6 +19,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 
 from exo_trio.net import auth, wire
 from exo_trio.net.links import CallbackError, InsecureAddressError, PeerInfo, PeerLinks
@@ -253,7 +255,7 @@ async def test_silent_peer_is_reported_down_within_dead_after(nursery: trio.Nurs
     await eventually(lambda: bool(a.downs), limit=3.0)
     took = trio.current_time() - paused_at
     assert a.downs[0][0] == "b" and "heartbeat timeout" in a.downs[0][1]
-    assert FAST["dead_after"] - 0.15 <= took <= FAST["dead_after"] + 0.5
+    assert FAST["dead_after"] - 0.15 <= took <= FAST["dead_after"] + 1.5
     assert len(a.downs) == 1
     # b timed out on its side too and dials again on a fresh connection.
     await eventually(lambda: a.linked(b) and b.linked(a))
@@ -287,7 +289,9 @@ async def test_stopped_process_is_reported_down(nursery: trio.Nursery) -> None:
         child.send_signal(signal.SIGSTOP)
         stopped_at = trio.current_time()
         await eventually(lambda: bool(a.downs), limit=5.0)
-        assert trio.current_time() - stopped_at <= FAST["dead_after"] + 0.7
+        # Generous margin: the test machine's cores are shared. MockClock tests below
+        # check the bound exactly.
+        assert trio.current_time() - stopped_at <= FAST["dead_after"] + 1.5
         assert "heartbeat timeout" in a.downs[0][1]
         child.send_signal(signal.SIGCONT)
         # Once it runs again it notices the dead link and dials back in.
@@ -433,6 +437,24 @@ async def test_garbage_connections_do_not_hurt_the_node(nursery: trio.Nursery) -
     b = await Node("b", peers=[a.address]).start(nursery)
     await eventually(lambda: a.linked(b))
     assert a.links._pending_inbound == 0
+
+
+async def test_unauthenticated_flood_is_cut_off(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that has not proved the secret may not make us buffer a big message."""
+    caplog.set_level(logging.INFO, logger="exo_trio.net")
+    a = await Node("a").start(nursery)
+    with trio.fail_after(5):
+        async with trio_websocket.open_websocket(
+            LOOP, a.port, wire.LINK_RESOURCE, use_ssl=False
+        ) as ws:
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await ws.send_message(b"\x00" * (1024 * 1024))
+                await ws.get_message()
+    await eventually(lambda: "bytes before authentication" in caplog.text)
+    await eventually(lambda: a.links._pending_inbound == 0)
+    assert not a.ups
 
 
 async def test_callback_errors_escape_run() -> None:

@@ -18,7 +18,6 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, anthropic_error_body, decode_body
 from exo_trio.api.generation import (
     Timing,
-    complete,
     failure_error,
     find_model,
     json_response,
@@ -194,7 +193,7 @@ async def messages(ctx: ApiContext) -> Response:
     ctx.begin(command)
     if body.stream:
         return ctx.stream(command, AnthropicEvents(command))
-    result = await complete(ctx.node, command)
+    result = await ctx.complete(command)
     usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens}
     reason = stop_reason(result.finish_reason, result.stop_sequence)
     payload = message(command, result.text, usage, reason, result.stop_sequence)

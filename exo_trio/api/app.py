@@ -24,6 +24,7 @@ from exo_trio.api.admission import Admission, ExchangeScope
 from exo_trio.api.auth import add_cors_headers, preflight, require_key
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, dialect_for_path, render_error
+from exo_trio.api.serving import SEND_TIMEOUT_KEY
 from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard, Node
 
@@ -82,6 +83,8 @@ def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
         BODY_TIMEOUT=60,
         JSON_SORT_KEYS=False,
     )
+    # Read by api/serving.serve: how long one write to a client may block.
+    app.config[SEND_TIMEOUT_KEY] = settings.send_timeout
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # Admission slots are released when the whole HTTP exchange ends.
     app.asgi_app = ExchangeScope(app.asgi_app)  # type: ignore[method-assign]
@@ -152,7 +155,28 @@ async def get_model(ctx: ApiContext, model_id: str) -> dict[str, object]:
 
 async def health(ctx: ApiContext) -> tuple[dict[str, object], int]:
     ok, body = ctx.node.health()
+    wedged = wedged_reason(ctx)
+    if ok and wedged is not None:
+        # The process is alive and its pipe open, but it has stopped working: a
+        # load balancer should send new requests elsewhere.
+        ok = False
+        body = {**body, "status": "unavailable", "reason": wedged}
     return body, 200 if ok else 503
+
+
+def wedged_reason(ctx: ApiContext) -> str | None:
+    """Why the local runner counts as wedged (work held, no progress), or None."""
+    limit = ctx.settings.wedge_timeout
+    worker = ctx.node.local_worker()
+    if limit <= 0 or worker is None:
+        return None
+    stalled = worker.stalled_for()
+    if stalled < limit:
+        return None
+    return (
+        f"runner wedged: {len(worker.jobs)} request(s) in hand and no progress "
+        f"for {stalled:.0f}s (limit {limit:g}s)"
+    )
 
 
 def model_entry(model: ModelCard) -> dict[str, object]:

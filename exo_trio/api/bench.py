@@ -12,7 +12,7 @@ from quart import Response
 
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError
-from exo_trio.api.generation import Completion, complete, json_response
+from exo_trio.api.generation import Completion, json_response
 from exo_trio.api.openai_chat import chat_completion, parse_chat_request
 
 
@@ -38,7 +38,7 @@ async def bench_chat_completions(ctx: ApiContext) -> Response:
         raise ApiError(400, "The bench endpoint does not stream.", param="stream")
     ctx.begin(command)
     created = int(ctx.node.seams.wall_clock())
-    result = await complete(ctx.node, command)
+    result = await ctx.complete(command)
     payload = chat_completion(command, created, result)
     payload["generation_stats"] = generation_stats(result)
     return json_response(payload, command)

@@ -12,7 +12,6 @@ from quart import Response
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
-    complete,
     find_model,
     json_response,
     plan_generation,
@@ -99,7 +98,7 @@ async def completions(ctx: ApiContext) -> Response:
     if body.stream:
         encoder = CompletionChunks(command, created, body.include_usage, echoed(body))
         return ctx.stream(command, encoder)
-    result = await complete(ctx.node, command)
+    result = await ctx.complete(command)
     payload = {
         "id": command.request_id,
         "object": "text_completion",

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from quart import Response, request
 
 from exo_trio.api.admission import Admission
-from exo_trio.api.generation import check_available, streaming_response
+from exo_trio.api.generation import Completion, check_available, complete, streaming_response
 from exo_trio.api.relay import StreamEncoder, relay
 from exo_trio.api.settings import ApiSettings
+from exo_trio.api.timeouts import RequestTimeouts
 from exo_trio.node import Node
 from exo_trio.types import TextGeneration
 
@@ -23,6 +24,10 @@ class ApiContext:
     @property
     def keepalive(self) -> float:
         return self.settings.keepalive_interval
+
+    @property
+    def timeouts(self) -> RequestTimeouts:
+        return self.settings.timeouts
 
     async def body(self) -> bytes:
         """The raw request body (413 past --max-body-bytes, via MAX_CONTENT_LENGTH)."""
@@ -45,5 +50,9 @@ class ApiContext:
         """A streaming response relaying the request's events through `encoder`."""
         interval = self.keepalive if keepalive else None
         return streaming_response(
-            relay(self.node, command, encoder, interval), command, content_type
+            relay(self.node, command, encoder, interval, self.timeouts), command, content_type
         )
+
+    async def complete(self, command: TextGeneration) -> Completion:
+        """Run a request to its end for a non-streaming response (with the limits)."""
+        return await complete(self.node, command, self.timeouts)

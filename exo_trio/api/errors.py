@@ -73,6 +73,7 @@ _ANTHROPIC_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     499: "api_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 

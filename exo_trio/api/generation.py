@@ -9,6 +9,7 @@ away; the `with` block then cancels the runner's work and unregisters the channe
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import trio
 from quart import Response
 
 from exo_trio.api.errors import ApiError
+from exo_trio.api.timeouts import RequestTimeouts, timed_out
 from exo_trio.node import ModelCard, Node
 from exo_trio.types import (
     ChunkGenerated,
@@ -147,12 +149,19 @@ async def events(
     command: TextGeneration,
     keepalive: float | None = None,
     timing: Timing | None = None,
+    timeouts: RequestTimeouts | None = None,
 ) -> AsyncIterator[GenerationEvent | None]:
     """Register, dispatch, and yield the request's events up to and including its
     terminal event. Yields None after `keepalive` seconds without an event (so
     streaming dialects can send a keep-alive while a long prompt is prefilled).
-    Records milestones in `timing` and the node's metrics as events pass."""
+    Records milestones in `timing` and the node's metrics as events pass.
+
+    When one of `timeouts` passes (no first token, no token for a while, too long
+    overall) the request ends here with a GenerationFailed(kind="timeout") as its
+    terminal event, which every dialect renders as its error; leaving the
+    `with` block below then cancels the runner's work like any other early end."""
     timing = timing if timing is not None else Timing()
+    limits = timeouts if timeouts is not None else RequestTimeouts.off()
     try:
         generation = node.open_generation(command)
         stream = generation.__enter__()
@@ -164,12 +173,18 @@ async def events(
     try:
         await node.seams.faults.hit("after_dispatch", command.request_id)
         while not stream.finished:
-            if keepalive is None:
+            deadline = limits.next_deadline(timing)
+            wake = deadline.at if deadline is not None else math.inf
+            if keepalive is not None:
+                wake = min(wake, trio.current_time() + keepalive)
+            event = None
+            with trio.move_on_at(wake):
                 event = await stream.receive()
-            else:
-                event = None
-                with trio.move_on_after(keepalive):
-                    event = await stream.receive()
+            if event is None and deadline is not None and trio.current_time() >= deadline.at:
+                failed = timed_out(command.request_id, deadline)
+                observe(node, command, timing, failed)
+                yield failed
+                return
             if event is not None:
                 observe(node, command, timing, event)
             # Yield outside the cancel scope: a suspended generator must not hold one.
@@ -198,11 +213,13 @@ class Completion:
     timing: Timing
 
 
-async def complete(node: Node, command: TextGeneration) -> Completion:
+async def complete(
+    node: Node, command: TextGeneration, timeouts: RequestTimeouts | None = None
+) -> Completion:
     """Run a request to its end and return the whole text (non-streaming dialects)."""
     parts: list[str] = []
     timing = Timing()
-    async for event in events(node, command, timing=timing):
+    async for event in events(node, command, timing=timing, timeouts=timeouts):
         if isinstance(event, ChunkGenerated):
             parts.append(event.text)
         elif isinstance(event, GenerationFinished):
@@ -250,4 +267,7 @@ def failure_error(event: GenerationFailed) -> ApiError:
         return ApiError(503, event.message, type="server_error", code="runner_unavailable")
     if event.kind == "cancelled":
         return ApiError(499, "The request was cancelled.", type="cancelled", code="cancelled")
+    if event.kind == "timeout":
+        # The node gave up waiting on its own runner: a gateway timeout, not a 500.
+        return ApiError(504, event.message, type="server_error", code="timeout")
     return ApiError(500, event.message, type="server_error", code=event.kind)

@@ -21,7 +21,6 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
     Timing,
-    complete,
     failure_error,
     find_model,
     json_response,
@@ -233,7 +232,7 @@ async def generate_or_chat(
     if body.stream:
         # Ollama's NDJSON has no keep-alive line: clients would take any line as data.
         return ctx.stream(command, lines, NDJSON, keepalive=False)
-    result = await complete(node, command)
+    result = await ctx.complete(command)
     final = lines.final(
         result.text,
         result.finish_reason,

@@ -11,7 +11,6 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
     Completion,
-    complete,
     default_max_tokens,
     find_model,
     json_response,
@@ -95,5 +94,5 @@ async def chat_completions(ctx: ApiContext) -> Response:
     created = int(ctx.node.seams.wall_clock())
     if body.stream:
         return ctx.stream(command, ChatChunks(command, created, body.include_usage))
-    result = await complete(ctx.node, command)
+    result = await ctx.complete(command)
     return json_response(chat_completion(command, created, result), command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from exo_trio.api.generation import Timing, events
+from exo_trio.api.timeouts import RequestTimeouts
 from exo_trio.node import Node
 from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished, TextGeneration
 
@@ -36,11 +37,15 @@ class StreamEncoder:
 
 
 async def relay(
-    node: Node, command: TextGeneration, encoder: StreamEncoder, keepalive: float | None
+    node: Node,
+    command: TextGeneration,
+    encoder: StreamEncoder,
+    keepalive: float | None,
+    timeouts: RequestTimeouts | None = None,
 ) -> AsyncIterator[bytes]:
     timing = Timing()
     first = True
-    async for event in events(node, command, keepalive, timing):
+    async for event in events(node, command, keepalive, timing, timeouts):
         if first:
             await node.seams.faults.hit("before_first_write", command.request_id)
             for data in encoder.start():

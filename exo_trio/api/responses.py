@@ -16,7 +16,6 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
     Timing,
-    complete,
     default_max_tokens,
     failure_error,
     find_model,
@@ -253,6 +252,6 @@ async def responses(ctx: ApiContext) -> Response:
     shape = ResponseShape(ctx.node, command, body)
     if body.stream:
         return ctx.stream(command, ResponseEvents(shape))
-    result = await complete(ctx.node, command)
+    result = await ctx.complete(command)
     finish = (result.finish_reason, result.prompt_tokens, result.completion_tokens)
     return json_response(shape.response("completed", result.text, finish), command)

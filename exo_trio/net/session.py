@@ -116,9 +116,18 @@ class _ActivityStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
+        session = self._session
         if data:
-            self._session.last_rx = trio.current_time()
-            self._session.bytes_in += len(data)
+            session.last_rx = trio.current_time()
+            session.bytes_in += len(data)
+            # The handshake never lets a legitimate peer send app data before we have
+            # verified it, so this cap cannot cut a good link.
+            if not session.authenticated and session.bytes_in > wire.MAX_PREAUTH_BYTES:
+                session.set_reason(
+                    wire.CLOSE_PROTOCOL,
+                    f"more than {wire.MAX_PREAUTH_BYTES} bytes before authentication",
+                )
+                raise trio.BrokenResourceError("too much data before authentication")
         return data
 
     async def aclose(self) -> None:
@@ -171,8 +180,7 @@ class Session:
 
     def close(self, code: int, reason: str) -> None:
         """Ask this link to close; the first reason given is the one reported."""
-        if self.reason is None:
-            self.close_code, self.reason = code, reason
+        self.set_reason(code, reason)
         self.scope.cancel()
 
     # --- lifetime ---------------------------------------------------------------
@@ -188,7 +196,7 @@ class Session:
             except* CallbackError:
                 raise
             except* trio.Cancelled:
-                self._set_reason(wire.CLOSE_GOING_AWAY, "shutting down")
+                self.set_reason(wire.CLOSE_GOING_AWAY, "shutting down")
                 raise
             except* Exception as group:
                 self._record_failure(group)
@@ -217,7 +225,7 @@ class Session:
                     await self._reader(ws)
                     self.scope.cancel()  # the reader saw the end: stop writer and watchdog
         except LinkError as exc:
-            self._set_reason(exc.code, exc.reason)
+            self.set_reason(exc.code, exc.reason)
         finally:
             # Still cancelled after our own scope has exited, and not because
             # trio-websocket's reader failed: the node is shutting down.
@@ -226,7 +234,7 @@ class Session:
                 and not ws_nursery.cancel_scope.cancel_called
             )
             if shutting_down:
-                self._set_reason(wire.CLOSE_GOING_AWAY, "shutting down")
+                self.set_reason(wire.CLOSE_GOING_AWAY, "shutting down")
             # Report the peer down now, before the goodbye below can take any time.
             self.owner.session_ended(self)
             self._log_end()
@@ -237,7 +245,8 @@ class Session:
                 with trio.CancelScope(deadline=trio.current_time() + grace, shield=True):
                     await ws.aclose(self.close_code, (self.reason or "")[:100])
 
-    def _set_reason(self, code: int, reason: str) -> None:
+    def set_reason(self, code: int, reason: str) -> None:
+        """Record why the link ends without cancelling anything; first reason wins."""
         if self.reason is None:
             self.close_code, self.reason = code, reason
 
@@ -246,14 +255,14 @@ class Session:
         else is logged with its traceback, since it may be a bug."""
         for exc in _leaves(group):
             if isinstance(exc, trio_websocket.ConnectionRejected):
-                self._set_reason(wire.CLOSE_PROTOCOL, f"websocket upgrade rejected ({exc})")
+                self.set_reason(wire.CLOSE_PROTOCOL, f"websocket upgrade rejected ({exc})")
             elif isinstance(exc, trio_websocket.HandshakeError | ConnectionClosed):
-                self._set_reason(wire.CLOSE_PROTOCOL, f"websocket failed: {exc!r}")
+                self.set_reason(wire.CLOSE_PROTOCOL, f"websocket failed: {exc!r}")
             elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
-                self._set_reason(1006, f"connection lost ({exc!r})")
+                self.set_reason(1006, f"connection lost ({exc!r})")
             else:
                 log.error("%s failed unexpectedly", self.describe(), exc_info=exc)
-                self._set_reason(wire.CLOSE_PROTOCOL, f"internal error: {exc!r}")
+                self.set_reason(wire.CLOSE_PROTOCOL, f"internal error: {exc!r}")
 
     def _log_end(self) -> None:
         if self._logged:
@@ -304,6 +313,8 @@ class Session:
             if not auth.verify_proof(owner.key, "acceptor", digest, their_proof.proof):
                 owner.stats["auth_failures"] += 1
                 raise LinkError(wire.CLOSE_AUTH, AUTH_FAILED)
+            # Before our proof leaves: the acceptor may answer with frames at once.
+            self._authenticated(digest)
             proof = auth.proof(owner.key, "dialer", digest)
             await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
         else:
@@ -318,7 +329,10 @@ class Session:
             if not auth.verify_proof(owner.key, "dialer", digest, their_proof.proof):
                 owner.stats["auth_failures"] += 1
                 raise LinkError(wire.CLOSE_AUTH, AUTH_FAILED)
-        self._tx, self._rx = auth.session_macs(owner.key, digest, dialer=self.outbound)
+            self._authenticated(digest)
+
+    def _authenticated(self, digest: bytes) -> None:
+        self._tx, self._rx = auth.session_macs(self.owner.key, digest, dialer=self.outbound)
         self.authenticated = True
 
     async def _receive_hello(self, ws: WebSocketConnection) -> bytes:
@@ -371,18 +385,31 @@ class Session:
         """Exactly one link per pair: the smaller node id decides, in one synchronous
         step, whether this link becomes the pair's link, and tells the other side with
         an authenticated ACTIVATE frame (or closes it as a duplicate). The other side
-        never keeps a link it has not been told to keep."""
+        never keeps a link it has not been told to keep.
+
+        A deciding dialer first waits for the acceptor's READY, so no side ever
+        receives app data before it has verified the peer (see MAX_PREAUTH_BYTES)."""
         assert self.peer is not None
-        if self.owner.node_id < self.peer.node_id:
+        decider = self.owner.node_id < self.peer.node_id
+        if self.outbound and decider:
+            await self._expect_frame(ws, wire.KIND_READY)
+        elif not self.outbound and not decider:
+            await self._send_frame(ws, wire.KIND_READY, b"")
+        if decider:
             refusal = self.owner.promote(self, decider=True)
             if refusal is not None:
                 raise LinkError(wire.CLOSE_DUPLICATE, refusal)
             await self._send_frame(ws, wire.KIND_ACTIVATE, b"")
         else:
-            kind, _ = await self._next_frame(ws)
-            if kind != wire.KIND_ACTIVATE:
-                raise LinkError(wire.CLOSE_PROTOCOL, f"expected ACTIVATE, got frame kind {kind}")
+            await self._expect_frame(ws, wire.KIND_ACTIVATE)
             self.owner.promote(self, decider=False)
+
+    async def _expect_frame(self, ws: WebSocketConnection, expected: int) -> None:
+        kind, _ = await self._next_frame(ws)
+        if kind != expected:
+            raise LinkError(
+                wire.CLOSE_PROTOCOL, f"protocol error: expected frame kind {expected}, got {kind}"
+            )
 
     # --- running link -----------------------------------------------------------
 

@@ -31,7 +31,11 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 KIND_MESSAGE = 0  # body: msgpack of the caller's message type
 KIND_HEARTBEAT = 1  # body: empty; sent when nothing else was sent for a heartbeat interval
 KIND_ACTIVATE = 2  # body: empty; the deciding side (smaller node id) keeps this link
+KIND_READY = 3  # body: empty; acceptor to deciding dialer: "your proof checked out"
 FRAME_OVERHEAD = TAG_BYTES + 1
+# Bytes a peer may send before it has proved the secret: the HTTP upgrade, a Hello
+# and a Proof fit many times over. Caps what an unauthenticated peer can make us hold.
+MAX_PREAUTH_BYTES = 64 * 1024
 
 # Websocket close codes (4000-4999 are for applications). The peer logs the reason.
 CLOSE_NORMAL = 1000

@@ -1,0 +1,136 @@
+"""Serving the app with hypercorn, with a bound on how long a write may block.
+
+A client that stops reading without closing its connection (a stalled proxy, a
+suspended laptop, a hostile peer) would otherwise hold its request forever:
+hypercorn writes response bytes with `send_all` inside a *shielded* cancel scope,
+so nothing in the app can interrupt a write the kernel cannot take, and the
+request's runner slot, channel and admission slot stay taken. What the node
+buffers per request is already bounded (the request's channel holds at most
+max_tokens + 1 events, and a blocked write stops the relay from reading it); this
+module adds the timeout. Each accepted connection is wrapped in a
+`BoundedSendStream` whose `send_all` gives up after `send_timeout` seconds: it
+closes the socket and raises BrokenResourceError, which hypercorn treats as a
+client gone (http.disconnect), so the request's scope is cancelled and its runner
+work with it. Other connections never wait on this one.
+
+`serve` is hypercorn's `trio.serve` (insecure TCP sockets only, as the node binds
+them) with that wrapper in the accept path.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+log = logging.getLogger(__name__)
+
+# Where create_app leaves the send timeout for `serve` (seconds, 0 = off).
+SEND_TIMEOUT_KEY = "EXO_TRIO_SEND_TIMEOUT"
+
+
+class SendTimeout(trio.BrokenResourceError):
+    """The client took nothing for `send_timeout` seconds; its connection is closed."""
+
+
+class BoundedSendStream(trio.abc.HalfCloseableStream):
+    """A socket stream whose writes give up after `timeout` seconds (0 = never)."""
+
+    def __init__(self, inner: trio.SocketStream, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.timed_out = False
+
+    @property
+    def socket(self) -> Any:
+        # hypercorn reads the peer and local addresses from here.
+        return self.inner.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.timeout <= 0:
+            await self.inner.send_all(data)
+            return
+        # A scope of our own still fires inside hypercorn's shielded one.
+        with trio.move_on_after(self.timeout) as scope:
+            await self.inner.send_all(data)
+        if scope.cancelled_caught:
+            self.timed_out = True
+            log.info(
+                "closing a connection whose client read nothing for %gs (send timeout)",
+                self.timeout,
+            )
+            await trio.aclose_forcefully(self.inner)
+            raise SendTimeout(f"client read nothing for {self.timeout:g}s")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class BoundedListener(trio.abc.Listener[trio.abc.Stream]):
+    def __init__(self, inner: trio.SocketListener, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+
+    async def accept(self) -> trio.abc.Stream:
+        return BoundedSendStream(await self.inner.accept(), self.timeout)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def serve(
+    app: Any,
+    config: Config,
+    *,
+    send_timeout: float | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on `config.bind` until cancelled; reports the bound URLs through
+    task_status. `send_timeout` defaults to what create_app put in the app's config."""
+    if send_timeout is None:
+        send_timeout = float(getattr(app, "config", {}).get(SEND_TIMEOUT_KEY, 0.0))
+    asgi = wrap_app(app, config.wsgi_max_body_size, None)
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(asgi, config, lifespan_state)
+    context = WorkerContext(None)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+            binds = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                listeners.append(BoundedListener(listener, send_timeout))
+                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            handler = partial(
+                TCPServer, asgi, config, context, ConnectionState(lifespan_state.copy())
+            )
+            task_status.started(binds)
+            try:
+                await trio.serve_listeners(handler, listeners, handler_nursery=server_nursery)
+            finally:
+                # As hypercorn does: let open requests end within the grace time.
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        lifespan_nursery.cancel_scope.cancel()
