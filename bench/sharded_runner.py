@@ -57,8 +57,16 @@ class RunnerProcess:
     def __init__(self, model: Path, extra: list[str]) -> None:
         env = dict(os.environ, EXO_TRIO_RUNNER_LOG="WARNING")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exo_trio.runner", "--model", str(model), "--model-id", "m"]
-            + extra,
+            [
+                sys.executable,
+                "-m",
+                "exo_trio.runner",
+                "--model",
+                str(model),
+                "--model-id",
+                "m",
+                *extra,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO_ROOT,
@@ -232,8 +240,16 @@ def measure_sync(workdir: Path, rounds: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.sharded_runner", "--sync-worker", str(r), str(hostfile)]
-            + ["--sync-rounds", str(rounds)],
+            [
+                sys.executable,
+                "-m",
+                "bench.sharded_runner",
+                "--sync-worker",
+                str(r),
+                str(hostfile),
+                "--sync-rounds",
+                str(rounds),
+            ],
             stdout=subprocess.PIPE,
             cwd=REPO_ROOT,
             env=env,
@@ -284,10 +300,11 @@ def main() -> None:
         f"{f'{args.streams} streams tok/s':>16} {'ratio':>6}"
     )
     for name, r in results.items():
+        one, many = r["one"], r["many"]
         print(
-            f"{name:18} {r['one'].decode_tps:15.1f} {r['one'].decode_tps / base['one'].decode_tps:6.2f} "
-            f"{r['one'].ttft * 1000:8.1f} {r['many'].aggregate_tps:16.1f} "
-            f"{r['many'].aggregate_tps / base['many'].aggregate_tps:6.2f}"
+            f"{name:18} {one.decode_tps:15.1f} {one.decode_tps / base['one'].decode_tps:6.2f} "
+            f"{one.ttft * 1000:8.1f} {many.aggregate_tps:16.1f} "
+            f"{many.aggregate_tps / base['many'].aggregate_tps:6.2f}"
         )
     print("\nstep exchange between 2 ranks over loopback (no model):")
     for name, seconds in sync.items():

@@ -248,6 +248,8 @@ def apply_sharding(
 
 def _layer_list(model: nn.Module) -> list[Any]:
     layers = getattr(model, "layers", None)
+    if layers is None and isinstance(model.get("model"), nn.Module):
+        layers = model["model"].get("layers")
     if not isinstance(layers, list) or not layers:
         raise ShardingError(f"{type(model).__name__} has no `layers` list to split")
     return layers

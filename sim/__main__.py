@@ -198,9 +198,7 @@ def do_shrink(
 
     def run(candidate: list[int]) -> RunResult:
         with mutant_context(mutant):
-            return run_choices(
-                Choices(replay=candidate), policy=policy, dialects=result.dialects
-            )
+            return run_choices(Choices(replay=candidate), policy=policy, dialects=result.dialects)
 
     print(f"shrinking {length} choices (violation kind {kind}, {args.shrink_budget:.0f}s budget)")
     report = shrink(result, run, kind, budget=args.shrink_budget)

@@ -22,9 +22,7 @@ class SimFaultPoints(FaultPoints):
     """The simulator's fault points: at each hit, maybe a reschedule (other tasks
     run first), maybe a seeded delay. Production's are no-ops."""
 
-    def __init__(
-        self, choices: Choices, plan: FaultPlan, trace: Trace, delay_max: float
-    ) -> None:
+    def __init__(self, choices: Choices, plan: FaultPlan, trace: Trace, delay_max: float) -> None:
         self.choices = choices
         self.plan = plan
         self.trace = trace

@@ -107,9 +107,7 @@ class Plan:
     max_queued: int  # admission: requests beyond max_batch + this are refused (429)
 
 
-def draw_plan(
-    choices: Choices, scenario: Scenario, dialects: list[str], can_cancel: bool
-) -> Plan:
+def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_cancel: bool) -> Plan:
     s = scenario
     faults = FaultPlan(
         window=s.fault_window,

@@ -242,9 +242,7 @@ class World:
         self.plan = plan
         self.choices = choices
         self.trace = trace
-        self.faults = SimFaultPoints(
-            choices, plan.faults, trace, plan.scenario.point_delay_max
-        )
+        self.faults = SimFaultPoints(choices, plan.faults, trace, plan.scenario.point_delay_max)
         self.ledger = Ledger(trace, self._on_step)
         self.runners: list[RunnerHandle] = []
         self.nodes = [SimNode(self, i) for i in range(plan.scenario.nodes)]

@@ -121,7 +121,7 @@ async def start_rank(model_dir: Path, *extra: str) -> AsyncIterator[Rank]:
 
 @asynccontextmanager
 async def start_group(
-    model_dir: Path, tmp_path: Path, sharding: str, layers: tuple[str, str]
+    model_dir: Path, tmp_path: Path, sharding: str, layers: tuple[str, str], *extra: str
 ) -> AsyncIterator[list[Rank]]:
     hostfile = free_hostfile(tmp_path, 2)
     async with AsyncExitStack() as stack:
@@ -131,6 +131,7 @@ async def start_group(
                     model_dir,
                     *("--rank", str(rank), "--world-size", "2", "--hostfile", str(hostfile)),
                     *("--sharding", sharding, "--layers", layers[rank]),
+                    *extra,
                 )
             )
             for rank in range(2)
@@ -231,6 +232,18 @@ async def test_sharded_matches_single_runner(
             tokens, final = await collect(leader, "a3")
             assert tokens == reference_tokens["a"][:5]
 
+            # Sampling without a seed: rank 0 picks one for all ranks, so they stay in
+            # step (otherwise the step exchange would report diverged ranks).
+            sampled = TextGeneration(
+                request_id="s1",
+                model="demo",
+                prompt_tokens=PROMPTS["a"],
+                params=SamplingParams(max_tokens=20, temperature=1.0, logit_bias=BANNED_EOS),
+            )
+            await leader.send(sampled)
+            tokens, final = await collect(leader, "s1")
+            assert isinstance(final, GenerationFinished) and len(tokens) == 20
+
             # Other ranks take no requests.
             await follower.send(generation("a4", 5))
             refused = await follower.receive()
@@ -289,3 +302,47 @@ async def test_inconsistent_layout_is_refused(demo_model_dir: Path, tmp_path: Pa
                 assert isinstance(message, RunnerError), message
                 assert "do not tile" in message.message
                 assert await rank.proc.wait() == 1
+
+
+async def test_stalled_rank_is_detected(demo_model_dir: Path, tmp_path: Path) -> None:
+    # A frozen peer (as good as a link cut without a reset) never breaks the socket;
+    # the watchdog ends rank 0 after --stall-timeout with an explicit failure.
+    with trio.fail_after(60):
+        async with start_group(
+            demo_model_dir, tmp_path, "pipeline", ("0:2", "2:4"), "--stall-timeout", "2"
+        ) as ranks:
+            leader, follower = ranks
+            for rank in ranks:
+                await rank.wait_ready()
+            await leader.send(generation("a", LONG))
+            assert isinstance(await leader.receive(), ChunkGenerated)
+            follower.proc.send_signal(signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                with trio.fail_after(8):
+                    while isinstance(message := await leader.receive(), ChunkGenerated):
+                        pass
+                    assert isinstance(message, GenerationFailed), message
+                    assert message.kind == "runner_died" and "stalled" in message.message
+                    assert isinstance(await leader.receive(), RunnerError)
+                    assert await leader.proc.wait() == 1
+                assert time.monotonic() - stopped >= 2
+            finally:
+                follower.proc.send_signal(signal.SIGCONT)
+
+
+async def test_group_that_never_forms_is_reported(demo_model_dir: Path, tmp_path: Path) -> None:
+    # Rank 1 never starts: rank 0 waits for it inside MLX (holding the GIL) and is
+    # ended by its guard process after --connect-timeout.
+    hostfile = free_hostfile(tmp_path, 2)
+    with trio.fail_after(30):
+        async with start_rank(
+            demo_model_dir,
+            *("--rank", "0", "--world-size", "2", "--hostfile", str(hostfile)),
+            *("--connect-timeout", "2"),
+        ) as leader:
+            while isinstance(message := await leader.receive(), Loading):
+                pass
+            assert isinstance(message, RunnerError), message
+            assert "not formed within 2s" in message.message
+            assert await leader.proc.wait() != 0

@@ -32,7 +32,9 @@ KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {
     # Worker._write_commands cancels the whole runner session when a write to a
     # dead runner fails, so runner output already in the pipe is never read:
     # requests lose their last chunks before the runner_died error.
-    "bug-worker-drops-output-283.json": lambda v: v.kind == "delivery" and "runner input closed" in v.message,
+    "bug-worker-drops-output-283.json": lambda v: (
+        v.kind == "delivery" and "runner input closed" in v.message
+    ),
 }
 
 
@@ -52,7 +54,7 @@ def test_the_schedule_hook_is_live_and_trio_is_the_pinned_minor() -> None:
 def test_choices_replay_what_they_record_and_read_zeros_past_the_end() -> None:
     generated = Choices(seed=7)
     values = [generated.draw(10) for _ in range(50)]
-    replayed = Choices(replay=generated.record + [3])
+    replayed = Choices(replay=[*generated.record, 3])
     assert [replayed.draw(10) for _ in range(50)] == values
     assert replayed.draw(2) == 1  # 3 % 2
     assert replayed.draw(5) == 0  # exhausted

@@ -14,6 +14,7 @@ from exo_trio.api import (
     anthropic,
     bench,
     completions,
+    instances,
     ollama,
     ollama_models,
     openai_chat,
@@ -58,6 +59,10 @@ def routes() -> list[tuple[str, str, Handler]]:
         ("POST", "/v1/cancel/<path:request_id>", ops.cancel),
         ("GET", "/metrics", ops.metrics),
         ("GET", "/health", health),
+        ("GET", "/v1/instances", instances.list_instances),
+        ("POST", "/v1/instances", instances.create),
+        ("DELETE", "/v1/instances/<path:instance_id>", instances.delete),
+        ("GET", "/state", instances.state),
     ]
     for prefix in OLLAMA_PREFIXES:
         table += [
@@ -125,7 +130,7 @@ def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
         )
 
     for method, rule, handler in routes():
-        app.add_url_rule(rule, rule, bind(handler, ctx), methods=[method])
+        app.add_url_rule(rule, f"{method} {rule}", bind(handler, ctx), methods=[method])
     return app
 
 
