@@ -54,7 +54,9 @@ class FrameDecoder(Generic[T]):
             del self._buffer[:end]
             try:
                 messages.append(self._decoder.decode(payload))
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                # msgspec raises UnicodeDecodeError (not DecodeError) for invalid
+                # UTF-8 in a string: corrupt bytes all the same (found by fuzz/).
                 raise FrameError(f"undecodable frame: {exc}") from exc
         return messages
 

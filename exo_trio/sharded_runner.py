@@ -287,7 +287,7 @@ class Coordinator(Runner):
                     self.engine.stream,
                     digest,
                     stop=stop_item is not None,
-                    commands=[a.command for a in arrivals],  # type: ignore[misc]
+                    commands=[a.command for a in arrivals],
                 )
                 for arrival in arrivals:
                     outgoing.extend(self._apply(arrival))
@@ -345,7 +345,7 @@ def _with_seed(item: Arrival) -> Arrival:
 def _digest(events: Sequence[object]) -> int:
     from exo_trio.step_sync import events_digest
 
-    return events_digest([e for e in events if isinstance(e, _GENERATION_EVENTS)])  # type: ignore[misc]
+    return events_digest([e for e in events if isinstance(e, _GENERATION_EVENTS)])
 
 
 # -- other ranks ------------------------------------------------------------------------

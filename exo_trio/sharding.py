@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache, _BaseCache
 
 __all__ = [
@@ -243,6 +244,10 @@ def apply_sharding(
         _shard_tensor(model, config, group)
     else:
         _pipeline(model, layers, stage, group)
+    # Shapes and dtypes are known without reading anything: this is what the rank
+    # will materialise.
+    nbytes = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    log.info("rank %d holds %.1f MB of weights", group.rank(), nbytes / 1e6)
     return model
 
 

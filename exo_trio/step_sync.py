@@ -42,7 +42,7 @@ import numpy as np
 
 from exo_trio.types import Cancel, GenerationEvent, TextGeneration
 
-__all__ = ["Diverged", "Orders", "StepCommand", "StepSync", "events_digest"]
+__all__ = ["Orders", "StepCommand", "StepSync", "StepSyncError", "events_digest"]
 
 StepCommand = TextGeneration | Cancel
 
@@ -50,7 +50,7 @@ _HEADER_WORDS = 4  # stop flag, payload length, events digest, exchange counter
 _DIGEST_MASK = 0x7FFFFFFF  # keep the digest a non-negative int32
 
 
-class Diverged(RuntimeError):
+class StepSyncError(RuntimeError):
     """The ranks disagree (different tokens) or a peer's header is unreadable
     (it was lost): the group can no longer be trusted."""
 
@@ -96,7 +96,8 @@ class StepSync:
     ) -> Orders:
         """Agree on this step's orders. `stop` and `commands` count on rank 0 only.
 
-        Raises RuntimeError if a peer is lost, Diverged if the digests differ.
+        Raises RuntimeError if a peer is lost, StepSyncError if a header does not
+        check out (a peer lost, or ranks that produced different tokens).
         """
         started = time.perf_counter()
         leading = self.rank == 0
@@ -111,10 +112,12 @@ class StepSync:
         counters = table[:, 3].tolist()
         if any(c != counter for c in counters):
             lost = [r for r, c in enumerate(counters) if c != counter]
-            raise Diverged(f"lost contact with rank(s) {lost}: their step header is unreadable")
+            raise StepSyncError(
+                f"lost contact with rank(s) {lost}: their step header is unreadable"
+            )
         digests = table[:, 2].tolist()
         if len(set(digests)) != 1:
-            raise Diverged(
+            raise StepSyncError(
                 f"ranks of the instance produced different tokens (digests by rank: {digests})"
             )
         stop_flag, length = bool(table[0, 0]), int(table[0, 1])

@@ -30,7 +30,8 @@ def fail(message: str) -> None:
 def dialect_of(path: str) -> str:
     """Which error envelope a path must get (an independent statement of the rule
     in docs/api.md, not the code under test)."""
-    path = unquote(path.split("?", 1)[0])
+    # As werkzeug does, leading slashes collapse ("//api/chat" is "/api/chat").
+    path = "/" + unquote(path.split("?", 1)[0]).lstrip("/")
     if path.startswith("/v1/messages"):
         return "anthropic"
     if path.startswith(("/api/", "/ollama/")):
@@ -106,11 +107,15 @@ def parse_ndjson(body: bytes) -> list[Any]:
     return [load_json(line, "NDJSON line") for line in text.split("\n")[:-1]]
 
 
-def check_text(text: str, request_id: str, chunks: int | None, prefix_ok: bool = False) -> None:
-    """The generated text is exactly the fake runner's tokens for this request."""
+def check_text(text: str, request_id: str, chunks: int | None, prefix: str = "") -> None:
+    """The generated text is exactly the fake runner's tokens for this request
+    (after `prefix`: a legacy completion's echoed prompt)."""
+    if not text.startswith(prefix):
+        fail(f"text {text[:120]!r} does not start with the echoed prompt {prefix[:60]!r}")
+    text = text[len(prefix) :]
     if chunks is not None:
         want = expected_text(request_id, chunks)
-        if text != want and not (prefix_ok and text.endswith(want)):
+        if text != want:
             fail(f"text {text[:120]!r} is not the runner's {chunks} tokens {want[:120]!r}")
         return
     n = 0
@@ -120,23 +125,24 @@ def check_text(text: str, request_id: str, chunks: int | None, prefix_ok: bool =
         fail(f"text {text[:120]!r} is not a prefix-exact token stream of {request_id}")
 
 
-def check_generation(response: RawResponse, route: str) -> None:
-    """A 2xx from a generation route: a valid body in the route's dialect."""
+def check_generation(response: RawResponse, route: str, echo: str = "") -> None:
+    """A 2xx from a generation route: a valid body in the route's dialect. `echo`
+    is the prompt a legacy completion with echo puts before its text."""
     rid = response.headers.get("x-request-id")
     if not rid:
         fail("generation response without X-Request-Id")
     ctype = response.content_type
     if ctype == "text/event-stream":
-        check_sse_stream(parse_sse(response.body), route, rid)
+        check_sse_stream(parse_sse(response.body), route, rid, echo)
     elif ctype == "application/x-ndjson":
         check_ndjson_stream(parse_ndjson(response.body), rid)
     elif ctype == "application/json":
-        check_json_generation(load_json(response.body, "200 body"), route, rid)
+        check_json_generation(load_json(response.body, "200 body"), route, rid, echo)
     else:
         fail(f"generation response with content-type {ctype!r}")
 
 
-def check_sse_stream(events: list[Sse], route: str, rid: str) -> None:
+def check_sse_stream(events: list[Sse], route: str, rid: str, echo: str = "") -> None:
     if not events:
         fail("empty SSE stream")
     if route in ("/v1/chat/completions", "/v1/completions"):
@@ -158,7 +164,7 @@ def check_sse_stream(events: list[Sse], route: str, rid: str) -> None:
                 finishes += choice.get("finish_reason") is not None
         if finishes != 1:
             fail(f"{finishes} finish reasons in one stream")
-        check_text("".join(text), rid, usage, prefix_ok=route == "/v1/completions")
+        check_text("".join(text), rid, usage, echo)
     elif route == "/v1/messages":
         kinds = [e.event for e in events]
         if kinds[0] != "message_start" or kinds[-1] != "message_stop":
@@ -208,7 +214,7 @@ def check_ndjson_stream(lines: list[Any], rid: str) -> None:
     check_text("".join(pieces), rid, lines[-1].get("eval_count"))
 
 
-def check_json_generation(body: Any, route: str, rid: str) -> None:
+def check_json_generation(body: Any, route: str, rid: str, echo: str = "") -> None:
     if not isinstance(body, dict):
         fail(f"200 body is not an object: {body!r:.200}")
     if route in ("/v1/chat/completions", "/bench/chat/completions"):
@@ -222,7 +228,7 @@ def check_json_generation(body: Any, route: str, rid: str) -> None:
         if body.get("object") != "text_completion" or body.get("id") != rid:
             fail(f"bad text_completion: {body!r:.300}")
         text = body["choices"][0]["text"]
-        check_text(text, rid, body["usage"]["completion_tokens"], prefix_ok=True)
+        check_text(text, rid, body["usage"]["completion_tokens"], echo)
     elif route == "/v1/responses":
         if body.get("object") != "response" or body.get("status") not in (
             "completed",

@@ -16,6 +16,8 @@ loud response to a runner that breaks the per-request contract), never a hang.
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import trio
 import trio.testing
@@ -155,6 +157,10 @@ async def drive_worker(data: bytes, step: int) -> None:
 
 
 class RunnerStreamHarness:
+    def __init__(self) -> None:
+        # The worker and registry log every stray event loudly, by design.
+        logging.getLogger("exo_trio").setLevel(logging.CRITICAL)
+
     def one(self, data: bytes) -> None:
         step = 1 + (data[0] % 64 if data else 0)
         try:

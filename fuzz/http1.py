@@ -62,18 +62,26 @@ async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
         data += chunk
 
 
-async def exchange(stream: trio.abc.Stream, request: bytes) -> RawResponse:
+async def exchange(
+    stream: trio.abc.Stream, request: bytes, *, head_request: bool = False
+) -> RawResponse:
     """Send one request and read the whole response (the server closes after it)."""
     await stream.send_all(request)
     raw = await read_all(stream)
     await stream.aclose()
-    return parse_response(raw)
+    return parse_response(raw, head_request=head_request)
 
 
 def parse_response(raw: bytes, *, head_request: bool = False) -> RawResponse:
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        raise BadResponse(f"no complete response head in {raw[:200]!r}")
+    while True:
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            raise BadResponse(f"no complete response head in {raw[:200]!r}")
+        # Skip interim responses (100 Continue, for a request that expected it).
+        if raw.startswith(b"HTTP/1.1 1") and not raw.startswith(b"HTTP/1.1 101"):
+            raw = raw[end + 4 :]
+            continue
+        break
     head, rest = raw[:end].decode("latin-1"), raw[end + 4 :]
     status_line, *header_lines = head.split("\r\n")
     parts = status_line.split(" ", 2)

@@ -150,7 +150,7 @@ class Peer:
             await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
         elif code in (5, 6):
             mac = self.macs()
-            kind = (payload[0] if payload else 0) % 4 if code == 5 else wire.KIND_MESSAGE
+            kind = (payload[0] if payload else 0) % 8 if code == 5 else wire.KIND_MESSAGE
             body = payload[1:] if code == 5 else payload
             tag = mac.seal(kind, body) if mac is not None else bytes(32)
             self.last_frame = wire.pack_frame(tag, kind, body)
@@ -164,7 +164,8 @@ class Peer:
             await ws.send_message(self.last_frame)  # a replay
 
 
-async def run_link(data: bytes) -> None:
+async def run_link(data: bytes) -> dict[str, int]:
+    """Play one script; returns what happened (for tests: did the link come up?)."""
     mode = data[0] if data else 0
     script = ops(data[1:])
     dialer = not mode % 2  # the fuzz peer dials (our node accepts), or the reverse
@@ -245,6 +246,7 @@ async def run_link(data: bytes) -> None:
         raise PropertyViolation(f"link failed unexpectedly: {catcher.unexpected[0]}")
     if delivered and not ups:
         raise PropertyViolation("delivered messages on a link that never came up")
+    return {"ups": len(ups), "delivered": len(delivered), **links.stats}
 
 
 class LinkHarness:

@@ -14,6 +14,7 @@ hypothesis (choices drawn from its data, so failures shrink toward simple inputs
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from typing import Any, Protocol
@@ -130,7 +131,7 @@ def mutate(data: bytes, choices: Choices, *, header: int = 0) -> bytes:
         return mutate_header(head, choices) + body
     try:
         tree = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return head + mutate_bytes(body, choices)
     if op in (1, 2, 3, 4):
         tree = mutate_tree(tree, choices)
@@ -186,13 +187,19 @@ def pick(seq: Any, choices: Choices) -> Any:
     return seq[choices.below(len(seq))]
 
 
+def fresh(choices: Choices) -> Any:
+    """An interesting value, copied: the tree is mutated in place later, and the
+    table must not change between inputs (hypothesis replays must be exact)."""
+    return copy.deepcopy(pick(INTERESTING, choices))
+
+
 def mutate_tree(tree: Any, choices: Choices) -> Any:
     nodes = paths(tree)
     path = pick(nodes, choices)
     node = get(tree, path)
     op = choices.below(9)
     if op == 0:
-        return put(tree, path, pick(INTERESTING, choices))
+        return put(tree, path, fresh(choices))
     if op == 1 and isinstance(node, dict) and node:
         del node[pick(list(node), choices)]
         return tree
@@ -200,12 +207,12 @@ def mutate_tree(tree: Any, choices: Choices) -> Any:
         objects = [p for p in nodes if isinstance(get(tree, p), dict)]
         if objects:
             target = get(tree, pick(objects, choices))
-            target[pick(FIELDS, choices)] = pick(INTERESTING, choices)
+            target[pick(FIELDS, choices)] = fresh(choices)
         return tree
     if op == 3:
         return put(tree, path, [node] if choices.below(2) else {"value": node})
     if op == 4 and isinstance(node, list):
-        node.append(node[0] if node else pick(INTERESTING, choices))
+        node.append(node[0] if node else fresh(choices))
         return tree
     if op == 5 and isinstance(node, (int, float)) and not isinstance(node, bool):
         deltas = (1, -1, 2**32, -(2**32), 0.5)
@@ -216,7 +223,7 @@ def mutate_tree(tree: Any, choices: Choices) -> Any:
     if op == 7:
         # Copy another subtree here (a message where a string was, and so on).
         return put(tree, path, json.loads(json.dumps(get(tree, pick(nodes, choices)))))
-    return put(tree, path, pick(INTERESTING, choices))
+    return put(tree, path, fresh(choices))
 
 
 def mutate_text(text: bytes, choices: Choices) -> bytes:

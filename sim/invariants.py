@@ -143,28 +143,29 @@ def check_client(world: World, result: ClientResult) -> list[Violation]:
 
     if result.after_terminal:
         bad("terminal", f"received {result.after_terminal[:3]} after the terminal event")
-    if not left:
-        if terminal is None:
+    if terminal is None:
+        if not left:
             bad(
                 "terminal",
                 f"response ended ({result.ending}, status {result.status}) without a "
                 f"terminal event after {len(received)} chunks",
             )
-        elif isinstance(terminal, Finish):
-            if job is None or job.end != "finished":
-                bad(
-                    "terminal",
-                    f"client got finish ({terminal.reason}) but the runner's job "
-                    f"{'never ran' if job is None else 'ended ' + str(job.end)}",
-                )
-            elif job.finish_reason is not None and terminal.reason != job.finish_reason:
-                bad("terminal", f"finish reason {terminal.reason}, runner said {job.finish_reason}")
-            if dialect.streaming and not result.done_marker and _has_done_marker(plan.dialect):
-                bad("terminal", "stream finished without its end-of-stream marker")
-        elif job is not None and job.end == "finished" and not cancelled:
-            bad("terminal", f"client got an error ({terminal.detail}) for a finished job")
-        elif job is not None and job.end == "cancelled" and not cancelled:
-            bad("terminal", f"the runner cancelled a job nobody gave up: {terminal.detail}")
+    elif isinstance(terminal, Finish):
+        if job is None or job.end != "finished":
+            bad(
+                "terminal",
+                f"client got finish ({terminal.reason}) but the runner's job "
+                f"{'never ran' if job is None else 'ended ' + str(job.end)}",
+            )
+        elif job.finish_reason is not None and terminal.reason != job.finish_reason:
+            bad("terminal", f"finish reason {terminal.reason}, runner said {job.finish_reason}")
+        streamed = dialect.streaming and _has_done_marker(plan.dialect)
+        if streamed and not left and not result.done_marker:
+            bad("terminal", "stream finished without its end-of-stream marker")
+    elif job is not None and job.end == "finished" and not cancelled:
+        bad("terminal", f"client got an error ({terminal.detail}) for a finished job")
+    elif job is not None and job.end == "cancelled" and not cancelled and not left:
+        bad("terminal", f"the runner cancelled a job nobody gave up: {terminal.detail}")
     out.extend(check_stopped(world, result, job))
     return out
 

@@ -60,10 +60,10 @@ class RunResult:
 
 
 @cache
-def served_routes() -> tuple[str, ...]:
+def served_routes(method: str | None = None) -> tuple[str, ...]:
     """The app's routes, from a throwaway node (the set grows as dialects land)."""
     plan = draw_plan(Choices(replay=[]), DEFAULT, ["openai_chat"], False)
-    return tuple(World(plan, Choices(replay=[]), Trace()).nodes[0].routes())
+    return tuple(World(plan, Choices(replay=[]), Trace()).nodes[0].routes(method))
 
 
 def default_dialects() -> list[str]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sim.choices import Choices
+from sim.dialects import DIALECTS
 
 Behavior = Literal[
     "normal",  # reads everything as fast as it comes
-    "slow",  # pauses before every read (a small receive buffer pushes back on the server)
     "leave_before_first",  # disconnects soon after sending, before any chunk
     "leave_mid",  # disconnects after some chunks (non-streaming: after some time)
     "leave_after_last",  # disconnects right after the terminal event, before the end
@@ -22,7 +22,6 @@ Behavior = Literal[
 ]
 BEHAVIORS: tuple[Behavior, ...] = (
     "normal",
-    "slow",
     "leave_before_first",
     "leave_mid",
     "leave_after_last",
@@ -51,7 +50,7 @@ class Scenario:
     http_delay_max: float = 0.01
     pipe_delay_max: float = 0.005
     point_delay_max: float = 0.05
-    read_pause_max: float = 0.03
+    read_pause_max: float = 0.05
     restart_backoff: float = 0.05
     keepalive: float = 1.0
     max_crashes: int = 2
@@ -107,6 +106,16 @@ class Plan:
     max_queued: int  # admission: requests beyond max_batch + this are refused (429)
 
 
+def client_behaviors(streaming: bool, can_cancel: bool) -> tuple[Behavior, ...]:
+    """What a client of a dialect can do: only a streaming client sees chunks (to
+    leave after some, or after the last) and learns its id in time to cancel."""
+    if not streaming:
+        return ("normal", "leave_before_first", "leave_mid")
+    if not can_cancel:
+        return tuple(b for b in BEHAVIORS if b != "cancel_mid")
+    return (*BEHAVIORS, "cancel_mid")  # cancelling twice as likely: it has the most paths
+
+
 def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_cancel: bool) -> Plan:
     s = scenario
     faults = FaultPlan(
@@ -127,22 +136,26 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
         hang_step=choices.int_between(1, 20) if hang else None,
         hang_for=choices.between(0.0, 0.2),
     )
-    behaviors = [b for b in BEHAVIORS if can_cancel or b != "cancel_mid"]
     clients = []
     for i in range(s.clients):
+        dialect = choices.pick(dialects)
+        behaviors = client_behaviors(DIALECTS[dialect].streaming, can_cancel)
         behavior = behaviors[choices.draw(len(behaviors))] if choices.chance(0.6) else "normal"
+        # Any client may also be a slow reader: it pauses before every read, and
+        # with a small receive buffer it pushes back on the server.
+        slow = choices.chance(0.4)
         low, high = s.leaving_tokens if behavior in GIVING_UP else s.tokens
         clients.append(
             ClientPlan(
                 index=i,
-                dialect=choices.pick(dialects),
+                dialect=dialect,
                 node=choices.draw(s.nodes),
                 start=choices.between(0.0, s.fault_window * 0.75),
                 max_tokens=choices.int_between(low, high),
                 behavior=behavior,
                 leave_after_pieces=choices.int_between(1, 12),
                 leave_after_time=choices.between(0.0, 0.15),
-                read_pause_max=s.read_pause_max if behavior == "slow" else 0.0,
+                read_pause_max=s.read_pause_max if slow else 0.0,
                 recv_capacity=choices.pick((1 << 16, 256, 1024, 4096)),
             )
         )

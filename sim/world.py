@@ -126,8 +126,12 @@ class SimNode:
         self._ids += 1
         return f"{prefix}-n{self.index}r{self._ids}"
 
-    def routes(self) -> list[str]:
-        return [rule.rule for rule in self.app.url_map.iter_rules()]
+    def routes(self, method: str | None = None) -> list[str]:
+        return [
+            rule.rule
+            for rule in self.app.url_map.iter_rules()
+            if method is None or method in (rule.methods or ())
+        ]
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -37,8 +37,6 @@ from exo_trio.types import (
     TextGeneration,
 )
 
-pytestmark = pytest.mark.trio
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BANNED_EOS = {1: -1e9, 3: -1e9}  # the demo model's EOS ids
 PROMPTS = {
@@ -346,3 +344,28 @@ async def test_group_that_never_forms_is_reported(demo_model_dir: Path, tmp_path
             assert isinstance(message, RunnerError), message
             assert "not formed within 2s" in message.message
             assert await leader.proc.wait() != 0
+
+
+def test_layout_checks() -> None:
+    from exo_trio.sharding import _layout_problem, even_split
+
+    assert [even_split(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    pipeline, tensor = 1, 2
+    assert _layout_problem([[pipeline, 0, 2, 4], [pipeline, 2, 4, 4]], "ring") is None
+    # Stages may run in either ring direction.
+    assert _layout_problem([[pipeline, 2, 4, 4], [pipeline, 0, 2, 4]], "ring") is None
+    gap = _layout_problem([[pipeline, 0, 2, 4], [pipeline, 3, 4, 4]], "ring")
+    assert gap is not None and "do not tile" in gap
+    short = _layout_problem([[pipeline, 0, 2, 4], [pipeline, 2, 3, 4]], "ring")
+    assert short is not None and "do not tile" in short
+    # Four ranks whose stage order jumps across the ring: the ring cannot send there.
+    rows = [[pipeline, 0, 1, 4], [pipeline, 2, 3, 4], [pipeline, 1, 2, 4], [pipeline, 3, 4, 4]]
+    assert "ring neighbours" in (_layout_problem(rows, "ring") or "")
+    assert _layout_problem(rows, "jaccl") is None
+    mixed = _layout_problem([[pipeline, 0, 2, 4], [tensor, 0, 4, 4]], "ring")
+    assert mixed is not None and "sharding" in mixed
+    assert _layout_problem([[tensor, 0, 4, 4], [tensor, 0, 4, 4]], "ring") is None
+    partial = _layout_problem([[tensor, 0, 2, 4], [tensor, 0, 4, 4]], "ring")
+    assert partial is not None and "every rank" in partial
+    models = _layout_problem([[pipeline, 0, 2, 4], [pipeline, 2, 6, 6]], "ring")
+    assert models is not None and "layer counts" in models

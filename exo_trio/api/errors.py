@@ -118,7 +118,15 @@ def decode_body(body: bytes, model: type[T]) -> T:
         elif " - at `$`" in message:
             message = message.split(" - at `$`")[0]
         raise ApiError(400, f"Invalid request: {message}", param=param) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError, not
+        # DecodeError (found by fuzz/): a malformed body all the same.
         raise ApiError(
             400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from None
+    except RecursionError:
+        # Free-form fields (metadata, tools, options) take any JSON, and msgspec
+        # gives up on very deep nesting with a RecursionError (found by fuzz/).
+        raise ApiError(
+            400, "The JSON body of your request is nested too deeply.", code="invalid_json"
         ) from None
