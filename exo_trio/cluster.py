@@ -208,6 +208,11 @@ class Cluster:
     def _lead(self, now: float) -> None:
         reports = {k: v for k, v in self.reports.items() if k in self.members}
         self.reports = reports
+        if not self.members <= set(reports):
+            # A new leader (or a new member) whose report has not arrived yet: judging
+            # instances now would call that member's shards lost and tear down work
+            # that is fine. Reports come every tick, so this waits a tick or two.
+            return
         statuses = decide.instance_statuses(reports, self.pending, now)
         for target, stop in decide.teardown(statuses, self.term):
             self.send(target, stop)
@@ -217,10 +222,7 @@ class Cluster:
             if status.state in ("ready", "failed"):
                 # Up (its shards' reports carry it from now on) or given up on.
                 self.pending.pop(status.spec.instance_id, None)
-        # Place only with every member's report in hand: a plan made without some
-        # node's report would leave that node out of an "all nodes" placement.
-        complete = self.members <= set(reports)
-        if self.settings.auto_place and complete and self._is_settled(now):
+        if self.settings.auto_place and self._is_settled(now):
             for model_id in decide.models_to_place(reports, statuses):
                 if model_id not in self.suppressed:
                     self._auto_place(model_id, reports, now)

@@ -224,11 +224,27 @@ class Worker:
     ) -> None:
         async for command in commands:
             try:
-                await stream.send_all(encode_frame(command))
+                frame = encode_frame(command)
+            except (TypeError, ValueError, OverflowError) as exc:
+                # A command the protocol cannot carry is that request's problem, not
+                # the node's: fail it alone (the API validates first; this is the
+                # backstop, since an escaping error here once killed the node).
+                self._refuse(command, f"cannot send the request to the runner: {exc}")
+                continue
+            try:
+                await stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.last_error = f"runner input closed: {exc}"
                 scope.cancel()
                 return
+
+    def _refuse(self, command: WorkerToRunner, reason: str) -> None:
+        log.error("%s", reason)
+        request_id = getattr(command, "request_id", None)
+        if isinstance(command, TextGeneration) and self.jobs.pop(request_id, None) is not None:
+            self._deliver(
+                GenerationFailed(request_id=command.request_id, kind="invalid", message=reason)
+            )
 
     def _handle(self, message: RunnerToWorker) -> bool:
         """Apply one runner message. Returns True when the runner became ready."""

@@ -217,8 +217,10 @@ def echoed_prompt(request: ApiRequest) -> str:
     """What a legacy completion echoes before its text (the request was accepted,
     so its body is valid JSON with a string or list prompt)."""
     try:
-        body = json.loads(request.body)
-    except ValueError:
+        # msgspec skips unknown keys without decoding them, so a body may be
+        # accepted with invalid UTF-8 in a key: read it leniently.
+        body = json.loads(request.body.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
         return ""
     if not isinstance(body, dict) or body.get("echo") is not True:
         return ""

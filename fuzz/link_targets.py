@@ -34,6 +34,11 @@ from exo_trio.net.discovery import Discovery, decode_beacon, encode_beacon
 from exo_trio.net.links import PeerInfo, PeerLinks
 from fuzz.checks import PropertyViolation
 
+# Failures found by this fuzzer that are reported but not yet fixed in exo_trio/net
+# (see docs/fuzzing.md). A non-strict run tolerates them so that it can search past
+# them; tests/test_fuzz.py replays each strictly, as an expected failure.
+KNOWN_OPEN = ("UnicodeDecodeError",)
+
 SECRET = b"fuzz cluster secret"
 CLUSTER = "fuzz-cluster"
 OUR_ID = "node-m"  # peers named "node-a" make us wait for ACTIVATE; "node-z" make us decide
@@ -49,7 +54,8 @@ class LogCatcher(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info or "unexpectedly" in record.getMessage():
-            self.unexpected.append(record.getMessage())
+            exc = record.exc_info[1] if record.exc_info else None
+            self.unexpected.append(f"{record.getMessage()}: {exc!r}")
 
 
 class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
@@ -164,7 +170,11 @@ class Peer:
             await ws.send_message(self.last_frame)  # a replay
 
 
-async def run_link(data: bytes) -> dict[str, int]:
+def known_open(text: str) -> bool:
+    return any(marker in text for marker in KNOWN_OPEN)
+
+
+async def run_link(data: bytes, strict: bool = True) -> dict[str, int]:
     """Play one script; returns what happened (for tests: did the link come up?)."""
     mode = data[0] if data else 0
     script = ops(data[1:])
@@ -242,21 +252,25 @@ async def run_link(data: bytes) -> dict[str, int]:
         raise PropertyViolation("a session outlived its peer") from None
     finally:
         logger.removeHandler(catcher)
-    if catcher.unexpected:
-        raise PropertyViolation(f"link failed unexpectedly: {catcher.unexpected[0]}")
+    unexpected = [m for m in catcher.unexpected if strict or not known_open(m)]
+    if unexpected:
+        raise PropertyViolation(f"link failed unexpectedly: {unexpected[0]}")
     if delivered and not ups:
         raise PropertyViolation("delivered messages on a link that never came up")
     return {"ups": len(ups), "delivered": len(delivered), **links.stats}
 
 
 class LinkHarness:
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         # Links log every refused peer; the catcher above still sees the errors.
         logging.getLogger("exo_trio.net.links").setLevel(logging.ERROR)
+        self.strict = strict
 
     def one(self, data: bytes) -> None:
         try:
-            trio.run(run_link, data, clock=trio.testing.MockClock(autojump_threshold=0))
+            trio.run(
+                run_link, data, self.strict, clock=trio.testing.MockClock(autojump_threshold=0)
+            )
         except PropertyViolation:
             raise
         except BaseException as exc:
@@ -285,9 +299,10 @@ class FakeLinks:
 
 
 class BeaconHarness:
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         logging.getLogger("exo_trio.net.discovery").setLevel(logging.ERROR)
         self.key = auth.beacon_key(SECRET)
+        self.strict = strict
 
     def one(self, data: bytes) -> None:
         if not data:
@@ -304,6 +319,8 @@ class BeaconHarness:
             Discovery(links).handle_datagram(packet, (source, 52416))
             beacon = decode_beacon(packet, self.key)
         except Exception as exc:
+            if not self.strict and known_open(repr(exc)):
+                return
             raise PropertyViolation(f"beacon handling raised {exc!r}") from exc
         for host, port, node_id in links.added:
             if beacon is None or node_id == OUR_ID or beacon.cluster_id != CLUSTER:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sim.clients import ClientResult
@@ -35,6 +36,7 @@ KINDS = (
     "garbled",
     "unknown_job",
     "unexpected_exception",
+    "thread",
     "unexpected_error_log",
     "no_drain",
 )
@@ -77,10 +79,14 @@ def stop_bound(world: World) -> tuple[float, int]:
     return latency, math.ceil(latency / s.step_delay[0]) + 1
 
 
-def check(world: World, crash: str | None, error_logs: list[str]) -> list[Violation]:
+def check(
+    world: World, crash: str | None, error_logs: list[str], threads: Sequence[str] = ()
+) -> list[Violation]:
     out: list[Violation] = []
     if crash is not None:
         out.append(Violation("unexpected_exception", crash))
+    for use in threads:
+        out.append(Violation("thread", f"a thread was asked for on the simulated path: {use}"))
     for result in world.results:
         out.extend(check_client(world, result))
     out.extend(check_ledger(world))
@@ -164,7 +170,7 @@ def check_client(world: World, result: ClientResult) -> list[Violation]:
             bad("terminal", "stream finished without its end-of-stream marker")
     elif job is not None and job.end == "finished" and not cancelled:
         bad("terminal", f"client got an error ({terminal.detail}) for a finished job")
-    elif job is not None and job.end == "cancelled" and not cancelled and not left:
+    elif job is not None and job.end == "cancelled" and not cancelled:
         bad("terminal", f"the runner cancelled a job nobody gave up: {terminal.detail}")
     out.extend(check_stopped(world, result, job))
     return out

@@ -22,6 +22,7 @@ from functools import cache
 
 import trio
 import trio.testing
+import trio.to_thread
 
 from sim import speedups
 from sim.choices import Choices
@@ -135,6 +136,28 @@ def real_time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, saved)
 
 
+class ThreadOnSimulatedPath(RuntimeError):
+    """Something on the simulated path asked for a thread: virtual time cannot see
+    it and the schedule cannot order it."""
+
+
+@contextmanager
+def no_threads(uses: list[str]) -> Iterator[None]:
+    """Refuse `trio.to_thread.run_sync` for the run (quart runs sync handlers in
+    threads; none may be on the simulated path), recording who asked."""
+    real = trio.to_thread.run_sync
+
+    async def refuse(fn: object, *args: object, **kwargs: object) -> object:
+        uses.append(repr(fn)[:120])
+        raise ThreadOnSimulatedPath(f"trio.to_thread.run_sync({fn!r})")
+
+    trio.to_thread.run_sync = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        trio.to_thread.run_sync = real
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     enabled = gc.isenabled()
@@ -168,14 +191,15 @@ def run_choices(
     world = World(plan, choices, trace)
     crash: str | None = None
     limit = real_time_limit(REAL_TIME_LIMIT)
-    with gc_paused(), captured_errors() as errors, controlled(hook), limit:
+    threads: list[str] = []
+    with gc_paused(), captured_errors() as errors, controlled(hook), limit, no_threads(threads):
         try:
             trio.run(world.main, clock=virtual_clock())
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             crash = "".join(traceback.format_exception(exc)).strip()
-    violations = check(world, crash, errors)
+    violations = check(world, crash, errors, threads)
     coverage = world.coverage
     for name, n in world.faults.delays.items():
         coverage[f"fault_delay_{name}"] += n

@@ -45,7 +45,9 @@ class Scenario:
     leaving_tokens: tuple[int, int] = (32, 64)
     fault_window: float = 0.4
     horizon: float = 30.0
-    drain: float = 2.0
+    # Longer than hypercorn's keep_alive_timeout (5 s, production's default): a
+    # connection that closes without sending a request is held that long.
+    drain: float = 6.0
     step_delay: tuple[float, float] = (0.002, 0.02)
     http_delay_max: float = 0.01
     pipe_delay_max: float = 0.005

@@ -17,6 +17,7 @@ import pytest
 
 from exo_trio.prompts import HFPromptEncoder
 from tests.nodeproc import NodeProcess, start_node
+from tests.reference import reference_greedy_text
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -42,30 +43,6 @@ def client(node: NodeProcess) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def ban_eos(demo_model_dir: Path) -> dict[str, int]:
     return {str(t): -100 for t in HFPromptEncoder(demo_model_dir).eos_token_ids}
-
-
-def reference_greedy_text(model_dir: Path, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """What mlx-lm itself generates greedily, EOS banned, for the same chat prompt."""
-    import mlx.core as mx
-    from mlx_lm import load, stream_generate
-
-    model, tokenizer = load(str(model_dir))
-    prompt = HFPromptEncoder(model_dir).chat_tokens(messages)
-    eos = sorted(tokenizer.eos_token_ids)
-
-    def ban(tokens: mx.array, logits: mx.array) -> mx.array:
-        logits[:, eos] = -1e9
-        return logits
-
-    pieces = stream_generate(
-        model,
-        tokenizer,
-        prompt,
-        max_tokens=max_tokens,
-        sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
-        logits_processors=[ban],
-    )
-    return "".join(piece.text for piece in pieces)
 
 
 def test_models_and_health(client: openai.OpenAI, node: NodeProcess) -> None:

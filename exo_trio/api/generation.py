@@ -18,6 +18,7 @@ import trio
 from quart import Response
 
 from exo_trio.api.errors import ApiError
+from exo_trio.api.sampling import MAX_TOKEN_ID
 from exo_trio.api.timeouts import RequestTimeouts, timed_out
 from exo_trio.node import ModelCard, Node
 from exo_trio.types import (
@@ -73,17 +74,18 @@ def plan_generation(
             param=prompt_param,
             code="context_length_exceeded",
         )
-    if model.vocab_size:
-        # Out-of-range ids would only be refused by the runner, after a 200 for a
-        # streaming client: refuse them here (token-id prompts, logit_bias keys).
-        for where, ids in ((prompt_param, prompt_tokens), ("logit_bias", params.logit_bias)):
-            bad = [t for t in ids if not 0 <= t < model.vocab_size]
-            if bad:
-                raise ApiError(
-                    400,
-                    f"Token ids must be in [0, {model.vocab_size}); got {bad[:5]}.",
-                    param=where,
-                )
+    # Out-of-range ids would only be refused by the runner, after a 200 for a
+    # streaming client: refuse them here (token-id prompts, logit_bias keys). With
+    # the vocabulary unknown, still keep them to what the runner protocol carries.
+    limit = model.vocab_size or MAX_TOKEN_ID + 1
+    for where, ids in ((prompt_param, prompt_tokens), ("logit_bias", params.logit_bias)):
+        bad = [t for t in ids if not 0 <= t < limit]
+        if bad:
+            raise ApiError(
+                400,
+                f"Token ids must be in [0, {limit}); got {bad[:5]}.",
+                param=where,
+            )
     return TextGeneration(
         request_id=request_id, model=model.id, prompt_tokens=prompt_tokens, params=params
     )

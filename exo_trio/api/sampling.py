@@ -15,6 +15,11 @@ from exo_trio.types import SamplingParams
 
 # OpenAI's logit_bias of -100 means "ban"; make it a hard ban, not a large penalty.
 BAN = -1e9
+# Integers travel to the runner as msgpack, which carries [-2**63, 2**64). JSON does
+# not stop a client at that range, and an unencodable command once took the whole
+# node down (found by fuzz/), so every client-chosen integer is checked here.
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+MAX_TOKEN_ID = 2**31 - 1
 
 
 def parse_logit_bias(raw: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
@@ -24,6 +29,8 @@ def parse_logit_bias(raw: dict[str, float] | None, param: str = "logit_bias") ->
             token = int(key)
         except ValueError:
             raise ApiError(400, f"logit_bias key `{key}` is not a token id.", param=param) from None
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise ApiError(400, f"logit_bias key `{key}` is not a token id.", param=param)
         if not -100.0 <= value <= 100.0:
             raise ApiError(400, "logit_bias values must be in [-100, 100].", param=param)
         bias[token] = BAN if value <= -100.0 else value
@@ -71,8 +78,10 @@ def build_params(
         )
     if not 0.0 < top_p <= 1.0:
         raise ApiError(400, "top_p must be greater than 0 and at most 1.", param=name("top_p"))
-    if top_k is not None and top_k < 0:
-        raise ApiError(400, "top_k must not be negative.", param=name("top_k"))
+    if top_k is not None and not 0 <= top_k <= MAX_TOKEN_ID:
+        raise ApiError(400, f"top_k must be in [0, {MAX_TOKEN_ID}].", param=name("top_k"))
+    if seed is not None and not INT64_MIN <= seed <= UINT64_MAX:
+        raise ApiError(400, "seed must be a 64-bit integer.", param=name("seed"))
     stops = stop or []
     if (max_stops is not None and len(stops) > max_stops) or any(not s for s in stops):
         limit = f"at most {max_stops} " if max_stops is not None else ""
