@@ -202,7 +202,7 @@ OPENBLAS_CANDIDATES = [
 ]
 
 
-def preload_blas(choice: str) -> str:
+def preload_blas(choice: str, module: str = "bench.node_vs_mlx") -> str:
     """Re-exec with an optimised BLAS preloaded (LD_PRELOAD works only at start)."""
     if choice == "none" or sys.platform != "linux":
         return "default"
@@ -215,7 +215,7 @@ def preload_blas(choice: str) -> str:
         return "default (no OpenBLAS found)"
     if path not in os.environ.get("LD_PRELOAD", ""):
         env = {**os.environ, "LD_PRELOAD": path, "OPENBLAS_NUM_THREADS": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "bench.node_vs_mlx", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
     return path
 
 

@@ -57,6 +57,10 @@ class RunnerConnection(Protocol):
 Launcher = Callable[[], Awaitable[RunnerConnection]]
 
 
+# After the runner's input breaks, how long its output may still be read.
+DRAIN_GRACE = 1.0
+
+
 class RunnerUnavailable(Exception):
     """No ready runner can take a request right now."""
 
@@ -234,8 +238,13 @@ class Worker:
             try:
                 await stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # The runner is dying, but what it wrote before it died may still be
+                # in the pipe: let the reader drain it (up to EOF, or a grace period
+                # if the output end stays open) instead of cancelling it at once,
+                # which would drop other requests' last chunks. (Found by the
+                # simulator: sim/corpus/bug-worker-drops-output-202.json.)
                 self.last_error = f"runner input closed: {exc}"
-                scope.cancel()
+                scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_GRACE)
                 return
 
     def _refuse(self, command: WorkerToRunner, reason: str) -> None:

@@ -17,7 +17,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
 
 import h11
 import trio
@@ -32,6 +31,7 @@ from fuzz.checks import (
     check_ollama_load,
     fail,
     load_json,
+    normalized_path,
 )
 from fuzz.http1 import BadResponse, RawResponse, build_request, exchange
 from fuzz.inproc import InProcessNode
@@ -131,7 +131,7 @@ class ApiRequest:
 
     @property
     def path(self) -> str:
-        return unquote(self.target.split("?", 1)[0])
+        return normalized_path(self.target)
 
     def raw(self) -> bytes:
         return build_request(self.method, self.target, self.headers, self.body, chunked=self.chunked)

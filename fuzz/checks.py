@@ -11,6 +11,7 @@ the fake runner produced for the request id in X-Request-Id.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -27,11 +28,17 @@ def fail(message: str) -> None:
     raise PropertyViolation(message)
 
 
+def normalized_path(target: str) -> str:
+    """The path the app routes on: percent-decoded, without the query, and with
+    runs of slashes merged, as werkzeug's router does ("//v1//models" is
+    "/v1/models")."""
+    return re.sub("/+", "/", "/" + unquote(target.split("?", 1)[0]))
+
+
 def dialect_of(path: str) -> str:
     """Which error envelope a path must get (an independent statement of the rule
     in docs/api.md, not the code under test)."""
-    # As werkzeug does, leading slashes collapse ("//api/chat" is "/api/chat").
-    path = "/" + unquote(path.split("?", 1)[0]).lstrip("/")
+    path = normalized_path(path)
     if path.startswith("/v1/messages"):
         return "anthropic"
     if path.startswith(("/api/", "/ollama/")):

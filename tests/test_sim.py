@@ -29,14 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Real bugs the simulator found that are not fixed yet, by signature. A sweep
 # tolerates exactly these; each has a corpus entry that must start passing (and
 # then this entry must go) once the bug is fixed.
-KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {
-    # Worker._write_commands cancels the whole runner session when a write to a
-    # dead runner fails, so runner output already in the pipe is never read:
-    # requests lose their last chunks before the runner_died error.
-    "bug-worker-drops-output-202.json": lambda v: (
-        v.kind == "delivery" and "runner input closed" in v.message
-    ),
-}
+# Violations of bugs found but not fixed yet, by corpus entry (empty: none known).
+KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {}
 
 
 def unexplained(result: RunResult) -> list[Violation]:
