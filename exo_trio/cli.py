@@ -10,7 +10,16 @@ from pathlib import Path
 
 import trio
 
-from exo_trio.api.settings import DEFAULT_MAX_QUEUED
+from exo_trio.api.settings import (
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_SEND_TIMEOUT,
+    DEFAULT_WEDGE_TIMEOUT,
+)
+from exo_trio.api.timeouts import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TTFT_TIMEOUT,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +34,37 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--max-batch", type=int, default=16, help="concurrent sequences per runner")
     node.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     node.add_argument("--keepalive", type=float, default=2.0, help="SSE keep-alive interval, s")
+    limits = node.add_argument_group("per-request limits (seconds, 0 = off)")
+    limits.add_argument(
+        "--ttft-timeout",
+        type=float,
+        default=DEFAULT_TTFT_TIMEOUT,
+        help="end a request that has no first token after this long (queueing included)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="end a request whose next token does not come for this long",
+    )
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="end a request that runs longer than this in total",
+    )
+    limits.add_argument(
+        "--send-timeout",
+        type=float,
+        default=DEFAULT_SEND_TIMEOUT,
+        help="drop a client that takes no response bytes for this long (stopped reading)",
+    )
+    limits.add_argument(
+        "--wedge-timeout",
+        type=float,
+        default=DEFAULT_WEDGE_TIMEOUT,
+        help="/health is 503 when the runner holds work without progress for this long",
+    )
     node.add_argument(
         "--max-queued",
         type=int,
@@ -126,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         api=ApiSettings(
             max_body_bytes=args.max_body_bytes,
             keepalive_interval=args.keepalive,
+            ttft_timeout=args.ttft_timeout,
+            idle_timeout=args.idle_timeout,
+            request_timeout=args.request_timeout,
+            send_timeout=args.send_timeout,
+            wedge_timeout=args.wedge_timeout,
             max_queued=args.max_queued,
             api_key=args.api_key,
             cors_origins=tuple(args.cors_origin),

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from exo_trio.api.app import ApiSettings, create_app
 from exo_trio.api.auth import check_exposure
+from exo_trio.api.serving import serve  # hypercorn's, with --send-timeout on writes
 from exo_trio.cluster import Cluster, ClusterSettings
 from exo_trio.cluster_messages import ClusterMessage
 from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model

@@ -249,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("EXO_TRIO_RUNNER_LOG", "INFO").upper(),
         format=f"runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
+    nice = int(os.environ.get("EXO_TRIO_RUNNER_NICE", "0"))
+    if nice:
+        os.nice(nice)
     if args.world_size > 1:
         from exo_trio.sharded_runner import serve_sharded
 
