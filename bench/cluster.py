@@ -1,13 +1,21 @@
 """Two nodes against one, through HTTP, in one run; and how fast a node's death
 reaches the clients.
 
-    python -m bench.cluster [--model DIR] [--tokens 128] [--repeats 3]
+    python -m bench.cluster [--model DIR] [--tokens 128] [--repeats 3] [--rounds 5]
 
-1. one node serving the model alone: streaming decode tokens/s;
-2. two nodes on loopback, the model pipeline-split across both (placed with
-   POST /v1/instances), driven through the node holding rank 0: tokens/s, and the
-   ratio to (1);
-3. a client streaming through a third party node while the node holding rank 1 is
+Each round places the model twice, one placement at a time (never both at once,
+so they never share the cores), and streams `--repeats` requests through each:
+
+1. on one node alone: streaming decode tokens/s;
+2. pipeline-split across two nodes on loopback (placed with POST /v1/instances),
+   driven through the node holding rank 0: tokens/s, and the ratio to (1).
+
+The ratio is taken within each round (best of its repeats against best of its
+repeats) and summarised over the rounds: on a shared machine the load shifts
+from one moment to the next, and only figures measured close together compare.
+The load average is printed alongside. Finally:
+
+3. a client streams through a third node while the node holding rank 1 is
    SIGKILLed: the time from the kill to the client's error event.
 
 Like bench.node_vs_mlx it preloads OpenBLAS when it is present (so both
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -118,56 +127,94 @@ def death_to_error(nodes: dict[str, NodeProcess]) -> float:
     raise AssertionError("the stream ended without an error event")
 
 
+def remove(node: NodeProcess, instance_id: str) -> None:
+    httpx.delete(f"{node.base_url}/v1/instances/{instance_id}", timeout=30).raise_for_status()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{node.base_url}/state", timeout=10).json()
+        if not state["instances"]:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"instance {instance_id} was not removed")
+
+
+def measure(node: NodeProcess, nodes: list[str], tokens: int, repeats: int) -> list[float]:
+    instance_id = place(node, nodes)
+    try:
+        stream_tps(node, 8)  # warm-up
+        return [stream_tps(node, tokens) for _ in range(repeats)]
+    finally:
+        remove(node, instance_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--blas", default="auto")
     args = parser.parse_args()
     blas = preload_blas(args.blas, "bench.cluster")
 
+    load_before = os.getloadavg()
+    rounds: list[tuple[list[float], list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = args.model or build_demo_model(root / "bench")
         nodes = start_cluster(model_dir, root, "abc")
         try:
-            place(nodes["a"], ["a"])
-            stream_tps(nodes["a"], 8)  # warm-up
-            single = [stream_tps(nodes["a"], args.tokens) for _ in range(args.repeats)]
-            httpx.delete(f"{nodes['a'].base_url}/v1/instances/{_only(nodes['a'])}", timeout=30)
+            for _ in range(args.rounds):
+                single = measure(nodes["a"], ["a"], args.tokens, args.repeats)
+                split = measure(nodes["a"], ["a", "b"], args.tokens, args.repeats)
+                rounds.append((single, split))
+                print(
+                    f"round {len(rounds)}: 1 node {max(single):6.1f} tok/s, "
+                    f"2 nodes {max(split):6.1f} tok/s, ratio {max(split) / max(single):.3f}, "
+                    f"load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
             place(nodes["a"], ["a", "b"])
-            stream_tps(nodes["a"], 8)
-            split = [stream_tps(nodes["a"], args.tokens) for _ in range(args.repeats)]
             death = death_to_error(nodes)
         finally:
             for node in nodes.values():
                 if node.process.poll() is None:
                     node.stop()
+    load_after = os.getloadavg()
 
-    one, two = max(single), max(split)
-    print(f"model: {model_dir.name}, {args.tokens} tokens, best of {args.repeats}, BLAS: {blas}")
-    print(f"1 node decode tokens/s:                    {one:8.1f}")
-    print(f"2 nodes pipeline decode tokens/s:          {two:8.1f}   ratio {two / one:.3f}")
+    ratios = [max(split) / max(single) for single, split in rounds]
+    one = max(max(single) for single, _ in rounds)
+    two = max(max(split) for _, split in rounds)
+    print(
+        f"model: {model_dir.name}, {args.tokens} tokens, {args.rounds} rounds of best of "
+        f"{args.repeats}, BLAS: {blas}"
+    )
+    print(f"load average before {_load(load_before)}, after {_load(load_after)}")
+    print(f"1 node decode tokens/s (best):              {one:8.1f}")
+    print(f"2 nodes pipeline decode tokens/s (best):    {two:8.1f}")
+    print(
+        f"2 nodes / 1 node, per round:                median {statistics.median(ratios):.3f}, "
+        f"min {min(ratios):.3f}, max {max(ratios):.3f}"
+    )
     print(f"node death to client error event:          {death * 1e3:8.0f} ms")
     print(
         json.dumps(
             {
                 "single": one,
                 "pipeline2": two,
-                "ratio": two / one,
+                "ratio_median": statistics.median(ratios),
+                "ratios": ratios,
                 "death_s": death,
-                "single_runs": single,
-                "split_runs": split,
-                "median_ratio": statistics.median(split) / statistics.median(single),
+                "rounds": rounds,
+                "load_before": load_before,
+                "load_after": load_after,
             }
         )
     )
 
 
-def _only(node: NodeProcess) -> str:
-    (instance,) = httpx.get(f"{node.base_url}/state", timeout=10).json()["instances"]
-    return str(instance["id"])
+def _load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class Cluster:
         self._wake = trio.Event()
         self._started_at = 0.0
         self._settled = False
+        # Members whose term this leadership has compared with its own (a member
+        # seen for the first time may have followed another leader in this term).
+        self._term_checked: set[str] = set()
         # Automatic placement that keeps failing is retried with backoff.
         self._auto_attempts: dict[str, tuple[int, float]] = {}
 
@@ -156,7 +159,14 @@ class Cluster:
         log.warning("peer %s down: %s", peer_id, reason)
         self.members.discard(peer_id)
         self.reports.pop(peer_id, None)
-        self._down_since.setdefault(peer_id, trio.current_time())
+        self._term_checked.discard(peer_id)
+        now = trio.current_time()
+        self._down_since.setdefault(peer_id, now)
+        # A placement still starting on that peer gives up now: the peer that comes
+        # back may be a restarted process that never got (or lost) its shard.
+        for instance_id, item in list(self.pending.items()):
+            if any(s.node_id == peer_id for s in item.spec.shards):
+                self.pending[instance_id] = decide.Pending(item.spec, min(item.deadline, now))
         self.changed()
 
     def _expire_lost_peers(self, now: float) -> None:
@@ -185,6 +195,7 @@ class Cluster:
                 self.term += 1
                 self.reports = {}
                 self.pending = {}
+                self._term_checked = set()
                 log.info("leading the cluster in term %d", self.term)
         report = self.report()
         if self.leader == self.node_id:
@@ -213,6 +224,16 @@ class Cluster:
             # instances now would call that member's shards lost and tear down work
             # that is fine. Reports come every tick, so this waits a tick or two.
             return
+        new = [k for k in reports if k != self.node_id and k not in self._term_checked]
+        if new:
+            # A leader's term must be above any its members saw before they joined it
+            # (a restarted node counts from 0 again; a member may have followed
+            # another leader in this very term), so no two leaders claim one term.
+            self._term_checked.update(new)
+            seen = max(reports[k].term for k in new)
+            if seen >= self.term:
+                self.term = seen + 1
+                log.info("leading the cluster in term %d", self.term)
         statuses = decide.instance_statuses(reports, self.pending, now)
         for target, stop in decide.teardown(statuses, self.term):
             self.send(target, stop)
@@ -355,7 +376,14 @@ class Cluster:
     def _on_report(self, peer: str, report: NodeReport) -> None:
         if report.term > self.term:
             # Someone saw a newer term: if we still lead, lead in a newer one.
-            self.term = report.term + (1 if self.leader == self.node_id else 0)
+            leading = self.leader == self.node_id
+            self.term = report.term + (1 if leading else 0)
+            if leading:
+                # Placements started in the older term may have been refused as
+                # stale: start them again in this one (starting is idempotent).
+                for item in list(self.pending.values()):
+                    for target, start in decide.start_actions(item.spec, self.term):
+                        self.send(target, start)
         if self.leader == self.node_id and peer in self.members:
             self.reports[peer] = report
 

@@ -138,6 +138,17 @@ def _status(
             return InstanceStatus(
                 spec=spec, state="failed", error=f"rank {status.rank}: {status.error}"
             )
+    if pending is None:
+        # Placed earlier and no longer starting: a rank its node no longer reports
+        # is gone (the node restarted, quicker than its link could time out, and
+        # lost it), however healthy the other ranks look.
+        for shard in spec.shards:
+            if shard.rank not in seen:
+                return InstanceStatus(
+                    spec=spec,
+                    state="failed",
+                    error=f"rank {shard.rank} is gone from node {shard.node_id}",
+                )
     if len(seen) == spec.world_size and all(s.state == "ready" for s in seen.values()):
         return InstanceStatus(spec=spec, state="ready")
     if pending is not None and now > pending.deadline:

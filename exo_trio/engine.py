@@ -247,6 +247,11 @@ class Engine:
         must use it too, so they run after the step's asynchronous work, in order."""
         return self._generator.stream
 
+    def wait_queued(self) -> None:
+        """Block until the work a step queued asynchronously (the next forward pass,
+        which `step()` starts before it returns) has run."""
+        mx.synchronize(self._generator.stream)
+
     @property
     def steps(self) -> int:
         """How many `step()` calls did work (one BatchGenerator.next() each)."""

@@ -12,11 +12,15 @@ Roles:
 
 * **Rank 0 is the coordinator.** Only it takes TextGeneration / Cancel commands
   and only it emits generation events and CancelAcks, exactly as a
-  single-process runner does. Before every step it sends all ranks the commands
-  applied at that step (step_sync.py). Requests without a seed get a random one
-  first, so that every rank samples the same tokens.
+  single-process runner does. Before every step it sends every rank the commands
+  applied at that step over a TCP side channel (step_sync.py), and it emits a
+  step's events only once every rank has reported the same events for that
+  step. Requests without a seed get a random one first, so that every rank
+  samples the same tokens.
 * **Other ranks follow.** They apply rank 0's orders and step in lockstep,
-  emitting only Loading / Ready and RunnerError on their pipe. A TextGeneration
+  emitting only Loading / Ready and RunnerError on their pipe. Between steps they
+  sleep in a socket read (MLX's ring busy-waits inside a collective, so nothing
+  waits in one between steps: an idle instance uses no CPU). A TextGeneration
   sent to them is refused (GenerationFailed "invalid"), a Cancel acknowledged as
   unknown.
 
@@ -28,18 +32,23 @@ Endings:
 * Shutdown or EOF on rank 0: every rank is told to stop; rank 0 fails its
   in-flight requests with kind "cancelled" (as an unsharded runner does); all
   ranks exit 0.
-* Shutdown or EOF on another rank: it exits 0 at once. The group breaks, which is
-  the teardown signal for the other ranks (next point).
-* A collective fails (a peer died, its link broke, or the ranks diverged): rank 0
-  fails every in-flight request with kind "runner_died", every rank sends
-  RunnerError and exits 1 within moments.
-* No collective completes for --stall-timeout seconds (a peer frozen, or a link
-  cut without a reset): a watchdog thread does the same as above. Rank 0 sends a
-  heartbeat exchange every second while idle, so the other ranks never wait
-  long legitimately.
+* Shutdown or EOF on another rank: it exits 0 at once. Its side channel closes,
+  which is the teardown signal for the other ranks (next point).
+* A peer is lost (its side channel or a collective fails: the process died or
+  the link broke) or the ranks diverged (different tokens): rank 0 fails every
+  in-flight request with kind "runner_died" (none of the step's tokens is
+  emitted), every rank sends RunnerError and exits 1 within moments.
+* No progress for --stall-timeout seconds (a peer frozen, or a link cut without
+  a reset): a socket timeout, or for a forward pass a watchdog thread, does the
+  same as above. Rank 0 runs an empty exchange every second while idle (a
+  heartbeat), so every rank notices a lost peer without waiting for a request.
 * The group cannot be formed within --connect-timeout seconds, or the layout is
   inconsistent (ranges that do not tile the layers, tensor sharding that the
   model does not support): RunnerError, exit 1.
+
+The command line and the hostfile are the same as before the side channel: rank
+0 listens on an ephemeral port on its own hostfile address and tells the other
+ranks the port through the group itself.
 """
 
 from __future__ import annotations
@@ -78,6 +87,9 @@ from exo_trio.runner_protocol import (
     Shutdown,
     WorkerToRunner,
 )
+
+# No MLX in step_sync at module level: safe to import before stdout is claimed.
+from exo_trio.step_sync import FollowerChannel, GroupStalled, LeaderChannel, events_digest
 from exo_trio.types import (
     Cancel,
     ChunkGenerated,
@@ -90,7 +102,6 @@ from exo_trio.types import (
 if TYPE_CHECKING:  # these pull in MLX, imported only once stdout is claimed
     from exo_trio.engine import Engine
     from exo_trio.sharding import ShardSpec
-    from exo_trio.step_sync import StepSync
 
 __all__ = ["add_shard_arguments", "check_shard_arguments", "serve_sharded"]
 
@@ -99,6 +110,8 @@ log = logging.getLogger("exo_trio.runner")
 # Rank 0 runs an empty exchange this often while idle, so that a lost peer is
 # noticed without waiting for the next request and the other ranks' waits stay short.
 HEARTBEAT_SECONDS = 1.0
+# After a stop, rank 0 waits this long at most for the other ranks to leave first.
+STOP_LINGER_SECONDS = 1.0
 _GENERATION_EVENTS = (ChunkGenerated, GenerationFinished, GenerationFailed)
 
 
@@ -245,30 +258,36 @@ class JoinGuard:
 
 
 class Coordinator(Runner):
-    """Rank 0: the single-process Runner's loop with an exchange before every step."""
+    """Rank 0: the single-process Runner's loop with an exchange around every step."""
 
     def __init__(
         self,
         engine: Engine,
         writer: ProtocolWriter,
         commands: queue.Queue[QueueItem],
-        sync: StepSync,
+        channel: LeaderChannel,
         watchdog: Watchdog,
         stall_timeout: float,
+        sync_steps: bool = False,
     ) -> None:
         super().__init__(engine, writer, commands)
-        self.sync = sync
+        self.channel = channel
         self.watchdog = watchdog
         self.stall_timeout = stall_timeout
+        self.sync_steps = sync_steps
         # Requests taken from the queue but not yet in the engine: if the group
         # fails now they still need their failure event.
         self._unapplied: list[str] = []
+        # What this exchange produced so far and has not emitted (it waits for the
+        # other ranks' reports): if the group fails now, none of it is sent.
+        self._pending: list[RunnerToWorker] = []
 
     def in_flight(self) -> list[str]:
-        return sorted(set(self.engine.active) | set(self._unapplied))
+        """Requests that need a failure event if the group fails now."""
+        pending = [e.request_id for e in self._pending if isinstance(e, _GENERATION_EVENTS)]
+        return list(dict.fromkeys([*pending, *self._unapplied, *sorted(self.engine.active)]))
 
     def run(self) -> int:
-        digest = 0
         while True:
             stop_item: QueueItem | None = None
             arrivals: list[Arrival] = []
@@ -281,29 +300,39 @@ class Coordinator(Runner):
                 a.command.request_id for a in arrivals if isinstance(a.command, TextGeneration)
             ]
             outgoing: list[RunnerToWorker] = []
+            self._pending = outgoing
             try:
-                self.watchdog.arm(self.stall_timeout, "exchanging step orders")
-                self.sync.exchange(
-                    self.engine.stream,
-                    digest,
-                    stop=stop_item is not None,
-                    commands=[a.command for a in arrivals],
+                # Orders first: the other ranks apply them while this one does.
+                seq = self.channel.send_orders(
+                    stop=stop_item is not None, commands=[a.command for a in arrivals]
                 )
                 for arrival in arrivals:
                     outgoing.extend(self._apply(arrival))
                 self._unapplied = []
                 if stop_item is not None:
-                    self.watchdog.disarm()
-                    return self._stop(stop_item, outgoing)
+                    status = self._stop(stop_item, outgoing)
+                    self.channel.close(linger=STOP_LINGER_SECONDS)
+                    return status
                 if self.engine.has_work:
+                    # A collective blocked on a silent peer cannot be interrupted:
+                    # only the watchdog gets this process out of a stalled step.
                     self.watchdog.arm(self.stall_timeout, "running a step")
                     self._fresh.clear()
                     outgoing.extend(self.engine.step())
+                    if self.sync_steps:
+                        self.engine.wait_queued()  # see _sync_steps
                     self._last_step_end = time.monotonic()
-                self.watchdog.disarm()
-            except Exception as exc:  # a collective failed: a peer is gone, or divergence
-                return self._group_failed(exc, outgoing)
-            digest = _digest(outgoing)
+                    self.watchdog.disarm()
+                # Nothing is emitted before every rank reports the same events. The
+                # other ranks' steps end with the same collectives as this one, so the
+                # reports are due (unless sync_steps, the next forward pass already
+                # runs meanwhile).
+                self.channel.confirm(seq, _digest(outgoing))
+            except BrokenPipeError:
+                raise  # the worker is gone: nobody to tell
+            except Exception as exc:  # a peer is gone or stalled, or the ranks diverged
+                return self._group_failed(exc)
+            self._pending = []
             self.writer.send(outgoing)
 
     def _take_or_heartbeat(self) -> list[QueueItem]:
@@ -315,15 +344,22 @@ class Coordinator(Runner):
             return []  # nothing to do: the exchange is a heartbeat
         return [first, *self._take(block=False)]
 
-    def _group_failed(self, exc: Exception, outgoing: list[RunnerToWorker]) -> int:
-        message = f"distributed group failed: {exc}"
+    def _group_failed(self, exc: Exception) -> int:
+        self.watchdog.disarm()
+        message = _failure_message(exc)
         log.error("%s", message)
-        failed = [
-            GenerationFailed(request_id=rid, kind="runner_died", message=message)
-            for rid in self._unapplied
+        # Unconfirmed events are not sent: a lost or diverged rank means they may
+        # have been computed from garbage. CancelAcks stand (the cancel was
+        # applied); every request still in flight, or with unsent events, fails.
+        in_flight = self.in_flight()
+        outgoing: list[RunnerToWorker] = [
+            m for m in self._pending if not isinstance(m, _GENERATION_EVENTS)
         ]
-        outgoing.extend(failed)
-        outgoing.extend(self.engine.fail_all("runner_died", message))
+        outgoing.extend(
+            GenerationFailed(request_id=rid, kind="runner_died", message=message)
+            for rid in in_flight
+        )
+        self.engine.fail_all("runner_died", message)  # forget them; events sent above
         outgoing.append(RunnerError(message=message))
         self.writer.send(outgoing)
         return 1
@@ -343,9 +379,13 @@ def _with_seed(item: Arrival) -> Arrival:
 
 
 def _digest(events: Sequence[object]) -> int:
-    from exo_trio.step_sync import events_digest
-
     return events_digest([e for e in events if isinstance(e, _GENERATION_EVENTS)])
+
+
+def _failure_message(exc: Exception) -> str:
+    if isinstance(exc, GroupStalled):
+        return str(exc)  # already says "distributed group stalled: ..."
+    return f"distributed group failed: {exc}"
 
 
 # -- other ranks ------------------------------------------------------------------------
@@ -358,43 +398,46 @@ class Follower:
         self,
         engine: Engine,
         writer: ProtocolWriter,
-        sync: StepSync,
+        channel: FollowerChannel,
         watchdog: Watchdog,
         stall_timeout: float,
+        sync_steps: bool = False,
     ) -> None:
         self.engine = engine
         self.writer = writer
-        self.sync = sync
+        self.channel = channel
         self.watchdog = watchdog
         self.stall_timeout = stall_timeout
+        self.sync_steps = sync_steps
 
     def run(self) -> int:
-        digest = 0
         while True:
             events: list[GenerationEvent] = []
             try:
-                # Rank 0 exchanges at least every heartbeat, or after its step.
-                self.watchdog.arm(self.stall_timeout + HEARTBEAT_SECONDS, "waiting for orders")
-                orders = self.sync.exchange(self.engine.stream, digest)
+                # Rank 0 sends orders at least every heartbeat, or right after its
+                # step; in between this thread sleeps in the kernel.
+                orders = self.channel.receive(self.stall_timeout + HEARTBEAT_SECONDS)
                 for command in orders.commands:
                     if isinstance(command, TextGeneration):
                         events.extend(self.engine.submit(command))
                     else:
                         self.engine.cancel(command.request_id)
                 if orders.stop:
-                    self.watchdog.disarm()
                     self.engine.fail_all("cancelled", "runner stopped")
                     return 0
                 if self.engine.has_work:
                     self.watchdog.arm(self.stall_timeout, "running a step")
                     events.extend(self.engine.step())
-                self.watchdog.disarm()
+                    if self.sync_steps:
+                        self.engine.wait_queued()
+                    self.watchdog.disarm()
+                self.channel.report(orders.seq, _digest(events), self.stall_timeout)
             except Exception as exc:
-                message = f"distributed group failed: {exc}"
+                self.watchdog.disarm()
+                message = _failure_message(exc)
                 log.error("%s", message)
                 self.writer.send([RunnerError(message=message)])
                 return 1
-            digest = _digest(events)
 
 
 def follower_stdin(fd: int, writer: ProtocolWriter, rank: int) -> None:
@@ -469,11 +512,18 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         writer.send([Loading(fraction=0.0, phase="joining group")])
         from exo_trio.engine import Engine
         from exo_trio.sharding import ShardingError, apply_sharding, join_group
-        from exo_trio.step_sync import StepSync
+        from exo_trio.step_sync import StepSyncError, open_channel
 
         spec = _spec(args)
+        started = time.monotonic()
         with JoinGuard(writer.fd, args.connect_timeout):
             group = join_group(spec)
+            channel = open_channel(
+                group,
+                spec,
+                timeout=max(1.0, args.connect_timeout - (time.monotonic() - started)),
+                stall_timeout=args.stall_timeout,
+            )
         log.info("rank %d of %d joined the %s group", rank, args.world_size, args.backend)
         engine = Engine.load(
             args.model,
@@ -491,6 +541,11 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         log.error("%s", exc)
         writer.send([RunnerError(message=str(exc))])
         return 1
+    except StepSyncError as exc:
+        message = f"the distributed group's step channel was not formed: {exc}"
+        log.error("%s", message)
+        writer.send([RunnerError(message=message)])
+        return 1
     except Exception as exc:
         log.exception("loading %s failed", args.model)
         writer.send([RunnerError(message=f"loading {args.model} failed: {exc}")])
@@ -506,14 +561,17 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
                 )
             ]
         )
-        sync = StepSync(group)
-        if rank == 0:
-            coordinator = Coordinator(engine, writer, commands, sync, watchdog, args.stall_timeout)
+        sync_steps = _sync_steps(spec)
+        if isinstance(channel, LeaderChannel):
+            coordinator = Coordinator(
+                engine, writer, commands, channel, watchdog, args.stall_timeout, sync_steps
+            )
             serving.append(coordinator)
             status = coordinator.run()
+            _log_sync_cost(channel)
         else:
-            status = Follower(engine, writer, sync, watchdog, args.stall_timeout).run()
-        _log_sync_cost(sync)
+            follower = Follower(engine, writer, channel, watchdog, args.stall_timeout, sync_steps)
+            status = follower.run()
         return status
     except BrokenPipeError:
         log.warning("protocol pipe closed by the worker; exiting")
@@ -522,11 +580,33 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         return 130
 
 
-def _log_sync_cost(sync: StepSync) -> None:
-    if sync.exchanges:
+def _sync_steps(spec: ShardSpec) -> bool:
+    """Whether every step waits for the forward pass it queued before going on.
+
+    BatchGenerator starts the next forward pass before a step returns, so the
+    bookkeeping between steps (events, the exchange, building the next graph)
+    normally overlaps with it. But inside that forward pass some rank always
+    busy-waits for another's activations (MLX's ring), so ranks that share one
+    machine's cores then run more threads than it has: the spinning and the
+    bookkeeping slow down the very computation they wait for. Waiting for the
+    forward pass first keeps the phases apart; on this project's 2-core machine it
+    cut the CPU per token of a 2-rank loopback pipeline by about a third and raised
+    its throughput. Ranks on separate machines keep the overlap.
+    EXO_TRIO_STEP_SYNC=1 or 0 overrides the choice.
+    """
+    from exo_trio.sharding import ranks_share_host
+
+    forced = os.environ.get("EXO_TRIO_STEP_SYNC", "auto")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return ranks_share_host(spec)
+
+
+def _log_sync_cost(channel: LeaderChannel) -> None:
+    if channel.exchanges:
         log.info(
-            "step sync: %d exchanges (%d with commands), %.3f ms each on average",
-            sync.exchanges,
-            sync.payload_exchanges,
-            1000 * sync.seconds / sync.exchanges,
+            "step sync: %d exchanges (%d with commands), %.3f ms waiting for reports on average",
+            channel.exchanges,
+            channel.command_exchanges,
+            1000 * channel.wait_seconds / channel.exchanges,
         )

@@ -10,8 +10,17 @@ lives; across a reconnect some may be lost or repeated. So:
   chunk count, so the owner can drop duplicates and notice gaps;
 - the entry node keeps each request's unacknowledged events in a bounded buffer
   and the owner acknowledges cumulatively (RemoteAck);
-- after a reconnect the owner asks for everything from its next expected number
-  (RemoteResume) and the entry node re-sends it from the buffer;
+- after a reconnect the entry node re-sends every unacknowledged event at once,
+  before anything new can go out on the new link (so the owner never sees a
+  newer event before an older one that was lost with the old link), and the owner
+  asks for everything from its next expected number (RemoteResume) in case the
+  entry node did not notice the reconnect;
+- a request one side no longer knows is settled explicitly: a RemoteResume for a
+  request the entry node does not know (its RemoteGenerate was lost with a link,
+  or the entry node restarted) is answered with a GenerationFailed, and events for
+  a request the owner no longer routes (it ended, its cancel or last ack was lost
+  with a link, or it belonged to the owner's previous incarnation) are answered
+  with a RemoteCancel, so no side waits or buffers forever;
 - a peer lost for good (the caller decides when: after a grace period) ends every
   affected request with an explicit GenerationFailed.
 
@@ -131,6 +140,11 @@ class TokenRelay:
         route = self.routes.get(message.request_id)
         if route is None or route.entry_node != peer:
             self.stats.late += len(message.events)
+            if route is None:
+                # Nobody here waits for it: our cancel or last ack may have been lost
+                # with a link, or it is our previous incarnation's. Let the entry
+                # node stop and forget it.
+                self._send(peer, RemoteCancel(request_id=message.request_id))
             return
         for event in message.events:
             number = event_number(event)
@@ -155,7 +169,14 @@ class TokenRelay:
                 self._send(peer, RemoteAck(request_id=message.request_id, upto=route.acked))
 
     def on_peer_up(self, peer: str) -> None:
-        """A link came back: ask for whatever may have been lost while it was down."""
+        """A link came (back) up. Called before anything else can be sent on it."""
+        # Entry side: whatever the old link may have lost goes first, ahead of any
+        # new event (the owner drops what it already has).
+        for request_id, out in self.outgoing.items():
+            if out.origin == peer and out.events:
+                self.stats.resent += len(out.events)
+                self._send(peer, RemoteEvents(request_id=request_id, events=tuple(out.events)))
+        # Owner side: ask for whatever may have been lost while it was down.
         for request_id, route in self.routes.items():
             if route.entry_node == peer:
                 self._send(peer, RemoteResume(request_id=request_id, next_event=route.next_event))
@@ -215,7 +236,18 @@ class TokenRelay:
 
     def on_resume(self, peer: str, message: RemoteResume) -> None:
         out = self.outgoing.get(message.request_id)
-        if out is None or out.origin != peer:
+        if out is None:
+            # Never arrived here (its RemoteGenerate was lost with a link), lost with
+            # this node's previous incarnation, or given up on after the grace: the
+            # owner still waits for it, so end it explicitly.
+            failed = GenerationFailed(
+                request_id=message.request_id,
+                kind="peer_lost",
+                message=f"node {self.node_id} does not have this request",
+            )
+            self._send(peer, RemoteEvents(request_id=message.request_id, events=(failed,)))
+            return
+        if out.origin != peer:
             return
         start = max(0, message.next_event - out.base)
         if message.next_event < out.base:

@@ -12,6 +12,7 @@ no job left on the worker or the runner.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -36,6 +37,7 @@ from fuzz.checks import (
 from fuzz.http1 import BadResponse, RawResponse, build_request, exchange
 from fuzz.inproc import InProcessNode
 from fuzz.portal import Portal
+from fuzz.quiet import quiet
 
 HEADER = 4
 # Real seconds a request may take before it counts as a hang. A healthy one takes
@@ -134,7 +136,9 @@ class ApiRequest:
         return normalized_path(self.target)
 
     def raw(self) -> bytes:
-        return build_request(self.method, self.target, self.headers, self.body, chunked=self.chunked)
+        return build_request(
+            self.method, self.target, self.headers, self.body, chunked=self.chunked
+        )
 
 
 def decode_input(data: bytes, routes: list[tuple[str, str]], *, guarded: bool) -> ApiRequest:
@@ -201,7 +205,8 @@ def check_response(request: ApiRequest, response: RawResponse) -> None:
         if path.endswith(("/api/chat", "/api/generate")) and "x-request-id" not in response.headers:
             check_ollama_load(load_json(response.body, "Ollama body"))
         else:
-            check_generation(response, path, echoed_prompt(request) if "completions" in path else "")
+            echo = echoed_prompt(request) if "completions" in path else ""
+            check_generation(response, path, echo)
     elif path == "/v1/messages/count_tokens":
         body = load_json(response.body, "count_tokens body")
         if not isinstance(body.get("input_tokens"), int):
@@ -228,6 +233,7 @@ def echoed_prompt(request: ApiRequest) -> str:
     return prompt if isinstance(prompt, str) else str(prompt[0]) if prompt else ""
 
 
+@functools.cache
 def demo_encoder() -> PromptEncoder:
     """The demo model's real tokenizer and chat template (built once per machine
     into the temp dir), so prompts go through the same code as in production."""
@@ -248,8 +254,7 @@ class ApiHarness:
             cors_origins=(ORIGIN,) if self.guarded else (),
         )
         # The node logs every refused request and every 4xx; keep the fuzzer quiet.
-        logging.getLogger("exo_trio").setLevel(logging.CRITICAL)
-        logging.getLogger("hypercorn.error").setLevel(logging.CRITICAL)
+        self.restore = quiet({"exo_trio": logging.CRITICAL, "hypercorn.error": logging.CRITICAL})
 
         async def setup(nursery: trio.Nursery) -> InProcessNode:
             # A short context keeps every generation short (the fake runner stops at
@@ -300,6 +305,7 @@ class ApiHarness:
 
     def close(self) -> None:
         self.portal.close()
+        self.restore()
 
 
 def make(name: str) -> ApiHarness:

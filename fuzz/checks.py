@@ -217,7 +217,9 @@ def check_ndjson_stream(lines: list[Any], rid: str) -> None:
         fail(f"error line in a healthy NDJSON stream: {lines[-1]!r:.300}")
     if [line.get("done") for line in lines] != [False] * (len(lines) - 1) + [True]:
         fail("NDJSON stream: `done` must be true on the last line only")
-    pieces = [line["message"]["content"] if "message" in line else line["response"] for line in lines]
+    pieces = [
+        line["message"]["content"] if "message" in line else line["response"] for line in lines
+    ]
     check_text("".join(pieces), rid, lines[-1].get("eval_count"))
 
 
@@ -258,5 +260,6 @@ def check_json_generation(body: Any, route: str, rid: str, echo: str = "") -> No
 
 
 def check_ollama_load(body: Any) -> None:
-    if not (isinstance(body, dict) and body.get("done") is True and body.get("done_reason") == "load"):
+    loaded = isinstance(body, dict) and body.get("done") is True
+    if not (loaded and body.get("done_reason") == "load"):
         fail(f"Ollama load answer malformed: {body!r:.300}")

@@ -73,7 +73,8 @@ def read_back(dialect: str, body: bytes) -> tuple[str, str]:
                 ending = "fail"
                 continue
             for choice in payload["choices"]:
-                text.append((choice["delta"].get("content") if dialect == "chat" else choice["text"]) or "")
+                piece = choice["delta"].get("content") if dialect == "chat" else choice["text"]
+                text.append(piece or "")
         elif dialect == "responses":
             if event.event == "response.output_text.delta":
                 text.append(payload["delta"])
@@ -99,7 +100,10 @@ class EncoderHarness:
         flags = data[1]
         pieces = data[2:].decode("utf-8", "replace").split("\x00")
         command = TextGeneration(
-            request_id="chatcmpl-1", model="demo", prompt_tokens=[1], params=SamplingParams(max_tokens=9)
+            request_id="chatcmpl-1",
+            model="demo",
+            prompt_tokens=[1],
+            params=SamplingParams(max_tokens=9),
         )
         encoder = encoder_for(dialect, command, usage=bool(flags & 1))
         timing = Timing(started=0.0, first_token=0.5, last_token=0.9, ended=1.0)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from fuzz.mutate import mutate, mutate_bytes
-from fuzz.targets import Target
+from fuzz.targets import Harness, Target
 
 
 @dataclass
@@ -59,9 +59,18 @@ def strategy(target: Target) -> st.SearchStrategy[bytes]:
     return inputs()
 
 
-def run(target: Target, seconds: float, *, rng_seed: int | None = None) -> RunResult:
-    """Fuzz `target` for about `seconds`; stops at the first failure, shrunk."""
-    harness = target.make()
+def run(
+    target: Target,
+    seconds: float,
+    *,
+    rng_seed: int | None = None,
+    max_inputs: int | None = None,
+    harness: Harness | None = None,
+) -> RunResult:
+    """Fuzz `target` for about `seconds` (or `max_inputs` inputs); stops at the
+    first failure, shrunk. A given `harness` is used, and left open."""
+    owned = harness is None
+    harness = harness if harness is not None else target.make()
     count = 0
     last: list[bytes] = []
     stop_at = time.monotonic() + seconds
@@ -79,7 +88,7 @@ def run(target: Target, seconds: float, *, rng_seed: int | None = None) -> RunRe
     @given(strategy(target))
     def one(data: bytes) -> None:
         nonlocal count
-        if time.monotonic() > stop_at:
+        if time.monotonic() > stop_at or (max_inputs is not None and count >= max_inputs):
             return
         count += 1
         last[:] = [data]
@@ -87,7 +96,7 @@ def run(target: Target, seconds: float, *, rng_seed: int | None = None) -> RunRe
 
     batch = 0
     try:
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stop_at and (max_inputs is None or count < max_inputs):
             test = seed(rng_seed + batch)(one) if rng_seed is not None else one
             batch += 1
             try:
@@ -103,5 +112,6 @@ def run(target: Target, seconds: float, *, rng_seed: int | None = None) -> RunRe
                     error=f"{type(exc).__name__}: {exc}",
                 )
     finally:
-        harness.close()
+        if owned:
+            harness.close()
     return RunResult(target.name, "hypothesis", count, time.monotonic() - started)

@@ -31,6 +31,7 @@ from exo_trio.types import SamplingParams, TextGeneration
 from exo_trio.worker import Worker
 from fuzz.checks import PropertyViolation
 from fuzz.inproc import FakeConnection
+from fuzz.quiet import quiet
 
 DIRECTIONS: tuple[object, ...] = (RunnerToWorker, WorkerToRunner)
 
@@ -116,7 +117,10 @@ class RunnerOutput(trio.abc.Stream):
 
 def command(rid: str, max_tokens: int) -> TextGeneration:
     return TextGeneration(
-        request_id=rid, model="fuzz", prompt_tokens=[1, 2], params=SamplingParams(max_tokens=max_tokens)
+        request_id=rid,
+        model="fuzz",
+        prompt_tokens=[1, 2],
+        params=SamplingParams(max_tokens=max_tokens),
     )
 
 
@@ -159,13 +163,29 @@ async def drive_worker(data: bytes, step: int) -> None:
         raise PropertyViolation(f"requests without an end: {outcomes}")
 
 
+# Found by this target, reported, not yet fixed (docs/fuzzing.md): more events for a
+# request than its channel holds raise StreamViolation inside the Worker's reader,
+# which ends Worker.run (and the node) instead of that request or that runner. A
+# non-strict run tolerates it to search past it; tests/test_fuzz.py replays it
+# strictly as an expected failure.
+KNOWN_OPEN = ("channel overflow",)
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
 class RunnerStreamHarness:
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         # The worker and registry log every stray event loudly, by design.
-        logging.getLogger("exo_trio").setLevel(logging.CRITICAL)
+        self.restore = quiet({"exo_trio": logging.CRITICAL})
+        self.strict = strict
 
     def one(self, data: bytes) -> None:
-        step = 1 + (data[0] % 64 if data else 0)
+        # Up to 16 kB per read: several frames may land at once, as from a real pipe.
+        step = 1 + (data[0] * 64 if data else 0)
         try:
             trio.run(
                 drive_worker, data[1:], step, clock=trio.testing.MockClock(autojump_threshold=0)
@@ -175,10 +195,13 @@ class RunnerStreamHarness:
         except trio.TooSlowError:
             raise PropertyViolation("the worker or a request hung") from None
         except BaseException as exc:
+            known = any(m in str(leaf) for leaf in leaves(exc) for m in KNOWN_OPEN)
+            if known and not self.strict:
+                return
             raise PropertyViolation(f"escaped the worker: {exc!r}") from exc
 
     def close(self) -> None:
-        return None
+        self.restore()
 
 
 def make(name: str) -> FrameHarness | RunnerStreamHarness:

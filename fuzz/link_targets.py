@@ -33,6 +33,7 @@ from exo_trio.net import auth, wire
 from exo_trio.net.discovery import Discovery, decode_beacon, encode_beacon
 from exo_trio.net.links import PeerInfo, PeerLinks
 from fuzz.checks import PropertyViolation
+from fuzz.quiet import quiet
 
 # Failures found by this fuzzer that are reported but not yet fixed in exo_trio/net
 # (see docs/fuzzing.md). A non-strict run tolerates them so that it can search past
@@ -263,7 +264,7 @@ async def run_link(data: bytes, strict: bool = True) -> dict[str, int]:
 class LinkHarness:
     def __init__(self, strict: bool = False) -> None:
         # Links log every refused peer; the catcher above still sees the errors.
-        logging.getLogger("exo_trio.net.links").setLevel(logging.ERROR)
+        self.restore = quiet({"exo_trio.net.links": logging.ERROR})
         self.strict = strict
 
     def one(self, data: bytes) -> None:
@@ -277,7 +278,7 @@ class LinkHarness:
             raise PropertyViolation(f"escaped the links: {exc!r}") from exc
 
     def close(self) -> None:
-        return None
+        self.restore()
 
 
 class FakeLinks:
@@ -300,7 +301,7 @@ class FakeLinks:
 
 class BeaconHarness:
     def __init__(self, strict: bool = False) -> None:
-        logging.getLogger("exo_trio.net.discovery").setLevel(logging.ERROR)
+        self.restore = quiet({"exo_trio.net.discovery": logging.ERROR})
         self.key = auth.beacon_key(SECRET)
         self.strict = strict
 
@@ -333,7 +334,7 @@ class BeaconHarness:
                 raise PropertyViolation("a beacon does not survive a round trip")
 
     def close(self) -> None:
-        return None
+        self.restore()
 
 
 def make(name: str) -> LinkHarness | BeaconHarness:

@@ -2,16 +2,18 @@
 
 choices.py     the one recorded choice list every decision is drawn from
 schedule.py    Trio's scheduling hook: batch order (native) or PCT, self-test
-scenario.py    the scenario's knobs and the plan drawn from the choice list
-pipes.py       simulated byte streams (HTTP connections, runner pipes)
-faults.py      fault points and link shaping
-fake_runner.py a runner speaking the real protocol, seeded
+scenario.py    the scenarios' knobs and the plan drawn from the choice list
+pipes.py       simulated byte streams (HTTP connections, runner pipes, links)
+net.py         the network between nodes: PeerLinks' seams, resets, partitions
+faults.py      fault points, stream shaping, the fault window
+fake_runner.py a runner speaking the real protocol, seeded; ranks of a group
 ledger.py      the oracle: what the fake runners really did
 encoder.py     a trivial prompt encoder
 http.py        a small HTTP/1.1 client and SSE / NDJSON / JSON framings
 dialects.py    one reader per API dialect
 clients.py     simulated clients and their behaviours
-world.py       nodes, runners and clients in one run
+world.py       the cluster's nodes, runners, clients and faults in one run
+watch.py       what crossed the cluster's seams (leaders, terms, teardowns)
 invariants.py  what must hold after every run
 run.py         one run: choice list in, digest and violations out
 sweep.py       many runs, worker processes, coverage, mutant hunting

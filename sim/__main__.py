@@ -1,8 +1,8 @@
 """python -m sim: sweep seeds, replay and shrink failures, hunt mutants.
 
     python -m sim [--seeds N] [--start S] [--jobs J] [--seed S] [--replay FILE]
-                  [--shrink] [--policy native|pct] [--check-determinism] [--mutants]
-                  [--json] [--mutant NAME] [--corpus] [--trace] [--out FILE]
+                  [--shrink] [--policy native|pct] [--nodes N] [--check-determinism]
+                  [--mutants] [--json] [--mutant NAME] [--corpus] [--trace] [--out FILE]
 
 Exit status 0 when no invariant was violated (with --mutants: when every mutant
 was caught), 1 otherwise. With --json the last line printed is one JSON object.
@@ -21,6 +21,7 @@ from sim import determinism, replay
 from sim.choices import Choices
 from sim.mutants import MUTANTS
 from sim.run import RunResult, run_choices
+from sim.scenario import DEFAULT, SCENARIOS, scenario_for
 from sim.schedule import POLICIES, Policy
 from sim.shrink import shrink, strip
 from sim.sweep import (
@@ -35,11 +36,24 @@ from sim.sweep import (
 MUTANT_LIMIT = 20
 
 
-def repro(seed: int | None, policy: str, mutant: str | None, file: Path | None = None) -> str:
+def repro(
+    seed: int | None,
+    policy: str,
+    mutant: str | None,
+    file: Path | None = None,
+    nodes: int | None = None,
+    scenario: str | None = None,
+) -> str:
     target = f"--replay {file}" if file is not None else f"--seed {seed}"
     line = f"python -m sim {target}"
     if policy != "native" and file is None:
         line += f" --policy {policy}"
+    own = MUTANTS[mutant].scenario if mutant else None
+    if scenario is not None and scenario != (own or DEFAULT.name) and file is None:
+        line += f" --scenario {scenario}"
+    if nodes is not None and nodes != scenario_for(None, scenario or own or DEFAULT.name).nodes:
+        if file is None:
+            line += f" --nodes {nodes}"
     if mutant and file is None:
         line += f" --mutant {mutant}"
     return line
@@ -61,6 +75,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shrink-budget", type=float, default=60.0, help="seconds (default 60)")
     p.add_argument("--out", type=Path, help="where --shrink writes the replay file")
     p.add_argument("--policy", choices=POLICIES, default="native")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help=f"nodes in the cluster (default: the scenario's; {DEFAULT.nodes} by default)",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        default=None,
+        help="a named scenario (default: default; --mutant(s): each mutant's own)",
+    )
     p.add_argument("--check-determinism", action="store_true")
     p.add_argument("--mutants", action="store_true", help="every mutant must be caught")
     p.add_argument("--mutant", choices=sorted(MUTANTS), help="run with this bug applied")
@@ -104,14 +130,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"seed {o.seed}: FAIL {o.violations[0]}"[:400])
             for extra in o.violations[1:4]:
                 print(f"    also: {extra}"[:400])
-            print(f"    reproduce: {repro(o.seed, args.policy, args.mutant)}")
+            where = repro(o.seed, args.policy, args.mutant, None, args.nodes, args.scenario)
+            print(f"    reproduce: {where}")
 
-    report = sweep(seeds, policy=args.policy, mutant=args.mutant, jobs=args.jobs, on_outcome=show)
+    report = sweep(
+        seeds,
+        policy=args.policy,
+        mutant=args.mutant,
+        jobs=args.jobs,
+        on_outcome=show,
+        nodes=args.nodes,
+        scenario=args.scenario,
+    )
+    own = MUTANTS[args.mutant].scenario if args.mutant else None
+    chosen = scenario_for(args.nodes, args.scenario or own or DEFAULT.name)
     ok = report.ok
     print(
         f"{report.seeds} seeds, {len(report.failures)} failing, "
         f"{report.seeds_per_s:.1f} seeds/s ({report.seeds_per_s_per_core:.1f}/s per core, "
-        f"{args.jobs} job{'s' if args.jobs != 1 else ''}, policy {args.policy})"
+        f"{args.jobs} job{'s' if args.jobs != 1 else ''}, policy {args.policy}, "
+        f"scenario {chosen.name}, {chosen.nodes} node{'s' if chosen.nodes != 1 else ''})"
     )
     print("coverage: " + ", ".join(f"{k}={report.coverage.get(k, 0)}" for k in KEY_COVERAGE))
     for key in report.missing_coverage:
@@ -129,13 +167,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     "seed": f.seed,
                     "kinds": f.kinds,
                     "violation": f.violations[0],
-                    "reproduce": repro(f.seed, args.policy, args.mutant),
+                    "reproduce": repro(
+                        f.seed, args.policy, args.mutant, None, args.nodes, args.scenario
+                    ),
                 }
                 for f in report.failures
             ],
             "coverage": dict(sorted(report.coverage.items())),
             "missing_coverage": report.missing_coverage,
             "policy": args.policy,
+            "nodes": chosen.nodes,
+            "scenario": chosen.name,
         },
     )
     return 0 if ok else 1
@@ -156,17 +198,26 @@ def cmd_single(args: argparse.Namespace) -> int:
                 policy=policy,
                 dialects=recorded.dialects or None,
                 keep_lines=args.trace,
+                nodes=recorded.nodes,
+                scenario=recorded.scenario,
             )
         where = repro(None, policy, mutant, args.replay)
         if recorded.digest and recorded.digest != result.digest:
             print(f"note: digest {result.digest} differs from the recorded {recorded.digest}")
     else:
         policy, mutant = args.policy, args.mutant
+        own = MUTANTS[mutant].scenario if mutant else None
+        scenario = args.scenario or own or DEFAULT.name
         with mutant_context(mutant):
             result = run_choices(
-                Choices(seed=args.seed), policy=policy, seed=args.seed, keep_lines=args.trace
+                Choices(seed=args.seed),
+                policy=policy,
+                seed=args.seed,
+                keep_lines=args.trace,
+                nodes=args.nodes,
+                scenario=scenario,
             )
-        where = repro(args.seed, policy, mutant)
+        where = repro(args.seed, policy, mutant, None, args.nodes, scenario)
     if args.trace and result.lines is not None:
         print("\n".join(result.lines))
     for violation in result.violations:
@@ -203,7 +254,13 @@ def do_shrink(
 
     def run(candidate: list[int]) -> RunResult:
         with mutant_context(mutant):
-            return run_choices(Choices(replay=candidate), policy=policy, dialects=result.dialects)
+            return run_choices(
+                Choices(replay=candidate),
+                policy=policy,
+                dialects=result.dialects,
+                nodes=result.nodes,
+                scenario=result.scenario,
+            )
 
     print(f"shrinking {length} choices (violation kind {kind}, {args.shrink_budget:.0f}s budget)")
     report = shrink(result, run, kind, budget=args.shrink_budget)
@@ -220,6 +277,8 @@ def do_shrink(
         digest=best.digest,
         seed=result.seed,
         note=str(best.violations[0])[:300],
+        nodes=result.nodes,
+        scenario=result.scenario,
     ).save(path)
     print(
         f"shrunk {length} -> {len(report.choices)} choices in {report.attempts} runs; "
@@ -234,16 +293,25 @@ def do_shrink(
 
 def cmd_mutants(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    names = [args.mutant] if args.mutant else sorted(MUTANTS)
+    names = [args.mutant] if args.mutant else sorted(n for n, m in MUTANTS.items() if m.hunt)
     limit = args.seeds if args.seeds is not None else MUTANT_LIMIT
-    reports = hunt_mutants(names, start=args.start, limit=limit, policy=args.policy, jobs=args.jobs)
+    reports = hunt_mutants(
+        names,
+        start=args.start,
+        limit=limit,
+        policy=args.policy,
+        jobs=args.jobs,
+        nodes=args.nodes,
+        scenario=args.scenario,
+    )
     seeds = sum(r.seeds_to_catch for r in reports)
     wall = time.perf_counter() - started
     for r in reports:
         if r.caught:
             print(f"mutant {r.name}: caught after {r.seeds_to_catch} seed(s) ({r.bug})")
             print(f"    {r.violation}"[:300])
-            print(f"    reproduce: {repro(r.seed, args.policy, r.name)}")
+            where = repro(r.seed, args.policy, r.name, None, args.nodes, args.scenario)
+            print(f"    reproduce: {where}")
         else:
             print(f"mutant {r.name}: NOT CAUGHT in {limit} seeds ({r.bug})")
     caught = all(r.caught for r in reports)
@@ -270,7 +338,7 @@ def cmd_determinism(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     count = args.seeds if args.seeds is not None else 10
     seeds = list(range(args.start, args.start + count))
-    problems = determinism.check(seeds, args.policy)
+    problems = determinism.check(seeds, args.policy, args.nodes, args.scenario)
     for line in problems:
         print(f"NONDETERMINISTIC {line}")
     print(
@@ -291,7 +359,9 @@ def cmd_determinism(args: argparse.Namespace) -> int:
 
 def cmd_digests(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in (args.seeds_list or "").split(",") if s]
-    found = {seed: run_one(seed, args.policy).digest for seed in seeds}
+    found = {
+        seed: run_one(seed, args.policy, None, args.nodes, args.scenario).digest for seed in seeds
+    }
     print(json.dumps({"digests": found}))
     return 0
 
@@ -329,7 +399,11 @@ def check_corpus_entry(path: Path) -> list[str]:
     def run(mutant: str | None) -> RunResult:
         with mutant_context(mutant):
             return run_choices(
-                Choices(replay=entry.choices), policy=policy, dialects=entry.dialects or None
+                Choices(replay=entry.choices),
+                policy=policy,
+                dialects=entry.dialects or None,
+                nodes=entry.nodes,
+                scenario=entry.scenario,
             )
 
     problems = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -58,6 +58,13 @@ class ClientResult:
     keepalives: int = 0
     cancel_status: int | None = None
     cancel_sent_at: float | None = None
+    server: Any = None  # the SimNode (incarnation) that served it
+
+    @property
+    def server_died(self) -> bool:
+        """The node serving this client crashed before the exchange ended."""
+        crashed_at = getattr(self.server, "crashed_at", None)
+        return crashed_at is not None and (self.ended_at is None or crashed_at <= self.ended_at)
 
     @property
     def text(self) -> str:
@@ -77,8 +84,11 @@ class Client:
 
     async def run(self) -> None:
         plan, result, world = self.plan, self.result, self.world
-        await trio.sleep_until(plan.start)
-        stream = world.nodes[plan.node].connect(plan)
+        assert world.t0 is not None
+        await trio.sleep_until(world.t0 + plan.start)
+        node = world.nodes[plan.node]
+        result.server = node
+        stream = node.connect(plan)
         http = HttpClient(stream)
         body = json.dumps(self.dialect.body(prompt_for(plan), plan.max_tokens)).encode()
         try:

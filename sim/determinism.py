@@ -20,13 +20,28 @@ from sim.sweep import run_one
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def digests(seeds: list[int], policy: Policy = "native") -> dict[int, str]:
-    return {seed: run_one(seed, policy).digest for seed in seeds}
+def digests(
+    seeds: list[int],
+    policy: Policy = "native",
+    nodes: int | None = None,
+    scenario: str | None = None,
+) -> dict[int, str]:
+    return {seed: run_one(seed, policy, None, nodes, scenario).digest for seed in seeds}
 
 
-def fresh_process_digests(seeds: list[int], policy: Policy, hash_seed: int) -> dict[int, str]:
+def fresh_process_digests(
+    seeds: list[int],
+    policy: Policy,
+    hash_seed: int,
+    nodes: int | None = None,
+    scenario: str | None = None,
+) -> dict[int, str]:
     env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
     command = [sys.executable, "-m", "sim", "--digests", "--policy", policy, "--json"]
+    if nodes is not None:
+        command += ["--nodes", str(nodes)]
+    if scenario is not None:
+        command += ["--scenario", scenario]
     command += ["--seeds-list", ",".join(map(str, seeds))]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -40,11 +55,16 @@ def other_hash_seed() -> int:
     return 4242 if current != "4242" else 2424
 
 
-def check(seeds: list[int], policy: Policy = "native") -> list[str]:
+def check(
+    seeds: list[int],
+    policy: Policy = "native",
+    nodes: int | None = None,
+    scenario: str | None = None,
+) -> list[str]:
     """Mismatches as readable lines (empty: deterministic)."""
-    first = digests(seeds, policy)
-    again = {seed: run_one(seed, policy).digest for seed in reversed(seeds)}
-    fresh = fresh_process_digests(seeds, policy, other_hash_seed())
+    first = digests(seeds, policy, nodes, scenario)
+    again = {seed: run_one(seed, policy, None, nodes, scenario).digest for seed in reversed(seeds)}
+    fresh = fresh_process_digests(seeds, policy, other_hash_seed(), nodes, scenario)
     problems = []
     for seed in seeds:
         if again[seed] != first[seed]:

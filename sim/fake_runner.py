@@ -10,6 +10,14 @@ acknowledged with CancelAck), and emits a deterministic token per (request, seq)
 For the simulator it also reports what it did to an optional `RunnerObserver`
 (the oracle the invariants compare clients against) and can hang (stop stepping
 but keep its pipe open and keep reading commands).
+
+A rank of a sharded instance (`group` given) behaves as exo_trio/sharded_runner.py
+describes the real ones: every rank reports Ready only once the whole group has
+formed; only rank 0 takes commands and emits events (other ranks refuse work and
+never step); while the group is stalled (a partition its TCP rides out) rank 0
+does not step; and when the group breaks (any rank exits, its process dies, the
+network between ranks is cut) every rank notices within a moment: rank 0 fails
+its requests with `runner_died`, every rank sends RunnerError and exits.
 """
 
 from __future__ import annotations
@@ -22,7 +30,14 @@ from typing import Protocol
 import trio
 
 from exo_trio.framing import encode_frame, read_frames
-from exo_trio.runner_protocol import CancelAck, Loading, Ready, Shutdown, WorkerToRunner
+from exo_trio.runner_protocol import (
+    CancelAck,
+    Loading,
+    Ready,
+    RunnerError,
+    Shutdown,
+    WorkerToRunner,
+)
 from exo_trio.types import (
     Cancel,
     ChunkGenerated,
@@ -53,6 +68,51 @@ class RunnerObserver(Protocol):
 
     def stopped(self, runner: FakeRunner, request_ids: list[str]) -> None: ...
 
+    def died(self, runner: FakeRunner, request_ids: list[str]) -> None:
+        """Rank 0 failed these requests because its group broke."""
+        ...
+
+
+class RunnerGroup:
+    """The ranks of one sharded instance: what the real runners' mx.distributed
+    group is to them. `nodes[r]` names where rank r runs (for the simulator)."""
+
+    def __init__(self, instance_id: str, nodes: tuple[str, ...], form_timeout: float = 10.0):
+        self.instance_id = instance_id
+        self.nodes = nodes
+        self.form_timeout = form_timeout
+        self.joined: set[int] = set()
+        self.formed = trio.Event()
+        self.broken: str | None = None
+        self.broken_at: float | None = None
+        self.broken_event = trio.Event()
+        self.stalled_until = 0.0
+        self.ever_formed = False
+
+    @property
+    def world_size(self) -> int:
+        return len(self.nodes)
+
+    def join(self, rank: int) -> None:
+        self.joined.add(rank)
+        if len(self.joined) == self.world_size and self.broken is None:
+            self.ever_formed = True
+            self.formed.set()
+
+    def break_(self, cause: str) -> None:
+        """The group is over (a rank exited or died, the network between ranks was
+        cut); every rank notices and exits."""
+        if self.broken is None:
+            self.broken = cause
+            self.broken_at = trio.current_time()
+            self.broken_event.set()
+            self.formed.set()
+
+    def stall(self, until: float) -> None:
+        """No collective completes before `until` (math.inf: a rank's machine
+        vanished; the group then waits until it is torn down)."""
+        self.stalled_until = max(self.stalled_until, until)
+
 
 @dataclass
 class _Active:
@@ -73,6 +133,9 @@ class FakeRunner:
         text_of: Callable[[int, int], str] | None = None,
         observer: RunnerObserver | None = None,
         index: int = 0,
+        group: RunnerGroup | None = None,
+        rank: int = 0,
+        detect_delay: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.stream = stream
         self.model = model
@@ -87,11 +150,25 @@ class FakeRunner:
         self.steps = 0
         self.hung = False  # a hung runner stops stepping but keeps its pipe open
         self._wake = trio.Event()
+        self.group = group
+        self.rank = rank
+        self.detect_delay = detect_delay
+        self._stopping = False
 
     async def run(self) -> None:
         await self._send(
             [Loading(fraction=0.0, phase="fake load"), Loading(fraction=1.0, phase="fake load")]
         )
+        group = self.group
+        if group is not None:
+            group.join(self.rank)
+            with trio.move_on_after(group.form_timeout):
+                await group.formed.wait()
+            if group.broken is not None or not group.formed.is_set():
+                group.break_(f"rank {self.rank} could not form the group")
+                await self._send([RunnerError(message="could not form the distributed group")])
+                await self.stream.aclose()
+                return
         await self._send(
             [
                 Ready(
@@ -103,20 +180,27 @@ class FakeRunner:
             ]
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._steps)
+            if self.rank == 0:
+                nursery.start_soon(self._steps)
+            if group is not None:
+                nursery.start_soon(self._watch_group, nursery.cancel_scope)
             async for command in read_frames(self.stream, WorkerToRunner):  # type: ignore[arg-type]
                 if isinstance(command, Shutdown):
                     break
                 await self._apply(command)
             # Input closed (or Shutdown): fail what is left and stop, like the real runner.
             left = list(self.active)
+            self.active.clear()
+            self._stopping = True
+            if group is not None:
+                # Any rank stopping ends the group (rank 0 tells the others to stop).
+                group.break_(f"rank {self.rank} stopped")
             await self._send(
                 [
                     GenerationFailed(request_id=rid, kind="cancelled", message="runner stopping")
                     for rid in left
                 ]
             )
-            self.active.clear()
             if self.observer is not None and left:
                 self.observer.stopped(self, left)
             nursery.cancel_scope.cancel()
@@ -138,9 +222,55 @@ class FakeRunner:
         if self.observer is not None and left:
             self.observer.stopped(self, left)
 
+    # ---- the group ----
+
+    async def _watch_group(self, scope: trio.CancelScope) -> None:
+        """When the group breaks, fail what rank 0 holds and leave (RunnerError)."""
+        assert self.group is not None
+        await self.group.broken_event.wait()
+        await trio.sleep(self.detect_delay())
+        if self._stopping:
+            return
+        self._stopping = True
+        left = list(self.active)
+        self.active.clear()
+        failures: list[object] = [
+            GenerationFailed(
+                request_id=rid,
+                kind="runner_died",
+                message=f"the distributed group broke: {self.group.broken}",
+            )
+            for rid in left
+        ]
+        with trio.CancelScope(shield=True):
+            try:
+                await self._send([*failures, RunnerError(message=f"group: {self.group.broken}")])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if self.observer is not None and left:
+            self.observer.died(self, left)
+        scope.cancel()
+
     # ---- protocol ----
 
     async def _apply(self, command: WorkerToRunner) -> None:
+        if self.rank != 0:
+            # Only rank 0 takes commands (as the real sharded runner).
+            if isinstance(command, TextGeneration):
+                await self._send(
+                    [
+                        GenerationFailed(
+                            request_id=command.request_id,
+                            kind="invalid",
+                            message=f"rank {self.rank} takes no requests",
+                        )
+                    ]
+                )
+            elif isinstance(command, Cancel):
+                await self._send(
+                    [CancelAck(request_id=command.request_id, steps_after_cancel=0, known=False)]
+                )
+            return
         if isinstance(command, TextGeneration):
             self.active[command.request_id] = _Active(command)
             if self.observer is not None:
@@ -161,6 +291,10 @@ class FakeRunner:
                 await self._wake.wait()
                 continue
             await trio.sleep(self.step_delay())
+            group = self.group
+            if group is not None and group.stalled_until > trio.current_time():
+                await trio.sleep_until(group.stalled_until)  # a collective waits
+                continue
             if self.hung or not self.active:
                 continue
             self.steps += 1

@@ -2,11 +2,13 @@
 
 Faults only fire inside the plan's early window; after it the system runs
 healthy, so that safety (nothing lost, nothing duplicated) is checked under
-faults and liveness (every stream ends) after them.
+faults and liveness (every stream ends) after them. The window opens when the
+cluster first has a ready instance (start-up itself runs unfaulted).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import trio
@@ -18,13 +20,32 @@ from sim.scenario import FaultPlan
 from sim.trace import Trace
 
 
+class Window:
+    """The early fault window: closed until `open()`, then `length` seconds long."""
+
+    def __init__(self, length: float) -> None:
+        self.length = length
+        self.start = math.inf
+        self.end = math.inf
+
+    def open(self, now: float) -> None:
+        self.start = now
+        self.end = now + self.length
+
+    def active(self) -> bool:
+        return self.start <= trio.current_time() < self.end
+
+
 class SimFaultPoints(FaultPoints):
     """The simulator's fault points: at each hit, maybe a reschedule (other tasks
     run first), maybe a seeded delay. Production's are no-ops."""
 
-    def __init__(self, choices: Choices, plan: FaultPlan, trace: Trace, delay_max: float) -> None:
+    def __init__(
+        self, choices: Choices, plan: FaultPlan, window: Window, trace: Trace, delay_max: float
+    ) -> None:
         self.choices = choices
         self.plan = plan
+        self.window = window
         self.trace = trace
         self.delay_max = delay_max
         self.hits: Counter[str] = Counter()
@@ -32,7 +53,7 @@ class SimFaultPoints(FaultPoints):
 
     async def hit(self, name: str, request_id: str | None = None) -> None:
         self.hits[name] += 1
-        if trio.current_time() >= self.plan.window:
+        if not self.window.active():
             return
         choices = self.choices
         if choices.chance(self.plan.point_delay_p):
@@ -45,13 +66,13 @@ class SimFaultPoints(FaultPoints):
 
 
 def link_shaper(
-    choices: Choices, window: float, delay_p: float, split_p: float, delay_max: float
+    choices: Choices, window: Window, delay_p: float, split_p: float, delay_max: float
 ) -> Shaper:
     """Delays and splits writes on one direction of a simulated stream (in the
     fault window). Bytes stay in order; different streams drift apart."""
 
     def shape(size: int) -> list[tuple[int, float]]:
-        if trio.current_time() >= window:
+        if not window.active():
             return [(size, 0.0)]
         delay = choices.between(0.0, delay_max) if choices.chance(delay_p) else 0.0
         if size > 1 and choices.chance(split_p):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sim.clients import ClientResult
 from sim.dialects import DIALECTS, Error, Finish
 from sim.ledger import RunnerJob
+from sim.watch import AFTERMATH
 from sim.world import World
 
 _TOKEN = re.compile(r"\[(\d+):(\d+)\]")
@@ -23,21 +24,32 @@ _TOKEN = re.compile(r"\[(\d+):(\d+)\]")
 # the first of these it has; a lost token explains a hung stream, not the reverse.
 KINDS = (
     "delivery",
+    "relay_gap",
     "orphan_events",
     "dispatched_twice",
     "wrong_request",
     "terminal",
     "horizon",
+    "two_leaders",
+    "stale_command",
+    "spurious_teardown",
+    "unexplained_error",
+    "unexplained_peer_lost",
+    "spurious_link_down",
     "runner_kept_going",
     "runner_work_leaked",
     "registry_leak",
     "worker_job_leak",
+    "relay_leak",
+    "shard_leak",
+    "not_serving",
     "leftover_tasks",
     "garbled",
     "unknown_job",
     "unexpected_exception",
     "thread",
     "unexpected_error_log",
+    "no_startup",
     "no_drain",
 )
 
@@ -68,14 +80,17 @@ def decode_tokens(text: str) -> tuple[list[tuple[int, int]], str]:
     return pairs, _TOKEN.sub("", text)
 
 
-def stop_bound(world: World) -> tuple[float, int]:
+def stop_bound(world: World, relayed: bool = False) -> tuple[float, int]:
     """How long after a client leaves (or asks to cancel) the runner may still
     step its request, and how many steps that allows: the worst-case latency of
-    the HTTP link (the disconnect or the cancel request travelling to the server)
-    plus the runner pipe (the Cancel travelling to the runner), plus one step that
-    may already be under way."""
+    the HTTP link (the disconnect or the cancel request travelling to the server),
+    of the link between nodes for a relayed request (RemoteCancel), plus the
+    runner pipe (the Cancel travelling to the runner), plus one step that may
+    already be under way."""
     s = world.plan.scenario
     latency = 2 * s.http_delay_max + 2 * s.pipe_delay_max + 1e-6
+    if relayed:
+        latency += 2 * s.link_delay_max
     return latency, math.ceil(latency / s.step_delay[0]) + 1
 
 
@@ -85,11 +100,15 @@ def check(
     out: list[Violation] = []
     if crash is not None:
         out.append(Violation("unexpected_exception", crash))
+    if world.startup_failed:
+        out.append(Violation("no_startup", "the cluster never served a ready instance"))
+        return out
     for use in threads:
         out.append(Violation("thread", f"a thread was asked for on the simulated path: {use}"))
     for result in world.results:
         out.extend(check_client(world, result))
     out.extend(check_ledger(world))
+    out.extend(check_cluster(world))
     out.extend(check_end_state(world))
     for line in error_logs:
         out.append(Violation("unexpected_error_log", line))
@@ -129,9 +148,13 @@ def check_client(world: World, result: ClientResult) -> list[Violation]:
     terminal = result.terminals[0] if result.terminals else None
     left = result.ending == "left"
     cancelled = result.cancel_sent_at is not None
+    # The node serving the client died: its connection closed mid-way, which is
+    # the explicit end a client of a dead server gets.
+    server_died = result.server_died and terminal is None
+    cut = severed(world, rid, result) if isinstance(terminal, Error) else None
     if isinstance(terminal, Error) and not dialect.streaming:
         expected = []  # a failed non-streaming request returns no text by design
-    if left or (cancelled and not isinstance(terminal, Finish)):
+    if left or server_died or cut or (cancelled and not isinstance(terminal, Finish)):
         ok = received == expected[: len(received)]
         what = "a prefix of"
     else:
@@ -150,7 +173,7 @@ def check_client(world: World, result: ClientResult) -> list[Violation]:
     if result.after_terminal:
         bad("terminal", f"received {result.after_terminal[:3]} after the terminal event")
     if terminal is None:
-        if not left:
+        if not left and not server_died:
             bad(
                 "terminal",
                 f"response ended ({result.ending}, status {result.status}) without a "
@@ -168,12 +191,57 @@ def check_client(world: World, result: ClientResult) -> list[Violation]:
         streamed = dialect.streaming and _has_done_marker(plan.dialect)
         if streamed and not left and not result.done_marker:
             bad("terminal", "stream finished without its end-of-stream marker")
-    elif job is not None and job.end == "finished" and not cancelled:
+    elif job is not None and job.end == "finished" and not cancelled and not cut:
         bad("terminal", f"client got an error ({terminal.detail}) for a finished job")
     elif job is not None and job.end == "cancelled" and not cancelled:
         bad("terminal", f"the runner cancelled a job nobody gave up: {terminal.detail}")
+    refused = result.status == 429 or (
+        # Ollama's dialect refuses at admission with 503 (its clients retry on it).
+        isinstance(terminal, Error) and result.status == 503 and "at capacity" in terminal.detail
+    )
+    if isinstance(terminal, Error) and not cancelled and not refused:
+        why = explain_error(world, result, rid)
+        if why is None:
+            bad(
+                "unexplained_error",
+                f"client got an error ({terminal.detail[:120]}) although no fault touched "
+                "its request's nodes or the links between them",
+            )
     out.extend(check_stopped(world, result, job))
     return out
+
+
+def severed(world: World, rid: str | None, result: ClientResult) -> str | None:
+    """Why a request may legitimately have lost chunks the runner produced before
+    its explicit error: the owner gave up on the entry node (peer lost: the entry
+    died, or the link stayed down past the grace), or the instance was stopped
+    under it (the entry's worker is cancelled with the chunks still in its pipe)."""
+    if rid is None:
+        return None
+    watch = world.watch
+    if rid in watch.peer_lost:
+        return "peer lost"
+    path = watch.paths.get(rid)
+    if path is not None:
+        stopped = watch.instance_stops.get(path.spec.instance_id)
+        if stopped is not None and (result.ended_at is None or stopped <= result.ended_at):
+            return "instance stopped"
+    return None
+
+
+def explain_error(world: World, result: ClientResult, rid: str | None) -> str | None:
+    """A fault that may explain an error a client got, or None."""
+    if result.server_died:
+        return "its node crashed"
+    watch = world.watch
+    start = result.sent_at if result.sent_at is not None else 0.0
+    end = result.ended_at if result.ended_at is not None else start
+    path = watch.paths.get(rid) if rid is not None else None
+    # Without a path (refused before dispatch: no ready instance) any fault in the
+    # cluster may be why.
+    nodes = path.nodes if path is not None else frozenset(range(world.plan.scenario.nodes))
+    found = watch.touching(nodes, start, end)
+    return found[0].kind if found else None
 
 
 def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> list[Violation]:
@@ -181,7 +249,18 @@ def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> 
     gave_up = result.left_at if result.ending == "left" else result.cancel_sent_at
     if job is None or gave_up is None:
         return []
-    latency, max_steps = stop_bound(world)
+    path = world.watch.paths.get(job.request_id)
+    relayed = path is not None and path.entry != path.owner
+    latency, max_steps = stop_bound(world, relayed)
+    if (
+        relayed
+        and path is not None
+        and world.watch.link_faults(path.owner, path.entry, gave_up, gave_up + latency)
+    ):
+        # The cancel crosses a link that was cut or held: it arrives when the link
+        # is back (or the entry gives up on the owner); the end state checks that
+        # the work stopped by then.
+        return []
     out = []
     after = sum(1 for t in job.emit_times if t > gave_up)
     late = sum(1 for t in job.emit_times if t > gave_up + latency)
@@ -207,6 +286,36 @@ def check_ledger(world: World) -> list[Violation]:
         if job.client is None:
             out.append(
                 Violation("unknown_job", "a runner job no client asked for", None, job.request_id)
+            )
+    return out
+
+
+def check_cluster(world: World) -> list[Violation]:
+    """Leaders, fencing, teardowns, links and the relay, from what the watch saw."""
+    watch = world.watch
+    out = [Violation(f.kind, f.message, None, f.request_id) for f in watch.findings]
+    for rid, (owner, at) in watch.peer_lost.items():
+        path = watch.paths.get(rid)
+        if path is None or path.entry == owner:
+            continue
+        if not watch.link_faults(owner, path.entry, at - AFTERMATH, at):
+            out.append(
+                Violation(
+                    "unexplained_peer_lost",
+                    f"node n{owner} failed the request as lost to n{path.entry} at {at:.3f}s "
+                    "although neither node nor the link between them had a fault",
+                    None,
+                    rid,
+                )
+            )
+    for name, stats in world.relay_stats:
+        if stats.gaps or stats.overflows:
+            out.append(
+                Violation(
+                    "relay_gap",
+                    f"relay of {name}: {stats.gaps} gap(s), {stats.overflows} overflow(s) "
+                    "(events lost between nodes)",
+                )
             )
     return out
 
@@ -240,6 +349,32 @@ def check_end_state(world: World) -> list[Violation]:
                     rid,
                 )
             )
+    for node, ids in state.relay_routes.items():
+        for rid in ids:
+            out.append(
+                Violation("relay_leak", f"node {node}: relay route left after the drain", None, rid)
+            )
+    for node, ids in state.relay_outgoing.items():
+        for rid in ids:
+            out.append(
+                Violation(
+                    "relay_leak",
+                    f"node {node}: relay buffer (outgoing) left after the drain",
+                    None,
+                    rid,
+                )
+            )
+    for node, shards in state.shards.items():
+        for shard in shards:
+            out.append(
+                Violation(
+                    "shard_leak", f"node {node}: shard {shard} is not part of a live instance"
+                )
+            )
+    if not state.serving:
+        out.append(
+            Violation("not_serving", "after the drain the cluster has no ready instance everywhere")
+        )
     if state.tasks:
         out.append(Violation("leftover_tasks", f"tasks alive after the drain: {state.tasks}"))
     for node, stats in state.stats.items():

@@ -20,7 +20,10 @@ from sim.encoder import client_of
 from sim.fake_runner import FakeRunner
 from sim.trace import Trace
 
-JobEnd = Literal["finished", "cancelled", "lost", "stopped"]
+# finished: its terminal event went out; cancelled: a Cancel reached the runner;
+# stopped: the runner's input closed (shard stopped, node shutting down);
+# died: its distributed group broke (rank 0 failed it); lost: the runner died with it.
+JobEnd = Literal["finished", "cancelled", "lost", "stopped", "died"]
 
 
 @dataclass
@@ -105,6 +108,13 @@ class Ledger:
             job = self.jobs.get(rid)
             if job is not None:
                 job.ended("stopped")
+
+    def died(self, runner: FakeRunner, request_ids: list[str]) -> None:
+        self.trace.add("runner", runner.index, "group-broke", *request_ids)
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is not None:
+                job.ended("died")
 
     # ---- the world tells it ----
 

@@ -12,8 +12,15 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
+from exo_trio import cluster_state
+from exo_trio.cluster import Cluster
+from exo_trio.cluster_messages import InstanceStatus, RemoteResume
+from exo_trio.framing import encode_frame
 from exo_trio.node import Node
 from exo_trio.streams import RequestStream, StreamRegistry
+from exo_trio.token_relay import TokenRelay
 from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFinished
 from exo_trio.worker import Worker
 
@@ -23,6 +30,12 @@ class Mutant:
     name: str
     bug: str
     apply: Callable[[], AbstractContextManager[None]]
+    # The scenario (sim/scenario.py SCENARIOS) a hunt uses unless told otherwise:
+    # the one that provokes the bug (None: the default).
+    scenario: str | None = None
+    # Hunted by --mutants (caught within 20 seeds). A rare race is not: it is kept
+    # for `--mutant NAME` and for its regression-corpus entry.
+    hunt: bool = True
 
 
 @contextmanager
@@ -157,6 +170,174 @@ def cancel_endpoint_forgets_runner() -> AbstractContextManager[None]:
     return patched(Node, "cancel_request", cancel_request)
 
 
+# ---- the cluster ----
+
+
+def relay_no_resend() -> AbstractContextManager[None]:
+    """After a reconnect nothing lost with the old link is sent again: the entry
+    node neither re-sends its buffer nor answers the owner's RemoteResume."""
+
+    def on_peer_up(self: TokenRelay, peer: str) -> None:
+        for request_id, route in self.routes.items():
+            if route.entry_node == peer:
+                self._send(peer, RemoteResume(request_id=request_id, next_event=route.next_event))
+
+    def on_resume(self: TokenRelay, peer: str, message: RemoteResume) -> None:
+        return None
+
+    return _patched_all(
+        (TokenRelay, "on_peer_up", on_peer_up), (TokenRelay, "on_resume", on_resume)
+    )
+
+
+def resume_ignores_unknown() -> AbstractContextManager[None]:
+    """A RemoteResume for a request the entry node does not know is ignored (as it
+    was before the simulator found it): a request whose RemoteGenerate was lost
+    with a link, or whose entry node restarted within the grace, hangs."""
+    real = TokenRelay.on_resume
+
+    def on_resume(self: TokenRelay, peer: str, message: RemoteResume) -> None:
+        if message.request_id in self.outgoing:
+            real(self, peer, message)
+
+    return patched(TokenRelay, "on_resume", on_resume)
+
+
+def leader_judges_early() -> AbstractContextManager[None]:
+    """A leader judges instances before every member's report is in (a real bug,
+    fixed before the simulator ran multi-node): a member whose report has not
+    arrived yet looks lost, and its healthy instances are torn down."""
+    real = Cluster._lead
+
+    def lead(self: Cluster, now: float) -> None:
+        members = self.members
+        self.members = (members & set(self.reports)) | {self.node_id}
+        try:
+            real(self, now)
+        finally:
+            self.members = members
+
+    return patched(Cluster, "_lead", lead)
+
+
+def no_fencing() -> AbstractContextManager[None]:
+    """Shard commands of any term are obeyed: a deposed leader's delayed command
+    starts or stops shards."""
+
+    def fenced(self: Cluster, term: int, what: str, peer: str) -> bool:
+        self.term = max(self.term, term)
+        return False
+
+    return patched(Cluster, "_fenced", fenced)
+
+
+def worker_drops_output() -> AbstractContextManager[None]:
+    """A write to a dying runner cancels the whole session at once, so what the
+    runner wrote before it died is never read (found by the single-node simulator,
+    fixed; sim/corpus keeps its reproduction)."""
+
+    async def write_commands(
+        self: Worker,
+        stream: trio.abc.SendStream,
+        commands: trio.MemoryReceiveChannel[Any],
+        scope: trio.CancelScope,
+    ) -> None:
+        async for command in commands:
+            try:
+                await stream.send_all(encode_frame(command))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.last_error = f"runner input closed: {exc}"
+                scope.cancel()
+                return
+
+    write_commands.__qualname__ = Worker._write_commands.__qualname__  # a service task
+    return patched(Worker, "_write_commands", write_commands)
+
+
+# ---- the cluster bugs the simulator found, as they were (regressions) ----
+
+
+def relay_waits_for_resume() -> AbstractContextManager[None]:
+    """After a reconnect the entry node re-sends lost events only when the owner's
+    RemoteResume arrives, while new events go out at once: the owner sees a newer
+    event first and fails the request with "lost events" (found: gap)."""
+
+    def on_peer_up(self: TokenRelay, peer: str) -> None:
+        for request_id, route in self.routes.items():
+            if route.entry_node == peer:
+                self._send(peer, RemoteResume(request_id=request_id, next_event=route.next_event))
+
+    return patched(TokenRelay, "on_peer_up", on_peer_up)
+
+
+def unknown_events_ignored() -> AbstractContextManager[None]:
+    """Events for a request the owner no longer routes are only counted: when the
+    owner's cancel or last ack was lost with a link, or the owner restarted, the
+    entry node keeps the request's buffer (and its runner work) forever."""
+    real = TokenRelay.on_events
+
+    def on_events(self: TokenRelay, peer: str, message: Any) -> None:
+        if message.request_id not in self.routes:
+            self.stats.late += len(message.events)
+            return
+        real(self, peer, message)
+
+    return patched(TokenRelay, "on_events", on_events)
+
+
+def missing_rank_unnoticed() -> AbstractContextManager[None]:
+    """A rank its node no longer reports (the node restarted before its link timed
+    out) leaves the instance "loading" forever instead of failed: its requests
+    hang on the surviving ranks, and the model is never placed again."""
+    real = cluster_state._status
+
+    def status(spec: Any, seen: Any, reports: Any, pending: Any, now: float) -> Any:
+        result = real(spec, seen, reports, pending, now)
+        if result.state == "failed" and " is gone from node " in (result.error or ""):
+            return InstanceStatus(spec=spec, state="loading" if seen else "placing")
+        return result
+
+    return patched(cluster_state, "_status", status)
+
+
+def pending_outlives_peer() -> AbstractContextManager[None]:
+    """A placement still starting on a peer that went down keeps waiting (120 s)
+    for that peer's shard, which a restarted peer never starts."""
+    real = Cluster.on_peer_down
+
+    def on_peer_down(self: Cluster, peer_id: str, reason: str) -> None:
+        pending = dict(self.pending)
+        real(self, peer_id, reason)
+        self.pending.update({k: v for k, v in pending.items() if k in self.pending})
+
+    return patched(Cluster, "on_peer_down", on_peer_down)
+
+
+def new_leader_keeps_term() -> AbstractContextManager[None]:
+    """A new leader keeps the term it counted itself (a restarted node starts from
+    0 again) even if its members saw that term under another leader: two leaders
+    claim one term."""
+    real = Cluster._lead
+
+    def lead(self: Cluster, now: float) -> None:
+        self._term_checked |= set(self.reports)
+        real(self, now)
+
+    return patched(Cluster, "_lead", lead)
+
+
+@contextmanager
+def _patched_all(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 MUTANTS: dict[str, Mutant] = {
     m.name: m
     for m in (
@@ -184,6 +365,64 @@ MUTANTS: dict[str, Mutant] = {
             "cancel_endpoint_forgets_runner",
             "POST /v1/cancel ends the stream but leaves the runner generating",
             cancel_endpoint_forgets_runner,
+        ),
+        Mutant(
+            "worker_drops_output",
+            "a worker whose runner input breaks stops reading the runner's last output",
+            worker_drops_output,
+            hunt=False,
+        ),
+        Mutant(
+            "relay_no_resend",
+            "the token relay re-sends nothing lost with a link after a reconnect",
+            relay_no_resend,
+        ),
+        Mutant(
+            "resume_ignores_unknown",
+            "a resume for a request the entry node does not know is ignored",
+            resume_ignores_unknown,
+            scenario="node-restart",
+        ),
+        Mutant(
+            "leader_judges_early",
+            "a leader judges instances before every member's report is in",
+            leader_judges_early,
+            scenario="leader-change",
+        ),
+        Mutant(
+            "no_fencing",
+            "shard commands from stale terms are obeyed",
+            no_fencing,
+        ),
+        Mutant(
+            "relay_waits_for_resume",
+            "after a reconnect lost events are re-sent only on the owner's resume",
+            relay_waits_for_resume,
+            hunt=False,
+        ),
+        Mutant(
+            "unknown_events_ignored",
+            "events for a request the owner no longer routes are only counted",
+            unknown_events_ignored,
+            hunt=False,
+        ),
+        Mutant(
+            "missing_rank_unnoticed",
+            "a rank its restarted node no longer reports leaves the instance loading",
+            missing_rank_unnoticed,
+            scenario="node-restart",
+        ),
+        Mutant(
+            "pending_outlives_peer",
+            "a placement starting on a lost peer waits for it anyway",
+            pending_outlives_peer,
+            hunt=False,
+        ),
+        Mutant(
+            "new_leader_keeps_term",
+            "a new leader keeps a term its members saw under another leader",
+            new_leader_keeps_term,
+            hunt=False,
         ),
     )
 }

@@ -18,10 +18,18 @@ Semantics the production code relies on, modelled like a socket:
   sent, then EOF) and makes the peer's later writes fail (BrokenResourceError).
 - Each end has a fake `.socket` so hypercorn can ask for the peer and local
   addresses.
+
+Network faults between nodes act on whole connections, as they do on TCP:
+`reset()` is an RST (both ends fail at once: reads and writes raise
+BrokenResourceError, whatever was in flight is lost); `hold(until)` is a
+partition that TCP rides out (nothing is delivered before `until`, then
+everything, in order, as retransmission would; `math.inf`: a machine that
+vanished).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +62,8 @@ class _Direction:
         self.last_at = 0.0
         self.eof_at: float | None = None  # set when the writer closes
         self.reader_closed = False
+        self.broken = False  # reset: both ends fail
+        self.hold_until = 0.0  # nothing is delivered before this (a partition)
         self.readable = ParkingLot()
         self.writable = ParkingLot()
         self.stats = DirectionStats()
@@ -82,6 +92,7 @@ class PipeEnd(trio.abc.HalfCloseableStream):
         self._in = incoming
         self.socket = sock
         self.closed = False
+        self.vanished = False
 
     @property
     def sent_stats(self) -> DirectionStats:
@@ -96,6 +107,8 @@ class PipeEnd(trio.abc.HalfCloseableStream):
         while True:
             if self.closed or out.eof_at is not None:
                 raise trio.ClosedResourceError("this end is closed for sending")
+            if out.broken:
+                raise trio.BrokenResourceError("connection reset")
             if out.reader_closed:
                 raise trio.BrokenResourceError("the peer closed its end")
             if out.buffered == 0 or out.buffered + size <= out.capacity:
@@ -121,7 +134,7 @@ class PipeEnd(trio.abc.HalfCloseableStream):
     def write_now(self, data: bytes) -> None:
         """Queue bytes at once, ignoring capacity (a dying process's last write)."""
         out = self._out
-        if self.closed or out.eof_at is not None or out.reader_closed or not data:
+        if self.closed or out.eof_at is not None or out.reader_closed or out.broken or not data:
             return
         out.last_at = max(out.last_at, trio.current_time())
         out.segments.append((out.last_at, bytes(data)))
@@ -131,7 +144,12 @@ class PipeEnd(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         out = self._out
         await checkpoint()
-        while out.buffered >= out.capacity and not out.reader_closed and not self.closed:
+        while (
+            out.buffered >= out.capacity
+            and not out.reader_closed
+            and not out.broken
+            and not self.closed
+        ):
             await out.writable.park()
 
     async def send_eof(self) -> None:
@@ -153,13 +171,18 @@ class PipeEnd(trio.abc.HalfCloseableStream):
         while True:
             if self.closed:
                 raise trio.ClosedResourceError("this end is closed")
+            if incoming.broken:
+                raise trio.BrokenResourceError("connection reset")
             now = trio.current_time()
             segments = incoming.segments
+            hold = incoming.hold_until
             if segments:
                 at = segments[0][0]
+                if hold > at:
+                    at = hold
                 if at > now:
                     first = False
-                    await trio.sleep_until(at)
+                    await self._wait_until(at)
                     continue
                 if first:
                     # A receive that finds data at once is still a checkpoint.
@@ -168,15 +191,25 @@ class PipeEnd(trio.abc.HalfCloseableStream):
                     continue
                 return self._take(now, limit)
             if incoming.eof_at is not None:
-                if incoming.eof_at > now:
+                at = max(incoming.eof_at, hold)
+                if at > now:
                     first = False
-                    await trio.sleep_until(incoming.eof_at)
+                    await self._wait_until(at)
                     continue
                 if first:
                     await checkpoint()
                 return b""
             first = False
             await incoming.readable.park()
+
+    async def _wait_until(self, at: float) -> None:
+        """Sleep until `at` (then the caller looks again: a hold may have moved it,
+        a reset may have come). Held forever (a vanished machine): park until
+        something changes."""
+        if at == math.inf:
+            await self._in.readable.park()
+        else:
+            await trio.sleep_until(at)
 
     def _take(self, now: float, limit: int) -> bytes:
         incoming = self._in
@@ -207,6 +240,10 @@ class PipeEnd(trio.abc.HalfCloseableStream):
         """Synchronous close: FIN outgoing, refuse incoming (the peer's writes break)."""
         if self.closed:
             return
+        if self.vanished:
+            # Its machine is gone: nothing it does reaches the peer any more.
+            self.closed = True
+            return
         self._finish_sending()
         self.closed = True
         incoming = self._in
@@ -215,6 +252,32 @@ class PipeEnd(trio.abc.HalfCloseableStream):
         incoming.buffered = 0
         incoming.wake_all()
         self._out.wake_all()
+
+    # ---- network faults (both directions of the connection) ----
+
+    def reset(self) -> None:
+        """An RST: both ends fail at once; whatever was in flight is lost."""
+        for direction in (self._out, self._in):
+            direction.broken = True
+            direction.segments.clear()
+            direction.buffered = 0
+            direction.wake_all()
+
+    def hold(self, until: float) -> None:
+        """A partition TCP rides out: nothing arrives either way before `until`."""
+        for direction in (self._out, self._in):
+            direction.hold_until = max(direction.hold_until, until)
+            direction.wake_all()
+
+    def vanish(self) -> None:
+        """This end's machine vanished: from now on the peer hears nothing from it,
+        not even a close; the peer's bytes are accepted and never read."""
+        self.hold(math.inf)
+        self.vanished = True
+
+    @property
+    def dead(self) -> bool:
+        return self._out.broken or (self.closed and self._out.reader_closed)
 
 
 def pipe_pair(

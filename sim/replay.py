@@ -1,7 +1,8 @@
 """Replay files: one run's recorded choice list and what is needed to rerun it.
 
-A replay file is JSON. `choices` is the whole recorded list; `policy`, `dialects`
-and `mutant` say how to run it; `expect` says what a replay must show ("pass":
+A replay file is JSON. `choices` is the whole recorded list; `policy`,
+`scenario`, `nodes`, `dialects` and `mutant` say how to run it; `expect` says
+what a replay must show ("pass":
 the run is healthy, as every regression entry must be once its bug is fixed;
 "fail": with `mutant` applied, the run must violate `violation`). `digest` is the
 trace digest the run had when it was recorded (a replay on the same code
@@ -30,6 +31,8 @@ class Replay:
     digest: str | None = None
     seed: int | None = None
     note: str = ""
+    nodes: int = 2
+    scenario: str = "default"
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"format": FORMAT, **asdict(self)}

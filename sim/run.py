@@ -28,7 +28,7 @@ from sim import speedups
 from sim.choices import Choices
 from sim.dialects import DIALECTS, available
 from sim.invariants import Violation, check
-from sim.scenario import DEFAULT, Scenario, draw_plan
+from sim.scenario import DEFAULT, Scenario, draw_plan, scenario_for
 from sim.schedule import Policy, ScheduleRandom, controlled, self_test
 from sim.trace import Trace
 from sim.world import World
@@ -50,6 +50,8 @@ class RunResult:
     cpu: float
     seed: int | None = None
     lines: list[str] | None = field(default=None, repr=False)
+    nodes: int = DEFAULT.nodes
+    scenario: str = DEFAULT.name
 
     @property
     def ok(self) -> bool:
@@ -63,7 +65,7 @@ class RunResult:
 @cache
 def served_routes(method: str | None = None) -> tuple[str, ...]:
     """The app's routes, from a throwaway node (the set grows as dialects land)."""
-    plan = draw_plan(Choices(replay=[]), DEFAULT, ["openai_chat"], False)
+    plan = draw_plan(Choices(replay=[]), scenario_for(1), ["openai_chat"], False)
     return tuple(World(plan, Choices(replay=[]), Trace()).nodes[0].routes(method))
 
 
@@ -172,12 +174,14 @@ def gc_paused() -> Iterator[None]:
 def run_choices(
     choices: Choices,
     *,
-    scenario: Scenario = DEFAULT,
+    scenario: Scenario | str = DEFAULT,
     policy: Policy = "native",
     dialects: Sequence[str] | None = None,
     keep_lines: bool = False,
     seed: int | None = None,
+    nodes: int | None = None,
 ) -> RunResult:
+    scenario = scenario_for(nodes, scenario)
     self_test()
     speedups.apply()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -230,6 +234,8 @@ def run_choices(
         cpu=time.process_time() - cpu_started,
         seed=seed,
         lines=trace.lines,
+        nodes=scenario.nodes,
+        scenario=scenario.name,
     )
 
 

@@ -1,13 +1,15 @@
 """What one run does: the scenario's knobs, and the plan drawn from the choice list.
 
-The plan (workload, fault rates, runner crashes and hangs) is drawn first, so it
-sits at the head of the choice list; scheduling and per-event fault decisions
-follow. A drawn 0 always means the healthy, simple option.
+The plan (workload, fault rates, runner crashes and hangs, which nodes serve the
+model, the cluster faults) is drawn first, so it sits at the head of the choice
+list; scheduling and per-event fault decisions follow. A drawn 0 always means the
+healthy, simple option.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from sim.choices import Choices
@@ -34,11 +36,11 @@ GIVING_UP: frozenset[str] = frozenset({"leave_before_first", "leave_mid", "cance
 
 @dataclass(frozen=True)
 class Scenario:
-    """The knobs of a sweep. The default is the issue's: 8 concurrent requests
-    across the dialects, about 20 tokens each."""
+    """The knobs of a sweep. The default is the issue's: 2 nodes, 8 concurrent
+    requests across the dialects, about 20 tokens each."""
 
     name: str = "default"
-    nodes: int = 1
+    nodes: int = 2
     clients: int = 8
     tokens: tuple[int, int] = (16, 24)
     # Clients that mean to leave early ask for more, as a user closing a tab would.
@@ -57,9 +59,70 @@ class Scenario:
     keepalive: float = 1.0
     max_crashes: int = 2
     context_length: int = 4096
+    # Between nodes: per-write delays on the links, and the cluster faults.
+    link_delay_max: float = 0.005
+    max_cluster_faults: int = 3
+    # A partition or an outage is short (a reconnect within the relay's grace
+    # loses nothing) or long (past the grace and the heartbeat timeout).
+    short_outage: tuple[float, float] = (0.05, 1.0)
+    long_outage: tuple[float, float] = (2.5, 4.0)
+    # How long a broken distributed group takes to notice (its collective fails).
+    group_detect_max: float = 0.05
+    # Focus knobs (None / True: drawn from the list as usual).
+    leader_serves: bool | None = None  # does node 0, the first leader, serve the model
+    single_server: bool = False  # exactly one node serves: every other relays to it
+    runner_crashes: bool = True
+    leader_faults: bool = False  # every cluster fault hits node 0
+    fault_kinds: tuple[str, ...] = ("reset", "partition", "crash")
+    long_outage_p: float = 0.4
 
 
 DEFAULT = Scenario()
+
+SCENARIOS: dict[str, Scenario] = {
+    "default": DEFAULT,
+    # The leader holds no shard and is lost (crashed, cut off): the instance on
+    # the other nodes must keep streaming through the leader change.
+    "leader-change": Scenario(
+        name="leader-change",
+        nodes=3,
+        leader_serves=False,
+        runner_crashes=False,
+        leader_faults=True,
+    ),
+    # The links between nodes are cut, held and reset while requests stream
+    # across them: the relay must lose nothing it can re-send.
+    "link-faults": Scenario(
+        name="link-faults",
+        runner_crashes=False,
+        single_server=True,
+        fault_kinds=("reset", "partition"),
+        max_cluster_faults=4,
+    ),
+    # Node 0 crashes and comes back quickly (within the relay's grace, often
+    # before its links time out): nothing may wait for its previous life.
+    "node-restart": Scenario(
+        name="node-restart",
+        runner_crashes=False,
+        leader_faults=True,
+        fault_kinds=("crash",),
+        long_outage_p=0.0,
+    ),
+}
+
+
+def scenario_for(nodes: int | None = None, base: Scenario | str = DEFAULT) -> Scenario:
+    """A named (or given) scenario, with `nodes` nodes if given (1 runs the
+    cluster code on a lone node)."""
+    if isinstance(base, str):
+        if base not in SCENARIOS:
+            raise ValueError(f"unknown scenario {base!r} (known: {sorted(SCENARIOS)})")
+        base = SCENARIOS[base]
+    if nodes is None or nodes == base.nodes:
+        return base
+    if nodes < 1:
+        raise ValueError("a scenario needs at least one node")
+    return replace(base, nodes=nodes)
 
 
 @dataclass(frozen=True)
@@ -97,12 +160,45 @@ class FaultPlan:
     pipe_split_p: float
 
 
+ClusterFaultKind = Literal["reset", "partition", "crash"]
+
+
+@dataclass(frozen=True)
+class ClusterFault:
+    """One fault between or on nodes, `at` seconds into the fault window.
+
+    reset: every connection between nodes a and b gets an RST (they reconnect at
+    once). partition: a and b cannot reach each other for `duration` (mode
+    "reset": connections cut and refused; "hold": bytes held, as TCP rides out a
+    partition). crash: node a dies (mode "process": its sockets close; "machine":
+    it goes silent) and restarts after `duration` (math.inf: never)."""
+
+    kind: ClusterFaultKind
+    at: float
+    a: int
+    b: int = -1
+    mode: str = ""
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    serve: tuple[bool, ...]  # which nodes were started to serve the model
+    link_delay_p: float
+    link_split_p: float
+    faults: tuple[ClusterFault, ...]
+    # After a node adopts a newer term: the chance that a shard command of an
+    # older term (a deposed leader's, delayed in the network) reaches it then.
+    stale_command_p: float
+
+
 @dataclass(frozen=True)
 class Plan:
     scenario: Scenario
     clients: tuple[ClientPlan, ...]
     runner: RunnerPlan
     faults: FaultPlan
+    cluster: ClusterPlan
     keepalive: float  # the API's keep-alive interval (short ones exercise its timeouts)
     max_batch: int  # the fake runner's batch: requests beyond it wait for a slot
     max_queued: int  # admission: requests beyond max_batch + this are refused (429)
@@ -129,7 +225,9 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
         pipe_delay_p=choices.pick((0.0, 0.3, 0.8)),
         pipe_split_p=choices.pick((0.0, 0.2, 0.5)),
     )
-    crashes = choices.draw(s.max_crashes + 1)
+    # No runner crash in half the runs: a crash breaks a sharded instance, and the
+    # cluster faults need live instances to act on.
+    crashes = choices.pick((0, *range(s.max_crashes + 1))) if s.runner_crashes else 0
     hang = choices.chance(0.3)
     runner = RunnerPlan(
         crash_steps=tuple(sorted(choices.int_between(1, 30) for _ in range(crashes))),
@@ -166,7 +264,56 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
         clients=tuple(clients),
         runner=runner,
         faults=faults,
+        cluster=draw_cluster_plan(choices, s),
         keepalive=choices.pick((s.keepalive, 0.05)),
         max_batch=choices.pick((8, 4)),
         max_queued=choices.pick((64, 2)),
+    )
+
+
+def draw_cluster_plan(choices: Choices, s: Scenario) -> ClusterPlan:
+    n = s.nodes
+    if n < 2:
+        return ClusterPlan((True,), 0.0, 0.0, (), 0.0)
+    # Usually every node serves (one instance across all of them); otherwise one
+    # node does not, so the leader (node 0) may hold no shard: its change must
+    # then leave the instance streaming.
+    serve = [True] * n
+    if s.single_server:
+        serve = [False] * n
+        serve[choices.draw(n)] = True
+    elif s.leader_serves is False:
+        serve[0] = False
+    elif choices.chance(0.4):
+        # Half the time it is node 0, the first leader: a leader change must then
+        # leave the instance on the others streaming.
+        serve[choices.pick((0, *range(n)))] = False
+    link_delay_p = choices.pick((0.0, 0.3, 0.8))
+    link_split_p = choices.pick((0.0, 0.2, 0.5))
+    faults = []
+    for _ in range(choices.draw(s.max_cluster_faults + 1)):
+        kind = choices.pick(s.fault_kinds)
+        at = choices.between(0.0, s.fault_window)
+        # Half the time the fault hits node 0, the first leader: a leader change.
+        a = 0 if s.leader_faults else choices.pick((0, *range(n)))
+        b = (a + 1 + choices.draw(n - 1)) % n
+        low, high = s.long_outage if choices.chance(s.long_outage_p) else s.short_outage
+        duration = choices.between(low, high)
+        if kind == "reset":
+            faults.append(ClusterFault("reset", at, a, b))
+        elif kind == "partition":
+            mode = choices.pick(("reset", "hold"))
+            faults.append(ClusterFault("partition", at, a, b, mode, duration))
+        else:
+            mode = choices.pick(("process", "machine"))
+            if choices.chance(s.long_outage_p / 2):  # 0.2 by default: never back
+                duration = math.inf
+            faults.append(ClusterFault("crash", at, a, -1, mode, duration))
+    faults.sort(key=lambda f: f.at)
+    return ClusterPlan(
+        serve=tuple(serve),
+        link_delay_p=link_delay_p,
+        link_split_p=link_split_p,
+        faults=tuple(faults),
+        stale_command_p=choices.pick((0.0, 0.5, 1.0)),
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from sim.choices import Choices
 from sim.mutants import MUTANTS
 from sim.run import RunResult, run_choices
+from sim.scenario import DEFAULT, Scenario, scenario_for
 from sim.schedule import Policy
 
 # Situations every sweep of at least MIN_COVERAGE_SEEDS seeds must have produced.
@@ -30,7 +31,34 @@ KEY_COVERAGE = (
     # drops one silently closes the window (exo's bug lived behind the first).
     "fault_point_after_dispatch",
     "fault_point_before_first_write",
+    # Between nodes: a request relayed through the TokenRelay and PeerLinks, and a
+    # link cut, a node crash and a leader change while requests were streaming.
+    "request_relayed",
+    "link_cut_mid_stream",
+    "node_crash_mid_stream",
+    "leader_change_mid_stream",
 )
+
+
+def key_coverage(scenario: Scenario) -> tuple[str, ...]:
+    """The key situations this scenario can produce."""
+    skip = set()
+    if not scenario.runner_crashes:
+        skip.add("runner_crash_mid_stream")
+    if scenario.nodes < 2:
+        skip |= {
+            "request_relayed",
+            "link_cut_mid_stream",
+            "node_crash_mid_stream",
+            "leader_change_mid_stream",
+        }
+    if not {"reset", "partition"} & set(scenario.fault_kinds):
+        skip.add("link_cut_mid_stream")
+    if "crash" not in scenario.fault_kinds:
+        skip.add("node_crash_mid_stream")
+    return tuple(k for k in KEY_COVERAGE if k not in skip)
+
+
 MIN_COVERAGE_SEEDS = 50
 CHUNK = 10
 
@@ -76,9 +104,21 @@ def mutant_context(name: str | None) -> AbstractContextManager[None]:
     return MUTANTS[name].apply() if name else nullcontext()
 
 
-def run_one(seed: int, policy: Policy = "native", mutant: str | None = None) -> RunResult:
+def run_one(
+    seed: int,
+    policy: Policy = "native",
+    mutant: str | None = None,
+    nodes: int | None = None,
+    scenario: str | None = None,
+) -> RunResult:
+    """One seed. Without a scenario, a mutant's own (the one that provokes it) or
+    the default."""
+    if scenario is None:
+        scenario = (MUTANTS[mutant].scenario if mutant else None) or DEFAULT.name
     with mutant_context(mutant):
-        return run_choices(Choices(seed=seed), policy=policy, seed=seed)
+        return run_choices(
+            Choices(seed=seed), policy=policy, seed=seed, nodes=nodes, scenario=scenario
+        )
 
 
 def outcome(result: RunResult) -> SeedOutcome:
@@ -94,20 +134,27 @@ def outcome(result: RunResult) -> SeedOutcome:
     )
 
 
-def _run_chunk(args: tuple[list[int], Policy, str | None]) -> list[SeedOutcome]:
-    seeds, policy, mutant = args
-    return [outcome(run_one(seed, policy, mutant)) for seed in seeds]
+Where = tuple[int | None, str | None]  # (nodes, scenario name): None for the default
+
+
+def _run_chunk(args: tuple[list[int], Policy, str | None, Where]) -> list[SeedOutcome]:
+    seeds, policy, mutant, (nodes, scenario) = args
+    return [outcome(run_one(seed, policy, mutant, nodes, scenario)) for seed in seeds]
 
 
 def outcomes(
-    seeds: Iterable[int], policy: Policy, mutant: str | None, jobs: int
+    seeds: Iterable[int],
+    policy: Policy,
+    mutant: str | None,
+    jobs: int,
+    where: Where = (None, None),
 ) -> Iterator[SeedOutcome]:
     seeds = list(seeds)
     if jobs <= 1:
         for seed in seeds:
-            yield outcome(run_one(seed, policy, mutant))
+            yield outcome(run_one(seed, policy, mutant, *where))
         return
-    chunks = [(seeds[i : i + CHUNK], policy, mutant) for i in range(0, len(seeds), CHUNK)]
+    chunks = [(seeds[i : i + CHUNK], policy, mutant, where) for i in range(0, len(seeds), CHUNK)]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         for batch in pool.imap_unordered(_run_chunk, chunks):
             yield from batch
@@ -120,10 +167,12 @@ def sweep(
     mutant: str | None = None,
     jobs: int = 1,
     on_outcome: Callable[[SeedOutcome], None] | None = None,
+    nodes: int | None = None,
+    scenario: str | None = None,
 ) -> SweepReport:
     report = SweepReport()
     started = time.perf_counter()
-    for result in outcomes(seeds, policy, mutant, jobs):
+    for result in outcomes(seeds, policy, mutant, jobs, (nodes, scenario)):
         report.seeds += 1
         report.cpu += result.cpu
         report.coverage.update(result.coverage)
@@ -134,7 +183,8 @@ def sweep(
     report.wall = time.perf_counter() - started
     report.failures.sort(key=lambda o: o.seed)
     if report.seeds >= MIN_COVERAGE_SEEDS and mutant is None:
-        report.missing_coverage = [k for k in KEY_COVERAGE if not report.coverage.get(k)]
+        keys = key_coverage(scenario_for(nodes, scenario or DEFAULT.name))
+        report.missing_coverage = [k for k in keys if not report.coverage.get(k)]
     return report
 
 
@@ -148,11 +198,11 @@ class MutantReport:
     violation: str | None
 
 
-def _hunt(args: tuple[str, int, int, Policy]) -> MutantReport:
-    name, start, limit, policy = args
+def _hunt(args: tuple[str, int, int, Policy, Where]) -> MutantReport:
+    name, start, limit, policy, (nodes, scenario) = args
     for i in range(limit):
         seed = start + i
-        result = run_one(seed, policy, name)
+        result = run_one(seed, policy, name, nodes, scenario)
         if result.violations:
             return MutantReport(
                 name, MUTANTS[name].bug, True, i + 1, seed, str(result.violations[0])
@@ -161,9 +211,16 @@ def _hunt(args: tuple[str, int, int, Policy]) -> MutantReport:
 
 
 def hunt_mutants(
-    names: list[str], *, start: int, limit: int, policy: Policy, jobs: int
+    names: list[str],
+    *,
+    start: int,
+    limit: int,
+    policy: Policy,
+    jobs: int,
+    nodes: int | None = None,
+    scenario: str | None = None,
 ) -> list[MutantReport]:
-    tasks = [(name, start, limit, policy) for name in names]
+    tasks = [(name, start, limit, policy, (nodes, scenario)) for name in names]
     if jobs <= 1:
         return [_hunt(t) for t in tasks]
     with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:

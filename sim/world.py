@@ -1,17 +1,25 @@
 """The simulated cluster: real nodes, fake runners, simulated connections, clients.
 
-Each SimNode is the production stack (StreamRegistry, Worker, Node, the
-Quart-Trio app under hypercorn's trio TCPServer) with its effects swapped for the
-simulator's: fake runners behind the Worker's launcher, in-memory pipes for the
-runner and for every HTTP connection, seeded ids and wall clock, seeded fault
-points. The World owns the nodes (a list, so a second node and the links between
-them slot in later), the clients, the ledger and the runner faults, and runs one
-scenario: faults early, then healthy running, the horizon, and a drain.
+Each SimNode is the production stack as `exo_trio/daemon.py::run_node` assembles
+it: a StreamRegistry, a TokenRelay, a ShardManager, the Cluster (the Node's
+dispatcher), PeerLinks to every other node, the Node, and the Quart-Trio app
+under hypercorn's trio TCPServer. Only the effects are the simulator's: the
+links' listener and connector (sim/net.py), the shard launchers (fake runners on
+in-memory pipes, one per rank, joined in a RunnerGroup), seeded ids, nonces,
+jitter and wall clock, seeded fault points, and a trivial prompt encoder.
+
+The World owns the nodes (one per index; a crashed node is replaced by a fresh
+incarnation with the same id when it restarts), the network, the clients, the
+ledger and the faults, and runs one scenario: start-up until the cluster serves,
+then faults early, healthy running, the horizon, and a drain.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,25 +34,61 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from exo_trio.api.app import ApiSettings, create_app
+from exo_trio.cluster import Cluster, ClusterSettings
+from exo_trio.cluster_messages import (
+    ClusterMessage,
+    InstanceSpec,
+    ModelInfo,
+    StartShard,
+)
 from exo_trio.framing import encode_frame
+from exo_trio.net.links import PeerInfo, PeerLinks
+from exo_trio.net.wire import AdvertisedAddress
 from exo_trio.node import ModelCard, Node
 from exo_trio.runner_protocol import Loading
 from exo_trio.seams import Seams
+from exo_trio.shards import ShardManager
 from exo_trio.streams import StreamRegistry
-from exo_trio.types import ChunkGenerated, GenerationEvent
-from exo_trio.worker import Worker
+from exo_trio.token_relay import TokenRelay
+from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFailed, TextGeneration
+from exo_trio.worker import Launcher
 from sim.choices import Choices
 from sim.clients import Client, ClientResult
 from sim.encoder import SimEncoder
-from sim.fake_runner import FakeRunner
-from sim.faults import SimFaultPoints, link_shaper
+from sim.fake_runner import FakeRunner, RunnerGroup
+from sim.faults import SimFaultPoints, Window, link_shaper
 from sim.ledger import Ledger
+from sim.net import LINK_PORT, SimNetwork, host_of
 from sim.pipes import PipeEnd, pipe_pair
-from sim.scenario import ClientPlan, Plan
+from sim.scenario import ClientPlan, ClusterFault, Plan
 from sim.trace import Trace
+from sim.watch import ClusterWatch, index_of_node
 
 MODEL = "sim"
 EPOCH = 1_700_000_000.0
+CLUSTER_ID = "exo-trio-sim"
+SECRET = b"the simulated cluster's secret"
+MODEL_INFO = ModelInfo(
+    id=MODEL,
+    size_bytes=64 << 20,
+    n_layers=8,
+    n_heads=4,
+    n_kv_heads=2,
+    supports_tensor=True,
+    context_length=4096,
+)
+MEMORY = 16 << 30
+FREE_PORTS = (61000, 61001, 61002, 61003)
+# How long start-up (links, leader, placement, runners loading) may take, and
+# recovery after the faults (a restarted leader alone waits 10 s to settle).
+STARTUP_LIMIT = 30.0
+RECOVERY_LIMIT = 20.0
+# How often the drain looks whether anything is left.
+DRAIN_POLL = 0.25
+
+
+def node_id_of(index: int) -> str:
+    return f"n{index}"
 
 
 def token_text(seq: int, token: int) -> str:
@@ -53,14 +97,27 @@ def token_text(seq: int, token: int) -> str:
     return f"[{seq}:{token}]"
 
 
+class ChoiceRandom(random.Random):
+    """A random.Random whose draws come from the choice list (the links' backoff
+    jitter), so they are recorded, replayed and shrunk with everything else."""
+
+    def __init__(self, choices: Choices) -> None:
+        super().__init__(0)
+        self._choices = choices
+
+    def random(self) -> float:
+        return self._choices.draw(1000) / 1000
+
+
 @dataclass
 class RunnerHandle:
     runner: FakeRunner
     end: PipeEnd  # the runner's end of its pipe
     scope: trio.CancelScope
-    node: int
+    node: SimNode
     crashed: bool = False
     done: bool = False
+    death: str | None = None  # "process" or "machine" when it was killed
 
 
 @dataclass
@@ -76,32 +133,64 @@ class SimConnection:
 
 
 class SimNode:
-    """One node: the production registry, worker, node and app, with a fake
-    runner behind the worker and hypercorn serving simulated connections."""
+    """One node, assembled as the daemon does, with the simulator's effects."""
 
-    def __init__(self, world: World, index: int) -> None:
+    def __init__(self, world: World, index: int, incarnation: int) -> None:
         self.world = world
         self.index = index
-        scenario = world.plan.scenario
+        self.incarnation = incarnation
+        self.node_id = node_id_of(index)
+        plan = world.plan
+        scenario = plan.scenario
+        n = scenario.nodes
+        host = host_of(index)
         self.registry = StreamRegistry()
-        self.worker = Worker(
-            self._launch,
-            self._deliver,
-            restart_backoff=scenario.restart_backoff,
-            max_backoff=scenario.restart_backoff * 4,
+        self.relay = TokenRelay(
+            self.node_id, lambda peer, msg: self.cluster.send(peer, msg), self._deliver
         )
+        self.shards = ShardManager(self._launcher_for, self.relay.route_event)
         self._ids = 0
+        self._tokens = 0
+        self.cluster = Cluster(
+            node_id=self.node_id,
+            host=host,
+            models={MODEL: MODEL_INFO},
+            serve=(MODEL,) if plan.cluster.serve[index] else (),
+            shards=self.shards,
+            relay=self.relay,
+            memory_free=lambda: MEMORY,
+            free_ports=lambda: FREE_PORTS,
+            new_id=self._new_id,
+            settings=ClusterSettings(auto_place=True, expected_peers=n - 1, settle=10.0),
+        )
+        self.links: PeerLinks[ClusterMessage] = PeerLinks(
+            self.node_id,
+            CLUSTER_ID,
+            SECRET,
+            ClusterMessage,
+            self._on_message,
+            self._on_peer_up,
+            self._on_peer_down,
+            listen_host=host,
+            listen_port=LINK_PORT,
+            peers=[(host_of(j), LINK_PORT) for j in range(n) if j != index],
+            advertise=[AdvertisedAddress(host, LINK_PORT, "sim0", "private")],
+            connector=world.net.connector_for(index),
+            listener=world.net.listener_for(index),
+            token_bytes=self._token_bytes,
+            rng=ChoiceRandom(world.choices),
+        )
+        self.cluster.attach(self.links)
+        self._watch_cluster()
         seams = Seams(wall_clock=world.wall_clock, new_id=self._new_id, faults=world.faults)
         self.node = Node(
             model=ModelCard(id=MODEL, context_length=scenario.context_length, created=int(EPOCH)),
             encoder=SimEncoder(),
-            worker=self.worker,
             registry=self.registry,
             seams=seams,
+            dispatcher=self.cluster,
         )
-        settings = ApiSettings(
-            keepalive_interval=world.plan.keepalive, max_queued=world.plan.max_queued
-        )
+        settings = ApiSettings(keepalive_interval=plan.keepalive, max_queued=plan.max_queued)
         self.app = create_app(self.node, settings)
         self.config = hypercorn_config()
         self.asgi = wrap_app(self.app, self.config.wsgi_max_body_size, None)
@@ -109,22 +198,99 @@ class SimNode:
         self.lifespan_state: dict[str, Any] = {}
         self.connections = 0
         self.server_ends: list[PipeEnd] = []
+        self.scope = trio.CancelScope()
+        self.crashed = False
+        self.crashed_at: float | None = None
+        self.shards_before: dict[str, Any] = {}  # live shards before a command
         self._nursery: trio.Nursery | None = None
 
+    # ---- seams ----
+
+    def _new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self.node_id}i{self.incarnation}r{self._ids}"
+
+    def _token_bytes(self, n: int) -> bytes:
+        """Nonces and the link incarnation: unique, and the same in every replay."""
+        self._tokens += 1
+        seed = f"{self.node_id}/{self.incarnation}/{self._tokens}".encode()
+        return hashlib.shake_128(seed).digest(n)
+
     def _deliver(self, event: GenerationEvent) -> object:
-        """The worker's delivery callback: the registry's, plus a look at whether a
+        """The relay's delivery callback: the registry's, plus a look at whether a
         first chunk arrives before anyone waits on its channel (the window in
-        which exo lost tokens)."""
+        which exo lost tokens), and at requests failed as lost to a peer."""
         if isinstance(event, ChunkGenerated) and event.seq == 0:
             entry = getattr(self.registry, "_entries", {}).get(event.request_id)
             receive = getattr(getattr(entry, "stream", None), "_receive", None)
             if receive is not None and receive.statistics().tasks_waiting_receive == 0:
                 self.world.coverage["chunk_before_consumer_read"] += 1
+        elif isinstance(event, GenerationFailed) and event.kind == "peer_lost":
+            self.world.watch.lost_peer(self, event.request_id)
         return self.registry.deliver(event)
 
-    def _new_id(self, prefix: str) -> str:
-        self._ids += 1
-        return f"{prefix}-n{self.index}r{self._ids}"
+    def _watch_cluster(self) -> None:
+        """Observe what the cluster sends, dispatches, stops and decides (instance
+        attributes over the class's methods: the production code runs unchanged)."""
+        cluster, watch, world = self.cluster, self.world.watch, self.world
+        send, dispatch, tick, stop = cluster.send, cluster.dispatch, cluster._tick, self.shards.stop
+
+        def watched_send(peer: str, message: ClusterMessage) -> bool:
+            watch.sent(self, peer, message)
+            if isinstance(message, StartShard):
+                world.specs.setdefault(message.instance.instance_id, message.instance)
+            return send(peer, message)
+
+        def watched_dispatch(command: TextGeneration) -> InstanceSpec:
+            spec = dispatch(command)
+            watch.dispatched(self, command.request_id, spec)
+            return spec
+
+        def watched_tick() -> None:
+            leader = cluster.leader
+            tick()
+            if cluster.leader != leader and leader:
+                world.leader_changed(self, leader, cluster.leader)
+
+        def watched_stop(instance_id: str, reason: str) -> bool:
+            stopped = stop(instance_id, reason)
+            if stopped:
+                watch.instance_stopped(instance_id)
+            return stopped
+
+        cluster.send = watched_send  # type: ignore[method-assign]
+        cluster.dispatch = watched_dispatch  # type: ignore[method-assign]
+        cluster._tick = watched_tick  # type: ignore[method-assign]
+        self.shards.stop = watched_stop  # type: ignore[method-assign]
+
+    # ---- the links' callbacks (the daemon's, plus observation) ----
+
+    def _on_message(self, peer: str, message: ClusterMessage) -> None:
+        world = self.world
+        world.watch.received(self, peer, message)
+        term = self.cluster.term
+        self._handle(peer, message)
+        if self.cluster.term > term:
+            world.maybe_stale_command(self)
+
+    def _handle(self, peer: str, message: ClusterMessage) -> None:
+        """Hand a message to the cluster, checking that a stale shard command
+        changes nothing."""
+        term = self.cluster.term
+        self.shards_before = {
+            i: shard for i, shard in self.shards.shards.items() if not shard.stopped
+        }
+        self.cluster.on_message(peer, message)
+        self.world.watch.fence(self, peer, message, term)
+
+    def _on_peer_up(self, info: PeerInfo) -> None:
+        self.world.trace.add("link-up", self.node_id, info.node_id)
+        self.cluster.on_peer_up(info.node_id)
+
+    def _on_peer_down(self, peer: str, reason: str) -> None:
+        self.world.trace.add("link-down", self.node_id, peer, reason[:40])
+        self.world.watch.link_down(self, peer, reason)
+        self.cluster.on_peer_down(peer, reason)
 
     def routes(self, method: str | None = None) -> list[str]:
         return [
@@ -133,61 +299,95 @@ class SimNode:
             if method is None or method in (rule.methods or ())
         ]
 
+    # ---- life ----
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            lifespan = Lifespan(self.asgi, self.config, self.lifespan_state)
-            await nursery.start(lifespan.handle_lifespan)
-            await lifespan.wait_for_startup()
-            nursery.start_soon(self.worker.run)
-            await self.worker.wait_ready()
-            task_status.started()
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                lifespan = Lifespan(self.asgi, self.config, self.lifespan_state)
+                await nursery.start(lifespan.handle_lifespan)
+                await lifespan.wait_for_startup()
+                await nursery.start(self.shards.run)
+                await nursery.start(self.cluster.run)
+                self.world.trace.add("node-up", self.node_id, self.incarnation)
+                task_status.started()
+
+    def crash(self, mode: str) -> None:
+        """The node dies at once: its task tree and runners with it, its links cut
+        (or silent, for a machine), its HTTP connections closed."""
+        self.crashed = True
+        self.crashed_at = trio.current_time()
+        self.world.net.crash(self.index, mode)  # type: ignore[arg-type]
+        for end in self.server_ends:
+            end.close()
+        for handle in self.world.runners:
+            if handle.node is self and not handle.done:
+                handle.death = mode
+        self.scope.cancel()
 
     # ---- runners ----
 
-    async def _launch(self) -> SimConnection:
+    def _launcher_for(self, spec: InstanceSpec, rank: int) -> Launcher:
         world = self.world
-        faults = world.plan.faults
-        index = len(world.runners)
-        shape = [
-            link_shaper(
-                world.choices,
-                faults.window,
-                faults.pipe_delay_p,
-                faults.pipe_split_p,
-                world.plan.scenario.pipe_delay_max,
+        world.specs.setdefault(spec.instance_id, spec)
+        group = world.group_for(spec)
+
+        async def launch() -> SimConnection:
+            faults = world.plan.faults
+            index = len(world.runners)
+            shape = [
+                link_shaper(
+                    world.choices,
+                    world.window,
+                    faults.pipe_delay_p,
+                    faults.pipe_split_p,
+                    world.plan.scenario.pipe_delay_max,
+                )
+                for _ in range(2)
+            ]
+            ours, theirs = pipe_pair(shaper_ab=shape[0], shaper_ba=shape[1])
+            runner = FakeRunner(
+                theirs,
+                model=MODEL,
+                step_delay=world.step_delay,
+                context_length=world.plan.scenario.context_length,
+                max_batch=world.plan.max_batch,
+                text_of=token_text,
+                observer=world.ledger,
+                index=index,
+                group=group,
+                rank=rank,
+                detect_delay=world.group_detect_delay,
             )
-            for _ in range(2)
-        ]
-        ours, theirs = pipe_pair(shaper_ab=shape[0], shaper_ba=shape[1])
-        runner = FakeRunner(
-            theirs,
-            model=MODEL,
-            step_delay=world.step_delay,
-            context_length=world.plan.scenario.context_length,
-            max_batch=world.plan.max_batch,
-            text_of=token_text,
-            observer=world.ledger,
-            index=index,
-        )
-        handle = RunnerHandle(runner, theirs, trio.CancelScope(), self.index)
-        world.runners.append(handle)
-        world.trace.add("launch", self.index, index)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_runner, handle)
-        await trio.lowlevel.checkpoint()
-        return SimConnection(ours)
+            handle = RunnerHandle(runner, theirs, trio.CancelScope(), self)
+            world.runners.append(handle)
+            world.trace.add("launch", self.node_id, index, spec.instance_id, rank)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_runner, handle)
+            await trio.lowlevel.checkpoint()
+            return SimConnection(ours)
+
+        return launch
 
     async def _run_runner(self, handle: RunnerHandle) -> None:
-        with handle.scope:
-            try:
-                await handle.runner.run()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the worker closed the pipe under it: a normal stop
-        handle.done = True
-        handle.runner.died()
-        self.world.ledger.runner_died(handle.runner.index)
-        handle.end.close()
+        try:
+            with handle.scope:
+                try:
+                    await handle.runner.run()
+                except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the worker closed the pipe under it: a normal stop
+        finally:
+            handle.done = True
+            group = handle.runner.group
+            if group is not None:
+                if handle.death == "machine":
+                    group.stall(math.inf)  # its peers hear nothing, ever
+                else:
+                    group.break_(f"rank {handle.runner.rank} exited")
+            handle.runner.died()
+            self.world.ledger.runner_died(handle.runner.index)
+            handle.end.close()
 
     # ---- HTTP ----
 
@@ -200,14 +400,17 @@ class SimNode:
         client_end, server_end = pipe_pair(
             capacity_ba=client.recv_capacity,
             shaper_ab=link_shaper(
-                world.choices, faults.window, faults.http_delay_p, faults.http_split_p, delay
+                world.choices, world.window, faults.http_delay_p, faults.http_split_p, delay
             ),
             shaper_ba=link_shaper(
-                world.choices, faults.window, faults.http_delay_p, faults.http_split_p, delay
+                world.choices, world.window, faults.http_delay_p, faults.http_split_p, delay
             ),
             address_a=("10.1.0.2", 40000 + self.connections),
-            address_b=(f"10.0.0.{self.index + 1}", 52415),
+            address_b=(host_of(self.index), 52415),
         )
+        if self.crashed or self._nursery is None:
+            server_end.close()  # nothing listens: the connection is refused
+            return client_end
         self.server_ends.append(server_end)
         server = TCPServer(
             self.asgi,
@@ -216,7 +419,6 @@ class SimNode:
             ConnectionState(self.lifespan_state.copy()),
             server_end,  # type: ignore[arg-type]
         )
-        assert self._nursery is not None
         self._nursery.start_soon(server.run)
         return client_end
 
@@ -232,13 +434,33 @@ def hypercorn_config() -> HypercornConfig:
 
 @dataclass
 class EndState:
-    """What is left after the drain, per node and overall."""
+    """What is left after the drain, per surviving node and overall."""
 
     registry_open: dict[int, list[str]] = field(default_factory=dict)
     worker_jobs: dict[int, list[str]] = field(default_factory=dict)
     runner_active: dict[int, list[str]] = field(default_factory=dict)
+    relay_routes: dict[int, list[str]] = field(default_factory=dict)
+    relay_outgoing: dict[int, list[str]] = field(default_factory=dict)
+    shards: dict[int, list[str]] = field(default_factory=dict)
+    serving: bool = True
     tasks: list[str] = field(default_factory=list)
     stats: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left anywhere (what the drain waits for)."""
+        leftovers = (
+            self.registry_open,
+            self.worker_jobs,
+            self.runner_active,
+            self.relay_routes,
+            self.relay_outgoing,
+            self.shards,
+        )
+        if any(any(v for v in part.values()) for part in leftovers) or self.tasks:
+            return False
+        counters = ("unknown_events", "after_terminal", "overflows", "admission_in_flight")
+        return self.serving and not any(s[k] for s in self.stats.values() for k in counters)
 
 
 class World:
@@ -246,14 +468,27 @@ class World:
         self.plan = plan
         self.choices = choices
         self.trace = trace
-        self.faults = SimFaultPoints(choices, plan.faults, trace, plan.scenario.point_delay_max)
+        self.window = Window(plan.faults.window)
+        self.faults = SimFaultPoints(
+            choices, plan.faults, self.window, trace, plan.scenario.point_delay_max
+        )
         self.ledger = Ledger(trace, self._on_step)
+        self.watch = ClusterWatch(self)
+        self.net = SimNetwork(self)
         self.runners: list[RunnerHandle] = []
-        self.nodes = [SimNode(self, i) for i in range(plan.scenario.nodes)]
+        self.groups: dict[str, RunnerGroup] = {}
+        self.specs: dict[str, InstanceSpec] = {}
+        self.nodes = [SimNode(self, i, 0) for i in range(plan.scenario.nodes)]
+        self.retired: list[SimNode] = []  # crashed incarnations
         self.results = [ClientResult(c) for c in plan.clients]
         self.coverage: Counter[str] = Counter()
         self.end_state: EndState | None = None
         self.clients_done_at: float | None = None
+        self.t0: float | None = None  # when the cluster first served (the window opens)
+        self.startup_failed = False
+        self.ending = False
+        self.drained_at: float | None = None
+        self.relay_stats: list[tuple[str, Any]] = []
         self._root: trio.Nursery | None = None
         self._aux: trio.Nursery | None = None
         self._main_task: trio.lowlevel.Task | None = None
@@ -267,6 +502,18 @@ class World:
     def step_delay(self) -> float:
         low, high = self.plan.scenario.step_delay
         return self.choices.between(low, high)
+
+    def group_detect_delay(self) -> float:
+        return self.choices.between(0.0, self.plan.scenario.group_detect_max)
+
+    def group_for(self, spec: InstanceSpec) -> RunnerGroup | None:
+        if spec.world_size == 1:
+            return None
+        group = self.groups.get(spec.instance_id)
+        if group is None:
+            group = RunnerGroup(spec.instance_id, tuple(s.node_id for s in spec.shards))
+            self.groups[spec.instance_id] = group
+        return group
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a helper task (a cancel request, a delayed fault) until the horizon."""
@@ -282,26 +529,92 @@ class World:
             self._root = root
             for node in self.nodes:
                 await root.start(node.run)
+            with trio.move_on_after(STARTUP_LIMIT):
+                while not self.serving():
+                    await trio.sleep(0.05)
+            if not self.serving():
+                self.startup_failed = True
+                self.ending = True
+                root.cancel_scope.cancel()
+                return
+            self.t0 = trio.current_time()
+            self.window.open(self.t0)
             self.trace.add("ready")
-            with trio.move_on_at(scenario.horizon):
+            with trio.move_on_at(self.t0 + scenario.horizon):
                 async with trio.open_nursery() as aux:
                     self._aux = aux
+                    faults_done = trio.Event()
+                    aux.start_soon(self._cluster_faults, faults_done)
                     async with trio.open_nursery() as clients:
                         for plan, result in zip(self.plan.clients, self.results, strict=True):
                             clients.start_soon(Client(self, plan, result).run)
                     self.clients_done_at = trio.current_time()
+                    await faults_done.wait()
                     aux.cancel_scope.cancel()
-            await trio.sleep(scenario.drain)
+            # The cluster recovers by itself: a restarted node rejoins, a lost
+            # instance is placed again (a restarted leader first waits for its
+            # peers to settle); then the drain.
+            with trio.move_on_after(RECOVERY_LIMIT):
+                while not self.serving():
+                    await trio.sleep(0.25)
+            # The drain: until nothing is left, or `drain` seconds. Every client is
+            # done and every fault healed by now, so what is clean stays clean, and
+            # what leaks still leaks at the end.
+            deadline = trio.current_time() + scenario.drain
+            while trio.current_time() < deadline:
+                await trio.sleep(min(DRAIN_POLL, deadline - trio.current_time()))
+                if self._end_state().clean:
+                    break
+            self.drained_at = trio.current_time()
             self.end_state = self._end_state()
+            self._count_end()
+            self.ending = True
+            # Pull the plug: every connection between nodes resets, so the links'
+            # goodbyes fail at once instead of waiting out their grace.
+            for conn in self.net.connections:
+                conn.client.reset()
             root.cancel_scope.cancel()
+
+    def serving(self) -> bool:
+        """Every live node can serve the model (vacuously true when no live node
+        was started to serve it: then nothing places it, by design)."""
+        live = [node for node in self.nodes if not node.crashed]
+        if not any(self.plan.cluster.serve[node.index] for node in live):
+            return True
+        return all(self._serves(node) for node in live)
+
+    def _serves(self, node: SimNode) -> bool:
+        """The node sees a ready instance that really is alive (a view can lag)."""
+        return any(self.instance_alive(s.spec) for s in node.cluster.ready_instances(MODEL))
+
+    def instance_alive(self, spec: InstanceSpec) -> bool:
+        """Ground truth: every rank runs, on the current incarnation of its node, in
+        a group that is neither broken nor waiting for a vanished machine."""
+        group = self.groups.get(spec.instance_id)
+        if group is not None and (
+            group.broken is not None or not group.ever_formed or group.stalled_until == math.inf
+        ):
+            return False
+        for shard in spec.shards:
+            node = self.nodes[index_of_node(shard.node_id)]
+            worker = node.shards.worker(spec.instance_id)
+            if node.crashed or worker is None or worker.state != "ready":
+                return False
+        return True
 
     def _end_state(self) -> EndState:
         state = EndState()
-        for node in self.nodes:
-            state.registry_open[node.index] = node.registry.open_ids()
-            state.worker_jobs[node.index] = sorted(node.worker.jobs)
+        live = [node for node in self.nodes if not node.crashed]
+        for node in live:
+            i = node.index
+            state.registry_open[i] = node.registry.open_ids()
+            jobs = [rid for shard in node.shards.shards.values() for rid in shard.worker.jobs]
+            state.worker_jobs[i] = sorted(jobs)
+            state.relay_routes[i] = sorted(node.relay.routes)
+            state.relay_outgoing[i] = sorted(node.relay.outgoing)
+            state.shards[i] = self._stray_shards(node)
             stats = node.registry.stats
-            state.stats[node.index] = {
+            state.stats[i] = {
                 "unknown_events": stats.unknown_events,
                 "after_terminal": stats.after_terminal,
                 "overflows": stats.overflows,
@@ -310,22 +623,146 @@ class World:
         for handle in self.runners:
             if not handle.done and handle.runner.active:
                 state.runner_active[handle.runner.index] = sorted(handle.runner.active)
+        state.serving = self.serving()
         state.tasks = leftover_tasks(self._main_task)
-        for node in self.nodes:
+        for node in live:
             in_flight = node.node.metrics.registry.get_sample_value("exo_trio_requests_in_flight")
             state.stats[node.index]["admission_in_flight"] = int(in_flight or 0)
+        return state
+
+    def _count_end(self) -> None:
+        live = [node for node in self.nodes if not node.crashed]
+        for node in [*self.retired, *live]:
             self.coverage["late_events"] += node.registry.stats.late_events
             self.coverage["server_backpressure"] += sum(
                 1 for end in node.server_ends if end.sent_stats.blocked_writes
             )
-        return state
+            self.relay_stats.append((f"{node.node_id}i{node.incarnation}", node.relay.stats))
+            self.coverage["relay_resent"] += node.relay.stats.resent
+            self.coverage["relay_duplicates"] += node.relay.stats.duplicates
+
+    def _stray_shards(self, node: SimNode) -> list[str]:
+        """Shards a surviving node still holds that are not part of a ready
+        instance whose every rank is alive: stopped, failed, or orphaned."""
+        view = node.cluster.view
+        ready = (
+            {s.spec.instance_id for s in view.instances if s.state == "ready"} if view else set()
+        )
+        stray = []
+        for instance_id, shard in node.shards.shards.items():
+            group = self.groups.get(instance_id)
+            broken = group is not None and group.broken is not None
+            if shard.stopped or shard.state == "failed" or broken or instance_id not in ready:
+                stray.append(f"{instance_id} rank {shard.rank} ({shard.state})")
+        return stray
+
+    # ---- cluster faults ----
+
+    async def _cluster_faults(self, done: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            for fault in self.plan.cluster.faults:
+                nursery.start_soon(self._fault, fault)
+        done.set()
+
+    async def _fault(self, fault: ClusterFault) -> None:
+        assert self.t0 is not None
+        await trio.sleep_until(self.t0 + fault.at)
+        now = trio.current_time()
+        watch = self.watch
+        if fault.kind == "crash":
+            node = self.nodes[fault.a]
+            if node.crashed:
+                return
+            self.trace.add("crash-node", node.node_id, fault.mode, f"{fault.duration:.3f}")
+            if self._streaming_through({fault.a}):
+                self.coverage["node_crash_mid_stream"] += 1
+            self.coverage[f"node_crash_{fault.mode}"] += 1
+            if node.node_id == node.cluster.leader:
+                self.coverage["leader_crash"] += 1
+            watch.disturbed("crash", frozenset({fault.a}), now, now + fault.duration)
+            node.crash(fault.mode)
+            self.retired.append(node)
+            if fault.duration == math.inf:
+                return
+            await trio.sleep(fault.duration)
+            fresh = SimNode(self, fault.a, node.incarnation + 1)
+            self.nodes[fault.a] = fresh
+            self.trace.add("restart-node", fresh.node_id, fresh.incarnation)
+            assert self._root is not None
+            self._root.start_soon(fresh.run)
+            return
+        pair = frozenset({fault.a, fault.b})
+        cut_streams = self._streaming_through(pair, both=True)
+        if fault.kind == "reset":
+            count = self.net.reset(fault.a, fault.b)
+            self.trace.add("reset-link", fault.a, fault.b, count)
+            watch.disturbed("reset", pair, now, now)
+            self.coverage["link_reset"] += 1
+            if cut_streams:
+                self.coverage["link_cut_mid_stream"] += 1
+            return
+        until = now + fault.duration
+        count = self.net.partition(fault.a, fault.b, until, fault.mode)  # type: ignore[arg-type]
+        self.trace.add("partition", fault.a, fault.b, fault.mode, f"{fault.duration:.3f}", count)
+        watch.disturbed("partition", pair, now, until)
+        self.coverage[f"partition_{fault.mode}"] += 1
+        if cut_streams:
+            self.coverage["link_cut_mid_stream"] += 1
+        ids = {node_id_of(fault.a), node_id_of(fault.b)}
+        for group in self.groups.values():
+            if group.broken is None and ids <= set(group.nodes):
+                # The ranks' own connections cross the same cut.
+                if fault.mode == "reset":
+                    group.break_(f"network between {sorted(ids)} cut")
+                else:
+                    group.stall(until)
+        await trio.sleep_until(until)
+        self.trace.add("heal", fault.a, fault.b)
+
+    def _streaming_through(self, nodes: frozenset[int] | set[int], both: bool = False) -> bool:
+        """Is a request mid-stream whose path runs through these nodes (or, with
+        `both`, through both ends of this link)?"""
+        for rid, path in self.watch.paths.items():
+            job = self.ledger.jobs.get(rid)
+            if job is None or job.end is not None or not job.tokens:
+                continue
+            hit = nodes <= path.nodes if both else bool(nodes & path.nodes)
+            if hit:
+                return True
+        return False
+
+    def leader_changed(self, node: SimNode, old: str, new: str) -> None:
+        self.trace.add("leader", node.node_id, old, new, node.cluster.term)
+        if self.t0 is None:
+            return
+        self.watch.leader_changes += 1
+        self.coverage["leader_change"] += 1
+        if any(j.end is None and j.tokens for j in self.ledger.jobs.values()):
+            self.coverage["leader_change_mid_stream"] += 1
+        self.maybe_stale_command(node)
+
+    def maybe_stale_command(self, node: SimNode) -> None:
+        """A node just adopted a newer term: maybe a shard command of an older one
+        (a deposed leader's, delayed in the network) reaches it now. It must be
+        rejected (checked as every message is)."""
+        p = self.plan.cluster.stale_command_p
+        if not p or not self.window.active():
+            return
+        candidate = self.watch.stale_candidate(node)
+        if candidate is None or not self.choices.chance(p):
+            return
+        sender, message = candidate
+        self.watch.stale_injected += 1
+        self.coverage["stale_command_injected"] += 1
+        self.trace.add("stale-command", node.node_id, sender, type(message).__name__, message.term)
+        node._handle(sender, message)
 
     # ---- runner faults ----
 
     def _on_step(self, runner: FakeRunner) -> None:
         plan = self.plan.runner
         steps = self.ledger.steps
-        if trio.current_time() >= self.plan.faults.window:
+        if not self.window.active():
             return
         handle = self.runners[runner.index]
         if steps in plan.crash_steps and not handle.crashed:
@@ -344,11 +781,14 @@ class World:
         if handle.done or handle.crashed:
             return
         handle.crashed = True
+        handle.death = "process"
         active = [j for j in self.ledger.jobs.values() if j.runner == handle.runner.index]
         if any(j.end is None and j.tokens for j in active):
             self.coverage["runner_crash_mid_stream"] += 1
         self.coverage["runner_crash"] += 1
         self.trace.add("crash", handle.runner.index, self.plan.runner.torn)
+        now = trio.current_time()
+        self.watch.disturbed("runner_crash", frozenset({handle.node.index}), now, now)
         if self.plan.runner.torn:
             frame = encode_frame(Loading(fraction=0.5, phase="torn"))
             handle.end.write_now(frame[: len(frame) // 2])
@@ -379,10 +819,25 @@ _SERVICE_TASKS = frozenset(
         "SimNode.run",
         "SimNode._run_runner",
         "FakeRunner._steps",
+        "FakeRunner._watch_group",
         "Worker.run",
         "Worker._write_commands",
         "Lifespan.handle_lifespan",
         "TrioASGILifespan.__call__",
+        "ShardManager.run",
+        "ShardManager._supervise",
+        "Cluster.run",
+        "Cluster._loop",
+        "PeerLinks.run",
+        "PeerLinks._dial_loop",
+        "PeerLinks._handle_inbound",
+        "Session.run",
+        "Session._writer",
+        "Session._watchdog",
+        "WebSocketConnection._reader_task",
+        "serve_listeners",
+        "_run_handler",
+        "_serve_one_listener",
         "run_sim",
     }
 )
@@ -409,3 +864,4 @@ def leftover_tasks(main: trio.lowlevel.Task | None) -> list[str]:
             if name not in _SERVICE_TASKS:
                 left.append(name)
     return sorted(left)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,19 @@ def eos_ban(demo_model_dir: Path) -> dict[str, int]:
     from exo_trio.prompts import HFPromptEncoder
 
     return {str(t): -100 for t in HFPromptEncoder(demo_model_dir).eos_token_ids}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels() -> Iterator[None]:
+    """Tests (and the fuzz harnesses they run in-process) may silence loggers; put
+    every level back afterwards, so later tests that read log lines see them."""
+    import logging
+
+    manager = logging.root.manager
+    saved = {name: logging.getLogger(name).level for name in list(manager.loggerDict)}
+    root_level = logging.root.level
+    yield
+    logging.root.setLevel(root_level)
+    for name in list(manager.loggerDict):
+        logger = logging.getLogger(name)
+        logger.setLevel(saved.get(name, logging.NOTSET))

@@ -28,6 +28,7 @@ from exo_trio.runner_protocol import (
     Shutdown,
     WorkerToRunner,
 )
+from exo_trio.step_sync import FollowerChannel, Hello, LeaderChannel, Report
 from exo_trio.types import (
     Cancel,
     ChunkGenerated,
@@ -85,15 +86,18 @@ def free_hostfile(directory: Path, ranks: int) -> Path:
     return path
 
 
-def runner_env() -> dict[str, str]:
+def runner_env(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["EXO_TRIO_RUNNER_LOG"] = "WARNING"
+    env.update(overrides)
     return env
 
 
 @asynccontextmanager
-async def start_rank(model_dir: Path, *extra: str) -> AsyncIterator[Rank]:
+async def start_rank(
+    model_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Rank]:
     proc = await trio.lowlevel.open_process(
         [
             sys.executable,
@@ -103,7 +107,7 @@ async def start_rank(model_dir: Path, *extra: str) -> AsyncIterator[Rank]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=REPO_ROOT,
-        env=runner_env(),
+        env=runner_env(**(env or {})),
     )
     assert proc.stdin is not None and proc.stdout is not None
     frames = read_frames(proc.stdout, RunnerToWorker)  # type: ignore[arg-type]
@@ -119,7 +123,12 @@ async def start_rank(model_dir: Path, *extra: str) -> AsyncIterator[Rank]:
 
 @asynccontextmanager
 async def start_group(
-    model_dir: Path, tmp_path: Path, sharding: str, layers: tuple[str, str], *extra: str
+    model_dir: Path,
+    tmp_path: Path,
+    sharding: str,
+    layers: tuple[str, str],
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[list[Rank]]:
     hostfile = free_hostfile(tmp_path, 2)
     async with AsyncExitStack() as stack:
@@ -130,6 +139,7 @@ async def start_group(
                     *("--rank", str(rank), "--world-size", "2", "--hostfile", str(hostfile)),
                     *("--sharding", sharding, "--layers", layers[rank]),
                     *extra,
+                    env=env,
                 )
             )
             for rank in range(2)
@@ -179,12 +189,26 @@ def reference_tokens(demo_model_dir: Path) -> dict[str, list[int]]:
     return trio.run(run)
 
 
-@pytest.mark.parametrize("sharding", ["pipeline", "tensor"])
+# On loopback the ranks share the cores, so by default every step waits for the
+# forward pass it queued (sharded_runner._sync_steps); "overlap" forces the mode
+# that ranks on separate machines use.
+@pytest.mark.parametrize(
+    ("sharding", "step_sync"),
+    [("pipeline", "auto"), ("tensor", "auto"), ("pipeline", "0")],
+    ids=["pipeline", "tensor", "pipeline-overlap"],
+)
 async def test_sharded_matches_single_runner(
-    sharding: str, demo_model_dir: Path, tmp_path: Path, reference_tokens: dict[str, list[int]]
+    sharding: str,
+    step_sync: str,
+    demo_model_dir: Path,
+    tmp_path: Path,
+    reference_tokens: dict[str, list[int]],
 ) -> None:
+    env = {"EXO_TRIO_STEP_SYNC": step_sync}
     with trio.fail_after(90):
-        async with start_group(demo_model_dir, tmp_path, sharding, SPLITS[sharding]) as ranks:
+        async with start_group(
+            demo_model_dir, tmp_path, sharding, SPLITS[sharding], env=env
+        ) as ranks:
             leader, follower = ranks
             for rank in ranks:
                 assert (await rank.wait_ready()).model == "demo"
@@ -291,6 +315,59 @@ async def test_killed_rank_fails_in_flight_requests(
             print(f"kill -> failure event: {failed_after * 1000:.0f} ms")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_idle_group_does_not_spin(demo_model_dir: Path, tmp_path: Path) -> None:
+    # Between steps the other ranks wait for rank 0 in a socket read, asleep; MLX's
+    # ring would spin a core for as long as rank 0 is idle (~2 CPU-s over 2 s).
+    # The bound is generous for a shared machine: rank 0's heartbeats cost next to
+    # nothing, a spinning rank would use most of a core even when starved.
+    with trio.fail_after(60):
+        async with start_group(demo_model_dir, tmp_path, "pipeline", ("0:2", "2:4")) as ranks:
+            leader, follower = ranks
+            for rank in ranks:
+                await rank.wait_ready()
+            # Idle after serving, too: nothing may be left waiting in a collective.
+            await leader.send(generation("a", 8))
+            _, final = await collect(leader, "a")
+            assert isinstance(final, GenerationFinished)
+            await trio.sleep(0.5)
+            before = [cpu_seconds(rank.proc.pid) for rank in ranks]
+            await trio.sleep(2.0)
+            used = [cpu_seconds(rank.proc.pid) - b for rank, b in zip(ranks, before, strict=True)]
+            print(f"CPU over 2 s idle: rank 0 {used[0]:.2f} s, rank 1 {used[1]:.2f} s")
+            assert used[1] < 0.3 and used[0] < 0.3, used
+            # ... and it still serves.
+            await leader.send(generation("a2", 5))
+            tokens, _ = await collect(leader, "a2")
+            assert len(tokens) == 5
+            await leader.send(Shutdown())
+            with trio.fail_after(10):
+                assert await leader.proc.wait() == 0
+                assert await follower.proc.wait() == 0
+
+
+async def test_killed_leader_ends_idle_follower(demo_model_dir: Path, tmp_path: Path) -> None:
+    # The follower sleeps in a read on rank 0's socket: rank 0's death is an EOF there.
+    with trio.fail_after(60):
+        async with start_group(demo_model_dir, tmp_path, "pipeline", ("0:2", "2:4")) as ranks:
+            leader, follower = ranks
+            for rank in ranks:
+                await rank.wait_ready()
+            leader.proc.send_signal(signal.SIGKILL)
+            with trio.fail_after(3):
+                error = await follower.receive()
+                assert isinstance(error, RunnerError), error
+                assert "distributed group failed" in error.message
+                assert await follower.proc.wait() == 1
+
+
 async def test_inconsistent_layout_is_refused(demo_model_dir: Path, tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with start_group(demo_model_dir, tmp_path, "pipeline", ("0:2", "1:4")) as ranks:
@@ -346,6 +423,20 @@ async def test_group_that_never_forms_is_reported(demo_model_dir: Path, tmp_path
             assert await leader.proc.wait() != 0
 
 
+def test_ranks_share_host(tmp_path: Path) -> None:
+    from exo_trio.sharding import Backend, ShardSpec, ranks_share_host
+
+    def spec(rank: int, hosts: list[str], backend: Backend = "ring") -> ShardSpec:
+        path = tmp_path / "hosts.json"
+        path.write_text(json.dumps([[f"{h}:5000"] for h in hosts]))
+        return ShardSpec(rank, len(hosts), backend, "pipeline", None, hostfile=path)
+
+    assert ranks_share_host(spec(0, ["127.0.0.1", "127.0.0.1"]))
+    assert ranks_share_host(spec(1, ["10.0.0.1", "10.0.0.2", "10.0.0.2"]))
+    assert not ranks_share_host(spec(0, ["10.0.0.1", "10.0.0.2", "10.0.0.2"]))
+    assert not ranks_share_host(spec(0, ["10.0.0.1", "10.0.0.1"], backend="jaccl"))
+
+
 def test_layout_checks() -> None:
     from exo_trio.sharding import _layout_problem, even_split
 
@@ -369,3 +460,75 @@ def test_layout_checks() -> None:
     assert partial is not None and "every rank" in partial
     models = _layout_problem([[pipeline, 0, 2, 4], [pipeline, 2, 6, 6]], "ring")
     assert models is not None and "layer counts" in models
+
+
+# -- the step channel alone (no MLX) --------------------------------------------------
+
+
+def channel_pair(stall: float = 5.0) -> tuple[LeaderChannel, FollowerChannel]:
+    from exo_trio.step_sync import Orders, _Peer
+
+    lead, follow = socket.socketpair()
+    leader = LeaderChannel([_Peer(lead, 1, Hello | Report)], stall_timeout=stall)
+    return leader, FollowerChannel(_Peer(follow, 0, Orders), rank=1)
+
+
+def test_step_channel_orders_and_reports() -> None:
+    from exo_trio.step_sync import StepSyncError
+
+    leader, follower = channel_pair()
+    command = generation("a", 3)
+    first = leader.send_orders(commands=[command])
+    orders = follower.receive(1.0)
+    assert (orders.seq, orders.stop, orders.commands) == (first, False, [command])
+    follower.report(orders.seq, 1234, 1.0)
+    # The next orders may go out before the last exchange is confirmed.
+    second = leader.send_orders()
+    leader.confirm(first, 1234)
+    follower.report(follower.receive(1.0).seq, 99, 1.0)
+    # A rank that produced different tokens is caught before anything is emitted.
+    with pytest.raises(StepSyncError, match="different tokens"):
+        leader.confirm(second, 1234)
+
+
+def test_step_channel_lost_and_silent_peers() -> None:
+    from exo_trio.step_sync import GroupStalled, PeerLost
+
+    leader, follower = channel_pair(stall=0.3)
+    seq = leader.send_orders()
+    started = time.monotonic()
+    with pytest.raises(GroupStalled, match="stalled"):
+        leader.confirm(seq, 0)  # the follower never answers
+    assert 0.3 <= time.monotonic() - started < 2
+    follower.close()
+    with pytest.raises(PeerLost):  # from the send or the wait, whichever notices
+        leader.confirm(leader.send_orders(), 0)
+    leader, follower = channel_pair()
+    leader.close(linger=0)
+    with pytest.raises(PeerLost):
+        follower.receive(1.0)
+
+
+def test_step_channel_turns_strangers_away() -> None:
+    import threading
+
+    from exo_trio.framing import encode_frame
+    from exo_trio.step_sync import StepSyncError, _accept, _connect
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def strangers() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as wrong:
+            wrong.sendall(encode_frame(Hello(rank=1, token=1)))  # wrong token
+            assert wrong.recv(1) == b""  # turned away
+        _connect("127.0.0.1", port, rank=1, token=42, deadline=time.monotonic() + 5)
+
+    thread = threading.Thread(target=strangers)
+    thread.start()
+    (peer,) = _accept(listener, 2, token=42, deadline=time.monotonic() + 5)
+    thread.join()
+    assert peer.rank == 1
+    with pytest.raises(StepSyncError, match=r"rank\(s\) \[1\] did not join"):
+        _accept(listener, 2, token=42, deadline=time.monotonic() + 0.2)
+    listener.close()

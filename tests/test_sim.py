@@ -1,5 +1,6 @@
-"""The deterministic simulator: its machinery, a sweep, the mutants, determinism and
-the regression corpus (python -m sim; see docs/simulator.md)."""
+"""The deterministic simulator: its machinery, sweeps of the default two-node cluster
+and of the focused scenarios, the mutants, determinism and the regression corpus
+(python -m sim; see docs/simulator.md)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from sim.invariants import Violation
 from sim.mutants import MUTANTS
 from sim.pipes import pipe_pair
 from sim.run import RunResult, default_dialects, run_choices, served_routes
+from sim.scenario import DEFAULT, SCENARIOS, scenario_for
 from sim.shrink import shrink
-from sim.sweep import KEY_COVERAGE, run_one, sweep
+from sim.sweep import key_coverage, run_one, sweep
 from sim.world import leftover_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Real bugs the simulator found that are not fixed yet, by signature. A sweep
 # tolerates exactly these; each has a corpus entry that must start passing (and
 # then this entry must go) once the bug is fixed.
-# Violations of bugs found but not fixed yet, by corpus entry (empty: none known).
-KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {}
+KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {
+    # With three or more nodes a non-transitive partition (n0 and n1 cut apart, n2
+    # reaching both) lets n0 and n1 both lead, and both can derive the same next
+    # term: terms are counted, not voted on. A design limitation of "the smallest
+    # live id leads"; see docs/simulator.md ("Found so far").
+    "bug-two_leaders-196.json": lambda v: v.kind == "two_leaders",
+}
 
 
 def unexplained(result: RunResult) -> list[Violation]:
@@ -38,6 +45,13 @@ def unexplained(result: RunResult) -> list[Violation]:
 
 
 # ---- machinery ----
+
+
+def test_the_default_scenario_is_a_two_node_cluster() -> None:
+    assert DEFAULT.nodes == 2 and DEFAULT.clients == 8
+    assert scenario_for(3).nodes == 3 and scenario_for(None, "leader-change").nodes == 3
+    result = run_one(1)
+    assert result.nodes == 2 and result.coverage["request_relayed"] >= 0
 
 
 def test_the_schedule_hook_is_live_and_trio_is_the_pinned_minor() -> None:
@@ -82,6 +96,32 @@ def test_pipes_keep_order_under_splits_and_delays_and_writes_are_atomic() -> Non
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_a_held_connection_delivers_everything_at_the_heal_and_a_reset_breaks_both_ends() -> None:
+    async def main() -> None:
+        a, b = pipe_pair()
+        await a.send_all(b"before")
+        a.hold(1.0)  # a partition TCP rides out
+        await a.send_all(b" during")
+        got = b""
+        while len(got) < len(b"before during"):
+            got += await b.receive_some()
+        assert got == b"before during" and trio.current_time() == 1.0
+        a.reset()  # an RST: both ends fail at once
+        with pytest.raises(trio.BrokenResourceError):
+            await b.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await a.send_all(b"after")
+        c, d = pipe_pair()
+        c.vanish()  # its machine is gone: its close is never seen
+        c.close()
+        await d.send_all(b"into the void")
+        with trio.move_on_after(10):
+            await d.receive_some()
+            pytest.fail("a vanished peer sent something")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_leftover_tasks_are_noticed() -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -121,16 +161,37 @@ def test_every_generation_endpoint_has_a_simulated_client() -> None:
 # ---- the proof ----
 
 
-def test_a_sweep_violates_nothing_and_reaches_the_key_situations() -> None:
-    report = sweep(range(1, 301))
+def check_sweep(seeds: range, *, nodes: int | None = None, scenario: str | None = None) -> None:
+    report = sweep(seeds, nodes=nodes, scenario=scenario)
     found = {}
     for failure in report.failures:  # tolerated only if every violation is a known bug
-        left = unexplained(run_one(failure.seed))
+        left = unexplained(run_one(failure.seed, nodes=nodes, scenario=scenario))
         if left:
             found[failure.seed] = left[0]
-    assert not found, "\n".join(f"python -m sim --seed {s}: {v}" for s, v in found.items())
+    where = f"{f' --nodes {nodes}' if nodes else ''}{f' --scenario {scenario}' if scenario else ''}"
+    assert not found, "\n".join(f"python -m sim --seed {s}{where}: {v}" for s, v in found.items())
     assert not report.missing_coverage, report.missing_coverage
-    assert all(report.coverage[k] for k in KEY_COVERAGE)
+    keys = key_coverage(scenario_for(nodes, scenario or DEFAULT.name))
+    assert all(report.coverage[k] for k in keys)
+
+
+def test_a_sweep_of_the_two_node_cluster_violates_nothing_and_reaches_the_key_situations() -> None:
+    check_sweep(range(1, 301))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SCENARIOS if n != "default"))
+def test_a_sweep_of_each_focused_scenario_violates_nothing(name: str) -> None:
+    check_sweep(range(1, 61), scenario=name)
+
+
+def test_a_three_node_sweep_violates_nothing_but_the_known_bugs() -> None:
+    check_sweep(range(1, 61), nodes=3)
+
+
+def test_a_lone_node_runs_the_cluster_code_too() -> None:
+    for seed in range(1, 21):
+        result = run_one(seed, nodes=1)
+        assert result.nodes == 1 and not result.violations, result.violations[:1]
 
 
 def test_a_pct_sweep_violates_nothing() -> None:
@@ -139,12 +200,23 @@ def test_a_pct_sweep_violates_nothing() -> None:
         assert not unexplained(result), f"seed {seed} (pct): {unexplained(result)[0]}"
 
 
-@pytest.mark.parametrize("name", sorted(MUTANTS))
+HUNTED = sorted(name for name, mutant in MUTANTS.items() if mutant.hunt)
+
+
+@pytest.mark.parametrize("name", HUNTED)
 def test_every_mutant_is_caught_within_20_seeds(name: str) -> None:
     for seed in range(1, 21):
-        if run_one(seed, mutant=name).violations:
+        if run_one(seed, mutant=name).violations:  # in the mutant's own scenario
             return
     pytest.fail(f"mutant {name} survived 20 seeds")
+
+
+def test_every_mutant_the_hunt_skips_has_a_corpus_entry() -> None:
+    """A rare race is not hunted (it takes hundreds of seeds), so its shrunk
+    reproduction must be in the corpus, where it is replayed every time."""
+    entries = {replay.load(path).mutant for path in replay.corpus_files()}
+    rare = sorted(name for name, mutant in MUTANTS.items() if not mutant.hunt)
+    assert rare and all(name in entries for name in rare), rare
 
 
 def test_runs_are_deterministic_here_and_in_a_fresh_process() -> None:

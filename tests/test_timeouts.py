@@ -45,12 +45,18 @@ async def start(nursery: trio.Nursery, step_delay: float = 0.01, **settings: Any
 
 def command(rid: str, max_tokens: int = 50) -> TextGeneration:
     return TextGeneration(
-        request_id=rid, model="demo", prompt_tokens=[1, 2], params=SamplingParams(max_tokens=max_tokens)
+        request_id=rid,
+        model="demo",
+        prompt_tokens=[1, 2],
+        params=SamplingParams(max_tokens=max_tokens),
     )
 
 
 async def collect(
-    node: InProcessNode, cmd: TextGeneration, limits: RequestTimeouts, keepalive: float | None = None
+    node: InProcessNode,
+    cmd: TextGeneration,
+    limits: RequestTimeouts,
+    keepalive: float | None = None,
 ) -> list[tuple[float, GenerationEvent | None]]:
     out: list[tuple[float, GenerationEvent | None]] = []
     async for event in events(node.node, cmd, keepalive, timeouts=limits):
@@ -298,7 +304,8 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_work_cancelled(
     async with trio.open_nursery() as nursery:
         node = await start(nursery, step_delay=0.01)
         body = json.dumps({**CASES[0][1], "stream": True, "max_tokens": 3000}).encode()
-        raw = build_request("POST", "/v1/chat/completions", [("Content-Type", "application/json")], body)
+        headers = [("Content-Type", "application/json")]
+        raw = build_request("POST", "/v1/chat/completions", headers, body)
         stalled = node.connect(lockstep=True, send_timeout=5.0)
         await stalled.send_all(raw)
         assert (await stalled.receive_some(200)).startswith(b"HTTP/1.1 200")

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -166,7 +167,19 @@ async def health(ctx: ApiContext) -> tuple[dict[str, object], int]:
         # load balancer should send new requests elsewhere.
         ok = False
         body = {**body, "status": "unavailable", "reason": wedged}
-    return body, 200 if ok else 503
+    # Live Trio tasks in this process: once every client is gone this must return
+    # to its idle value, or something (a handler, a relay, a timer) leaked.
+    return {**body, "tasks": live_tasks()}, 200 if ok else 503
+
+
+def live_tasks() -> int:
+    count = 0
+    nurseries = list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            count += 1
+            nurseries.extend(task.child_nurseries)
+    return count
 
 
 def wedged_reason(ctx: ApiContext) -> str | None:
