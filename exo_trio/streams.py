@@ -58,7 +58,14 @@ class RequestStream:
     async def receive(self) -> GenerationEvent:
         if self.terminal is not None:
             raise StreamViolation(f"{self.request_id}: read past the terminal event")
-        event = await self._receive.receive()
+        try:
+            event = await self._receive.receive()
+        except trio.EndOfChannel:
+            # The registry closed the channel without a terminal event: the request
+            # broke (an overflow). Fail this request loudly; the node carries on.
+            raise StreamViolation(
+                f"{self.request_id}: the stream broke before its terminal event"
+            ) from None
         self._check(event)
         return event
 
@@ -98,6 +105,8 @@ class _Entry:
     # Ended here by `cancel`, not by the runner: what the runner still sends for it
     # (tokens already in the pipe) is late, not a protocol violation.
     cancelled: bool = False
+    # The channel overflowed (a runner sent more than the request can produce).
+    broken: bool = False
 
 
 @dataclass
@@ -151,11 +160,18 @@ class StreamRegistry:
         except trio.WouldBlock:
             # Impossible by construction (capacity covers every event); if it happens
             # the request is broken, so end it loudly rather than lose data silently.
+            # Impossible by construction; if it happens, this one request is broken:
+            # its consumer reads what was delivered, then a StreamViolation. Raising
+            # here instead would take the delivering worker, and the node, down.
             self.stats.overflows += 1
             log.error("request %s: channel full (capacity %d)", event.request_id, entry.capacity)
-            self.close(event.request_id)
-            raise StreamViolation(f"{event.request_id}: channel overflow") from None
+            entry.broken = True
+            entry.send.close()
+            return False
         except trio.ClosedResourceError:
+            if entry.broken:
+                self.stats.overflows += 1
+                return False
             if entry.cancelled:
                 self._count_late(event)
                 return False

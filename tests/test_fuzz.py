@@ -31,21 +31,7 @@ REGRESSIONS = ROOT / "fuzz" / "regressions"
 
 # Crash inputs whose bug is outside exo_trio/api and framing, reported to the
 # owners and still open: (target, file) -> what is wrong.
-OPEN = {
-    ("link_frames", "invalid-utf8-in-message"): (
-        "net/session.py decodes with msgspec and catches only DecodeError; invalid "
-        "UTF-8 raises UnicodeDecodeError, which ends the link as an internal error"
-    ),
-    ("beacons", "invalid-utf8-in-signed-beacon"): (
-        "net/discovery.decode_beacon lets UnicodeDecodeError escape handle_datagram "
-        "(and the receive loop) for a correctly signed beacon"
-    ),
-    ("runner_stream", "chunks-beyond-max-tokens-escape-worker"): (
-        "a runner sending more events than a request's channel holds: the registry's "
-        "StreamViolation escapes Worker.run (the node) and the consumer gets "
-        "ClosedResourceError instead of a terminal"
-    ),
-}
+OPEN: dict[tuple[str, str], str] = {}
 
 # Inputs per target in the short runs: API targets cost ~5 ms an input, the others
 # well under 1 ms (link scripts ~3 ms).

@@ -76,7 +76,7 @@ def decode_beacon(data: bytes, key: bytes) -> Beacon | None:
         return None
     try:
         beacon = wire.beacon_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None  # correctly signed but malformed: a newer version, ignore it
     if beacon.version != wire.PROTOCOL_VERSION or not 0 < beacon.listen_port <= 65535:
         return None

@@ -375,7 +375,7 @@ class Session:
     def _decode_handshake(self, raw: bytes, kind: type[T]) -> T:
         try:
             message = wire.handshake_decoder.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise LinkError(wire.CLOSE_PROTOCOL, f"bad handshake message: {exc}") from None
         if not isinstance(message, kind):
             raise LinkError(wire.CLOSE_PROTOCOL, f"expected {kind.__name__} in handshake")
@@ -440,7 +440,7 @@ class Session:
                 if kind == wire.KIND_MESSAGE:
                     try:
                         message = decoder.decode(body)
-                    except msgspec.DecodeError as exc:
+                    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                         raise LinkError(
                             wire.CLOSE_PROTOCOL, f"undecodable message: {exc}"
                         ) from None
