@@ -112,6 +112,7 @@ log = logging.getLogger("exo_trio.runner")
 HEARTBEAT_SECONDS = 1.0
 # After a stop, rank 0 waits this long at most for the other ranks to leave first.
 STOP_LINGER_SECONDS = 1.0
+_POLL = float(os.environ.get("EXO_TRIO_POLL_US", "2000")) / 1e6
 _GENERATION_EVENTS = (ChunkGenerated, GenerationFinished, GenerationFailed)
 
 
@@ -327,7 +328,7 @@ class Coordinator(Runner):
                 # other ranks' steps end with the same collectives as this one, so the
                 # reports are due (unless sync_steps, the next forward pass already
                 # runs meanwhile).
-                self.channel.confirm(seq, _digest(outgoing))
+                self.channel.confirm(seq, _digest(outgoing), _POLL if self.engine.has_work else 0.0)
             except BrokenPipeError:
                 raise  # the worker is gone: nobody to tell
             except Exception as exc:  # a peer is gone or stalled, or the ranks diverged
@@ -416,7 +417,9 @@ class Follower:
             try:
                 # Rank 0 sends orders at least every heartbeat, or right after its
                 # step; in between this thread sleeps in the kernel.
-                orders = self.channel.receive(self.stall_timeout + HEARTBEAT_SECONDS)
+                orders = self.channel.receive(
+                    self.stall_timeout + HEARTBEAT_SECONDS, _POLL if self.engine.has_work else 0.0
+                )
                 for command in orders.commands:
                     if isinstance(command, TextGeneration):
                         events.extend(self.engine.submit(command))
@@ -585,13 +588,15 @@ def _sync_steps(spec: ShardSpec) -> bool:
 
     BatchGenerator starts the next forward pass before a step returns, so the
     bookkeeping between steps (events, the exchange, building the next graph)
-    normally overlaps with it. But inside that forward pass some rank always
-    busy-waits for another's activations (MLX's ring), so ranks that share one
-    machine's cores then run more threads than it has: the spinning and the
-    bookkeeping slow down the very computation they wait for. Waiting for the
-    forward pass first keeps the phases apart; on this project's 2-core machine it
-    cut the CPU per token of a 2-rank loopback pipeline by about a third and raised
-    its throughput. Ranks on separate machines keep the overlap.
+    normally overlaps with it. With tensor parallelism every rank computes at the
+    same time, and ranks that share one machine's cores then run more busy threads
+    than it has: the bookkeeping slows down the computation it overlaps with, and
+    the ranks drift apart, so that one spins in each all_sum while the other
+    catches up. Waiting for the forward pass first keeps the phases apart. Measured
+    on this project's 2-core machine, 2 ranks on loopback: tensor ~280 against ~200
+    tokens/s (7 against 10 ms of CPU per token); pipeline stages compute one after
+    the other, leaving a core for the bookkeeping, and do better overlapping (~260
+    against ~225). Ranks on separate machines always overlap.
     EXO_TRIO_STEP_SYNC=1 or 0 overrides the choice.
     """
     from exo_trio.sharding import ranks_share_host
@@ -599,7 +604,7 @@ def _sync_steps(spec: ShardSpec) -> bool:
     forced = os.environ.get("EXO_TRIO_STEP_SYNC", "auto")
     if forced in ("0", "1"):
         return forced == "1"
-    return ranks_share_host(spec)
+    return spec.sharding == "tensor" and ranks_share_host(spec)
 
 
 def _log_sync_cost(channel: LeaderChannel) -> None:

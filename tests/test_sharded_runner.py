@@ -189,13 +189,13 @@ def reference_tokens(demo_model_dir: Path) -> dict[str, list[int]]:
     return trio.run(run)
 
 
-# On loopback the ranks share the cores, so by default every step waits for the
-# forward pass it queued (sharded_runner._sync_steps); "overlap" forces the mode
-# that ranks on separate machines use.
+# On loopback the ranks share the cores, so by default a tensor-parallel step
+# waits for the forward pass it queued, a pipeline step does not
+# (sharded_runner._sync_steps); the other two combinations are forced.
 @pytest.mark.parametrize(
     ("sharding", "step_sync"),
-    [("pipeline", "auto"), ("tensor", "auto"), ("pipeline", "0")],
-    ids=["pipeline", "tensor", "pipeline-overlap"],
+    [("pipeline", "auto"), ("tensor", "auto"), ("pipeline", "1"), ("tensor", "0")],
+    ids=["pipeline", "tensor", "pipeline-sync", "tensor-overlap"],
 )
 async def test_sharded_matches_single_runner(
     sharding: str,
