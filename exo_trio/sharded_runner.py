@@ -112,7 +112,6 @@ log = logging.getLogger("exo_trio.runner")
 HEARTBEAT_SECONDS = 1.0
 # After a stop, rank 0 waits this long at most for the other ranks to leave first.
 STOP_LINGER_SECONDS = 1.0
-_POLL = float(os.environ.get("EXO_TRIO_POLL_US", "2000")) / 1e6
 _GENERATION_EVENTS = (ChunkGenerated, GenerationFinished, GenerationFailed)
 
 
@@ -328,7 +327,7 @@ class Coordinator(Runner):
                 # other ranks' steps end with the same collectives as this one, so the
                 # reports are due (unless sync_steps, the next forward pass already
                 # runs meanwhile).
-                self.channel.confirm(seq, _digest(outgoing), _POLL if self.engine.has_work else 0.0)
+                self.channel.confirm(seq, _digest(outgoing))
             except BrokenPipeError:
                 raise  # the worker is gone: nobody to tell
             except Exception as exc:  # a peer is gone or stalled, or the ranks diverged
@@ -417,9 +416,7 @@ class Follower:
             try:
                 # Rank 0 sends orders at least every heartbeat, or right after its
                 # step; in between this thread sleeps in the kernel.
-                orders = self.channel.receive(
-                    self.stall_timeout + HEARTBEAT_SECONDS, _POLL if self.engine.has_work else 0.0
-                )
+                orders = self.channel.receive(self.stall_timeout + HEARTBEAT_SECONDS)
                 for command in orders.commands:
                     if isinstance(command, TextGeneration):
                         events.extend(self.engine.submit(command))
@@ -594,9 +591,9 @@ def _sync_steps(spec: ShardSpec) -> bool:
     the ranks drift apart, so that one spins in each all_sum while the other
     catches up. Waiting for the forward pass first keeps the phases apart. Measured
     on this project's 2-core machine, 2 ranks on loopback: tensor ~280 against ~200
-    tokens/s (7 against 10 ms of CPU per token); pipeline stages compute one after
-    the other, leaving a core for the bookkeeping, and do better overlapping (~260
-    against ~225). Ranks on separate machines always overlap.
+    tokens/s (7 against 10 ms of CPU per token). Pipeline stages compute one after
+    the other, which leaves a core for the bookkeeping: they do better overlapping
+    (~220-260 against ~190-225 tokens/s). Ranks on separate machines always overlap.
     EXO_TRIO_STEP_SYNC=1 or 0 overrides the choice.
     """
     from exo_trio.sharding import ranks_share_host

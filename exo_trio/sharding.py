@@ -159,7 +159,7 @@ def join_group(spec: ShardSpec) -> mx.distributed.Group:
 # When ranks share a machine's cores, that spinning competes with the very
 # computation it waits for; at nice 19 such a thread only gets a core that nothing
 # else of ours (this rank's compute, the node, the other rank) wants. Measured on
-# this project's 2-core machine, 2 ranks on loopback: 15-30% less CPU per token,
+# this project's 2-core machine, 2 ranks on loopback: 15-25% less CPU per token,
 # and more tokens/s, pipeline and tensor. Ranks on machines of their own keep
 # MLX's defaults: there a spinning thread takes a core that would otherwise idle
 # (not measured: this project has no multi-machine rig). Linux only: elsewhere

@@ -48,7 +48,6 @@ already queued the next forward pass, so the round trip overlaps with it.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import time
@@ -164,16 +163,9 @@ class _Peer:
         except OSError as exc:
             raise PeerLost(f"lost contact with rank {self.rank}: {exc}") from exc
 
-    def receive(self, timeout: float, doing: str, poll: float = 0.0) -> object:
-        """The next message; PeerLost on EOF or error, GroupStalled after `timeout`.
-
-        With `poll` > 0 it first checks for the message for up to `poll` seconds
-        without sleeping, yielding the core to any other runnable thread between
-        checks, and only then sleeps in the kernel.
-        """
+    def receive(self, timeout: float, doing: str) -> object:
+        """The next message; PeerLost on EOF or error, GroupStalled after `timeout`."""
         deadline = time.monotonic() + timeout
-        if poll > 0 and not self._queued:
-            self._poll(time.monotonic() + poll)
         while not self._queued:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -192,27 +184,6 @@ class _Peer:
             except FrameError as exc:
                 raise StepSyncError(f"garbled step channel from rank {self.rank}: {exc}") from exc
         return self._queued.pop(0)
-
-    def _poll(self, until: float) -> None:
-        # A sleeping reader must be woken by the scheduler when the message comes,
-        # which on a busy machine can take a good part of a millisecond, on every
-        # step. Yielding between checks takes a core only when nothing else wants it.
-        while time.monotonic() < until:
-            try:
-                data = self.sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                os.sched_yield()
-                continue
-            except OSError:
-                return  # the blocking read reports it
-            if not data:
-                return  # EOF: the blocking read reports it
-            try:
-                self._queued.extend(self._decoder.feed(data))
-            except FrameError as exc:
-                raise StepSyncError(f"garbled step channel from rank {self.rank}: {exc}") from exc
-            if self._queued:
-                return
 
     def wait_closed(self, timeout: float) -> None:
         """Read until the peer closes its end (or `timeout`), ignoring what comes."""
@@ -262,14 +233,13 @@ class LeaderChannel:
         self.command_exchanges += bool(commands)
         return self._seq
 
-    def confirm(self, seq: int, digest: int, poll: float = 0.0) -> None:
+    def confirm(self, seq: int, digest: int) -> None:
         """Finish exchange `seq` (every exchange is confirmed, in order): wait until
         every rank reports its step, and check that each produced the same events as
         rank 0 (`digest`)."""
         started = time.perf_counter()
         for peer in self._peers:
-            doing = f"waiting for rank {peer.rank}'s step"
-            message = peer.receive(self.stall_timeout, doing, poll)
+            message = peer.receive(self.stall_timeout, f"waiting for rank {peer.rank}'s step")
             if not isinstance(message, Report) or message.seq != seq:
                 raise StepSyncError(f"rank {peer.rank} answered exchange {seq} with {message!r}")
             if message.digest != digest & _DIGEST_MASK:
@@ -297,10 +267,9 @@ class FollowerChannel:
         self.rank = rank
         self._expected = 1
 
-    def receive(self, timeout: float, poll: float = 0.0) -> Orders:
-        """Wait for rank 0's next orders: asleep in the kernel (no CPU), after up to
-        `poll` seconds of checking for them (see _Peer.receive)."""
-        message = self._peer.receive(timeout, "waiting for orders from rank 0", poll)
+    def receive(self, timeout: float) -> Orders:
+        """Block (asleep in the kernel, no CPU) until rank 0's next orders."""
+        message = self._peer.receive(timeout, "waiting for orders from rank 0")
         if not isinstance(message, Orders) or message.seq != self._expected:
             raise StepSyncError(f"rank 0 sent {message!r}, expected orders {self._expected}")
         self._expected += 1
