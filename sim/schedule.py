@@ -146,6 +146,68 @@ def controlled(hook: ScheduleRandom) -> Iterator[ScheduleRandom]:
         trio_run._r, trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved  # type: ignore[misc]
 
 
+class _QuietIO:
+    """Marks the I/O manager class `quiet_io` installs."""
+
+
+def _quiet_io_manager(base: type) -> type:
+    class QuietIOManager(base, _QuietIO):  # type: ignore[misc, valid-type]
+        """Skips the I/O poll while it could only report nothing.
+
+        Trio polls its I/O manager once per batch of tasks (epoll_wait with a zero
+        timeout under the autojumping clock): a system call that was a tenth of a
+        seed's time. A simulated world has no file descriptors of its own (every
+        stream is in memory); the one registered descriptor is the wake-up socket
+        of Trio's entry queue (`run_sync_soon`: async generator finalizers, other
+        threads, signal handlers). The poll is skipped while that is all and the
+        entry queue holds no job, so the skipped polls would have found nothing to
+        run and the schedule is unchanged. Every QUIET_POLL_EVERY batches it polls
+        anyway, to drain the bytes a signal leaves on the socket."""
+
+        _skipped = 0
+        _entry_fd = -1
+
+        def get_events(self, timeout: float) -> Any:
+            if timeout <= 0 and self._skipped < QUIET_POLL_EVERY and self._nothing_to_report():
+                self._skipped += 1
+                return []
+            self._skipped = 0
+            return super().get_events(timeout)
+
+        def _nothing_to_report(self) -> bool:
+            registered = self._registered
+            if len(registered) > 1:
+                return False
+            entry = trio_run.GLOBAL_RUN_CONTEXT.runner.entry_queue
+            if entry.queue or entry.idempotent_queue:
+                return False
+            if not registered:
+                return True
+            if self._entry_fd < 0:
+                self._entry_fd = entry.wakeup.wakeup_sock.fileno()
+            return self._entry_fd in registered
+
+    return QuietIOManager
+
+
+QUIET_POLL_EVERY = 256
+
+
+@contextmanager
+def quiet_io() -> Iterator[None]:
+    """Install the quiet I/O manager for the `trio.run` calls inside (skipped where
+    Trio's I/O manager is not the selector kind this knows, e.g. on Windows)."""
+    saved = trio_run.TheIOManager
+    fields = [a.name for a in getattr(saved, "__attrs_attrs__", ())]
+    known = hasattr(saved, "get_events") and "_registered" in fields
+    if known:
+        trio_run.TheIOManager = _quiet_io_manager(saved)  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        trio_run.TheIOManager = saved  # type: ignore[misc]
+
+
 def _probe_order(replay: list[int], policy: Policy) -> tuple[list[int], ScheduleRandom]:
     order: list[int] = []
 

@@ -864,4 +864,3 @@ def leftover_tasks(main: trio.lowlevel.Task | None) -> list[str]:
             if name not in _SERVICE_TASKS:
                 left.append(name)
     return sorted(left)
-

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -58,6 +59,39 @@ def test_the_schedule_hook_is_live_and_trio_is_the_pinned_minor() -> None:
     schedule._self_tested = False
     schedule.self_test()
     assert trio.__version__.startswith(schedule.TRIO_MINOR + ".")
+
+
+def test_quiet_io_skips_empty_polls_and_still_runs_entry_queue_callbacks() -> None:
+    """The simulator's I/O manager (a subclass of the pinned Trio's private one)
+    skips polls that could find nothing, yet a `run_sync_soon` job (the way async
+    generator finalizers, threads and signals reach Trio) still runs promptly."""
+    polls: list[float] = []
+    ran: list[str] = []
+    base: Any = trio._core._run.TheIOManager
+    real = base.get_events
+
+    def counting(self: object, timeout: float) -> object:
+        polls.append(timeout)
+        return real(self, timeout)
+
+    async def main() -> None:
+        manager = trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager
+        assert isinstance(manager, schedule._QuietIO)
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+        assert len(polls) < 5, polls  # the empty polls were skipped
+        trio.lowlevel.current_trio_token().run_sync_soon(ran.append, "job")
+        for _ in range(3):
+            await trio.lowlevel.checkpoint()
+        assert ran == ["job"]
+
+    base.get_events = counting
+    try:
+        with schedule.quiet_io():
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        base.get_events = real
+    assert trio._core._run.TheIOManager is base
 
 
 def test_choices_replay_what_they_record_and_read_zeros_past_the_end() -> None:
