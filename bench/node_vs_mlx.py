@@ -157,9 +157,18 @@ async def http_concurrent(base_url: str, tokens: int, streams: int) -> float:
     return sum(r.tokens - 1 for r in runs) / (total - ttft)
 
 
-async def joining_ttft(base_url: str, tokens: int) -> tuple[float, float]:
-    """TTFT of a short request arriving while a long stream decodes, and that
-    stream's median decode step, both in seconds."""
+@dataclass
+class Join:
+    ttft: float  # seconds from the joining request's send to its first token
+    step: float  # the running stream's median decode step, seconds
+    steps_elapsed: int  # the running stream's tokens that arrived in between
+
+
+async def joining_ttft(base_url: str, tokens: int) -> Join:
+    """A short request arriving while a long stream decodes: its time to first
+    token, the running stream's median decode step, and how many of the running
+    stream's decode steps (its tokens, as the client sees them) went by between
+    the request's send and its first token."""
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         body = {
             "model": "bench",
@@ -184,10 +193,13 @@ async def joining_ttft(base_url: str, tokens: int) -> tuple[float, float]:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(long_stream)
             await joined.wait()
+            sent = trio.current_time()
             result.append(await http_stream(client, 4, content="hi"))
             nursery.cancel_scope.cancel()
+    first = sent + result[0].ttft
     steps = [b - a for a, b in itertools.pairwise(stamps[10:])]
-    return result[0].ttft, statistics.median(steps)
+    elapsed = sum(1 for t in stamps if sent < t <= first)
+    return Join(result[0].ttft, statistics.median(steps), elapsed)
 
 
 def timed(label: str, fn: Callable[[], float]) -> float:
@@ -253,7 +265,8 @@ def main() -> None:
                 for _ in range(args.repeats)
             ]
             joins = [
-                trio.run(joining_ttft, node.base_url, args.tokens) for _ in range(args.repeats)
+                trio.run(joining_ttft, node.base_url, args.tokens)
+                for _ in range(max(10, args.repeats))
             ]
         finally:
             node.stop()
@@ -263,8 +276,9 @@ def main() -> None:
     raw1_ttft = min(r.ttft for r in raw1)
     node1_ttft = min(r.ttft for r in node1)
     raw8_tps, node8_tps = best(raw8), best(node8)
-    join_ttft = statistics.median(j[0] for j in joins)
-    join_step = statistics.median(j[1] for j in joins)
+    join_ttft = statistics.median(j.ttft for j in joins)
+    join_step = statistics.median(j.step for j in joins)
+    join_steps = max(j.steps_elapsed for j in joins)
 
     print(
         f"model: {model_dir.name}, {args.tokens} tokens per stream, best of {args.repeats}, "
@@ -280,8 +294,9 @@ def main() -> None:
     row("8 streams decode tokens/s (BatchGenerator)", raw8_tps, node8_tps)
     print(
         f"joining request: first token after {join_ttft * 1e3:.1f} ms = "
-        f"{join_ttft / join_step:.2f} decode steps of the running stream "
-        f"({join_step * 1e3:.1f} ms/step)"
+        f"{join_ttft / join_step:.2f} times the running stream's decode step "
+        f"({join_step * 1e3:.1f} ms/step); the running stream's decode steps in between: "
+        f"{join_steps} at most (over {len(joins)} runs)"
     )
 
 

@@ -2,9 +2,11 @@
 
 `Engine` turns `TextGeneration` commands into `ChunkGenerated` /
 `GenerationFinished` / `GenerationFailed` events. It wraps one shared mlx-lm
-`BatchGenerator`: a request submitted while others decode is inserted into the
-same generator and joins the running batch as soon as its prompt is processed,
-without waiting for the others to finish.
+`BatchGenerator`: a request submitted while others decode joins the running batch
+without waiting for the others to finish. The step after its arrival prefills
+its prompt and emits its first token (the engine does that itself, with mlx-lm's
+arithmetic, then hands the request and its filled KV cache to the generator);
+a burst of arrivals is left to the generator's batched prefill instead.
 
 The engine does no I/O and never blocks on anything but MLX, so it can be unit
 tested directly; the runner process (runner.py) owns the pipes and calls
@@ -76,6 +78,9 @@ ProgressCallback = Callable[[float, str], None]
 ModelHook = Callable[[Any, dict[str, Any]], Any]
 Sampler = Callable[[mx.array], mx.array]
 
+# How many new requests one step starts itself (Engine._can_start_directly).
+DIRECT_START_MAX = 2
+
 # mx.random.key takes a uint64 seed; larger or negative API seeds are folded in.
 _SEED_MASK = (1 << 64) - 1
 
@@ -85,11 +90,19 @@ class _Request:
     """Per-request state the BatchGenerator does not keep for us."""
 
     request_id: str
-    uid: int
-    prompt_tokens: int
+    prompt: list[int]
+    max_tokens: int
+    ignore_eos: bool
+    sampler: Sampler
+    processors: list[Any]
     detokenizer: StreamingDetokenizer
     stops: StopStringMatcher
+    uid: int | None = None  # the generator's id, once inserted
     seq: int = 0  # chunks emitted so far == next chunk's seq == completion tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
 
 
 def _make_sampler(params: SamplingParams) -> Sampler:
@@ -167,6 +180,8 @@ class Engine:
         self._no_stops = StopSequences()
         self._requests: dict[str, _Request] = {}
         self._by_uid: dict[int, _Request] = {}
+        # Submitted, not yet started: the next step starts them (see step()).
+        self._pending: list[_Request] = []
         self._steps = 0
         self._generator = self._new_generator()
 
@@ -265,33 +280,20 @@ class Engine:
         if problem is not None:
             return [GenerationFailed(request_id=cmd.request_id, kind="invalid", message=problem)]
         params = cmd.params
-        processors = make_logits_processors(logit_bias=params.logit_bias or None)
-        try:
-            (uid,) = self._generator.insert(
-                [list(cmd.prompt_tokens)],
-                max_tokens=[params.max_tokens],
-                samplers=[_make_sampler(params)],
-                logits_processors=[processors],
-                stop_sequences=[self._no_stops if params.ignore_eos else self._eos_stops],
-            )
-        except Exception as exc:  # validation above should make this unreachable
-            log.exception("insert failed for %s", cmd.request_id)
-            return [
-                GenerationFailed(
-                    request_id=cmd.request_id, kind="internal", message=f"insert failed: {exc}"
-                )
-            ]
         request = _Request(
             request_id=cmd.request_id,
-            uid=uid,
-            prompt_tokens=len(cmd.prompt_tokens),
+            prompt=list(cmd.prompt_tokens),
+            max_tokens=params.max_tokens,
+            ignore_eos=params.ignore_eos,
+            sampler=_make_sampler(params),
+            processors=make_logits_processors(logit_bias=params.logit_bias or None),
             # The wrapper's `detokenizer` property returns a fresh copy per access,
             # so each request streams through its own detokenizer state.
             detokenizer=self.tokenizer.detokenizer,
             stops=StopStringMatcher(params.stop),
         )
         self._requests[cmd.request_id] = request
-        self._by_uid[uid] = request
+        self._pending.append(request)
         return []
 
     def _validate(self, cmd: TextGeneration) -> str | None:
@@ -329,8 +331,11 @@ class Engine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
-        del self._by_uid[request.uid]
-        self._generator.remove([request.uid])
+        if request.uid is None:
+            self._pending.remove(request)
+        else:
+            del self._by_uid[request.uid]
+            self._generator.remove([request.uid])
         return True
 
     def fail_all(self, kind: FailureKind, message: str) -> list[GenerationEvent]:
@@ -341,6 +346,7 @@ class Engine:
         uids = list(self._by_uid)
         self._requests.clear()
         self._by_uid.clear()
+        self._pending.clear()
         if uids:
             try:
                 self._generator.remove(uids)
@@ -352,12 +358,20 @@ class Engine:
     # -- decoding -----------------------------------------------------------------
 
     def step(self) -> list[GenerationEvent]:
-        """Run one BatchGenerator.next() and turn its tokens into events."""
+        """One unit of work: start the requests submitted since the last step, or
+        run one BatchGenerator.next() and turn its tokens into events."""
         if not self._requests:
             return []
         self._steps += 1
         events: list[GenerationEvent] = []
         try:
+            if self._pending:
+                pending, self._pending = self._pending, []
+                if self._can_start_directly(len(pending)):
+                    for request in pending:
+                        events.extend(self._start_directly(request))
+                    return events
+                self._insert(pending)
             _, responses = self._generator.next()
             for response in responses:
                 request = self._by_uid.get(response.uid)
@@ -382,6 +396,84 @@ class Engine:
                 log.debug("closing the broken generator failed", exc_info=True)
         return events
 
+    # -- starting requests -------------------------------------------------------
+
+    def _can_start_directly(self, count: int) -> bool:
+        """Start a few new requests ourselves when the batch has room for them.
+
+        Left to BatchGenerator, a new request's first token comes out of the third
+        next() call (prefill, move into the decoding batch, return the token; see
+        the module docstring), each of which also decodes the running batch: about
+        six decode steps of latency for a joining request. Started directly, its
+        prompt is prefilled and its first token sampled in one step, and emitted at
+        the end of that step. A burst of arrivals goes to BatchGenerator instead,
+        which prefills up to eight prompts in one batched pass; so does a request
+        that would have to wait for a free slot anyway."""
+        return count <= DIRECT_START_MAX and len(self._by_uid) + count <= self.max_batch
+
+    def _insert(self, requests: list[_Request]) -> None:
+        uids = self._generator.insert(
+            [r.prompt for r in requests],
+            max_tokens=[r.max_tokens for r in requests],
+            samplers=[r.sampler for r in requests],
+            logits_processors=[r.processors for r in requests],
+            stop_sequences=[self._stops_for(r) for r in requests],
+        )
+        for request, uid in zip(requests, uids, strict=True):
+            request.uid = uid
+            self._by_uid[uid] = request
+
+    def _stops_for(self, request: _Request) -> StopSequences:
+        return self._no_stops if request.ignore_eos else self._eos_stops
+
+    def _start_directly(self, request: _Request) -> list[GenerationEvent]:
+        """Prefill the prompt, sample and emit the first token, then hand the
+        request (with its filled cache) to the generator for the rest.
+
+        The arithmetic is mlx-lm's own: the prompt but its last token in chunks of
+        `prefill_step_size`, then the last token alone; its logits go through the
+        request's processors, are normalised to log-probabilities and sampled with
+        the request's sampler, exactly as BatchGenerator would have done when it
+        moved the request into the decoding batch. So greedy output is unchanged,
+        and a seeded sampler is called in the same order."""
+        prompt = request.prompt
+        cache = make_prompt_cache(self.model)
+        with mx.stream(self._generator.stream):
+            head = prompt[:-1]
+            for start in range(0, len(head), self.prefill_step_size):
+                self.model(mx.array([head[start : start + self.prefill_step_size]]), cache=cache)
+                mx.eval([c.state for c in cache])
+            logits = self.model(mx.array([prompt[-1:]]), cache=cache)[:, -1, :]
+            if request.processors:
+                context = mx.array(prompt)
+                for processor in request.processors:
+                    logits = processor(context, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            sampled = request.sampler(logprobs)
+            mx.eval(sampled, [c.state for c in cache])
+            if head:
+                mx.clear_cache()
+        token = int(sampled.item())
+        finish: str | None = None
+        if not request.ignore_eos and token in self.eos_token_ids:
+            finish = "stop"
+        elif request.max_tokens == 1:
+            finish = "length"
+        events = self._on_token(request, token, finish)
+        if request.request_id in self._requests:  # still going: decode the rest in the batch
+            (uid,) = self._generator.insert(
+                [[token]],
+                max_tokens=[request.max_tokens - 1],
+                caches=[cache],
+                all_tokens=[list(prompt)],
+                samplers=[request.sampler],
+                logits_processors=[request.processors],
+                stop_sequences=[self._stops_for(request)],
+            )
+            request.uid = uid
+            self._by_uid[uid] = request
+        return events
+
     def _on_token(
         self, request: _Request, token: int, finish_reason: str | None
     ) -> list[GenerationEvent]:
@@ -398,7 +490,7 @@ class Engine:
         if stopped:
             # A stop string completed: end now. Unless this was also the request's
             # last token (then next() already dropped it), take it out of the batch.
-            if finish_reason is None:
+            if finish_reason is None and request.uid is not None:
                 self._generator.remove([request.uid])
             events.append(self._finished_event(request, "stop", ""))
             self._forget(request)
@@ -434,7 +526,8 @@ class Engine:
 
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.request_id, None)
-        self._by_uid.pop(request.uid, None)
+        if request.uid is not None:
+            self._by_uid.pop(request.uid, None)
 
 
 def _config_int(config: dict[str, Any], key: str) -> int | None:
