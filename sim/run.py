@@ -189,29 +189,8 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@gc_paused()  # collects once the run returned: its world is garbage then
 def run_choices(
-    choices: Choices,
-    *,
-    scenario: Scenario | str = DEFAULT,
-    policy: Policy = "native",
-    dialects: Sequence[str] | None = None,
-    keep_lines: bool = False,
-    seed: int | None = None,
-    nodes: int | None = None,
-) -> RunResult:
-    with gc_paused():  # collects after _run_choices returned: its world is garbage then
-        return _run_choices(
-            choices,
-            scenario=scenario,
-            policy=policy,
-            dialects=dialects,
-            keep_lines=keep_lines,
-            seed=seed,
-            nodes=nodes,
-        )
-
-
-def _run_choices(
     choices: Choices,
     *,
     scenario: Scenario | str = DEFAULT,
