@@ -35,7 +35,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -121,6 +121,31 @@ class ProtocolWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+
+
+def progress_to(writer: ProtocolWriter) -> Callable[[float, str], None]:
+    """An Engine.load progress callback that reports `Loading` to the worker."""
+    return lambda fraction, phase: writer.send([Loading(fraction=fraction, phase=phase)])
+
+
+def report_load_failure(writer: ProtocolWriter, model: Path, exc: Exception) -> int:
+    """Log and report a model that did not load; returns the exit status."""
+    log.error("loading %s failed", model, exc_info=exc)
+    writer.send([RunnerError(message=f"loading {model} failed: {exc}")])
+    return 1
+
+
+def report_ready(writer: ProtocolWriter, engine: Engine, model_id: str) -> None:
+    writer.send(
+        [
+            Ready(
+                model=model_id,
+                context_length=engine.context_length,
+                max_batch=engine.max_batch,
+                pid=os.getpid(),
+            )
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -270,30 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exo_trio.engine import Engine
 
         engine = Engine.load(
-            args.model,
-            args.model_id,
-            max_batch=args.max_batch,
-            on_progress=lambda fraction, phase: writer.send(
-                [Loading(fraction=fraction, phase=phase)]
-            ),
+            args.model, args.model_id, max_batch=args.max_batch, on_progress=progress_to(writer)
         )
     except BrokenPipeError:
         return 1
     except Exception as exc:
-        log.exception("loading %s failed", args.model)
-        writer.send([RunnerError(message=f"loading {args.model} failed: {exc}")])
-        return 1
+        return report_load_failure(writer, args.model, exc)
     try:
-        writer.send(
-            [
-                Ready(
-                    model=args.model_id,
-                    context_length=engine.context_length,
-                    max_batch=engine.max_batch,
-                    pid=os.getpid(),
-                )
-            ]
-        )
+        report_ready(writer, engine, args.model_id)
         return Runner(engine, writer, commands).run()
     except BrokenPipeError:
         # The worker closed its end of our stdout: nobody is listening any more.

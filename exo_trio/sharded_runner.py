@@ -76,12 +76,14 @@ from exo_trio.runner import (
     ProtocolWriter,
     QueueItem,
     Runner,
+    progress_to,
     read_commands,
+    report_load_failure,
+    report_ready,
 )
 from exo_trio.runner_protocol import (
     CancelAck,
     Loading,
-    Ready,
     RunnerError,
     RunnerToWorker,
     Shutdown,
@@ -529,9 +531,7 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
             args.model,
             args.model_id,
             max_batch=args.max_batch,
-            on_progress=lambda fraction, phase: writer.send(
-                [Loading(fraction=fraction, phase=phase)]
-            ),
+            on_progress=progress_to(writer),
             prepare=lambda model, config: apply_sharding(model, config, group, spec),
             recover_step_errors=False,
         )
@@ -547,20 +547,9 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         writer.send([RunnerError(message=message)])
         return 1
     except Exception as exc:
-        log.exception("loading %s failed", args.model)
-        writer.send([RunnerError(message=f"loading {args.model} failed: {exc}")])
-        return 1
+        return report_load_failure(writer, args.model, exc)
     try:
-        writer.send(
-            [
-                Ready(
-                    model=args.model_id,
-                    context_length=engine.context_length,
-                    max_batch=engine.max_batch,
-                    pid=os.getpid(),
-                )
-            ]
-        )
+        report_ready(writer, engine, args.model_id)
         sync_steps = _sync_steps(spec)
         if isinstance(channel, LeaderChannel):
             coordinator = Coordinator(
