@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trio
 
-from exo_trio.framing import encode_frame, read_frames
 from exo_trio.runner_protocol import (
     CancelAck,
     Loading,
     Ready,
     RunnerError,
-    RunnerToWorker,
     Shutdown,
-    WorkerToRunner,
 )
 from exo_trio.types import (
     Cancel,
@@ -30,84 +22,14 @@ from exo_trio.types import (
     GenerationFinished,
     SamplingParams,
     TextGeneration,
-    is_terminal,
 )
+from tests.runnerproc import REPO_ROOT, runner_env, start_runner
 
 pytestmark = pytest.mark.trio
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Special token ids of the demo model (exo_trio.demo_model): EOS ids are 1 and 3.
 BANNED_EOS = {1: -1e9, 3: -1e9}
 PROMPT = [2, 882, 198, 72, 89, 3, 198, 2, 125, 198]
-
-
-@dataclass
-class RunnerHandle:
-    proc: trio.Process
-    stream: trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream]
-    frames: AsyncIterator[RunnerToWorker]
-    seen: list[RunnerToWorker] = field(default_factory=list)
-
-    async def send(self, command: WorkerToRunner) -> None:
-        await self.stream.send_all(encode_frame(command))
-
-    async def receive(self) -> RunnerToWorker:
-        message = await anext(self.frames)
-        self.seen.append(message)
-        return message
-
-    async def wait_ready(self) -> Ready:
-        while True:
-            message = await self.receive()
-            if isinstance(message, Ready):
-                return message
-            assert isinstance(message, Loading), message
-
-    async def until_terminal(self, request_id: str) -> list[RunnerToWorker]:
-        """Everything received up to and including request_id's terminal event."""
-        got: list[RunnerToWorker] = []
-        while True:
-            message = await self.receive()
-            got.append(message)
-            if (
-                isinstance(message, ChunkGenerated | GenerationFinished | GenerationFailed)
-                and message.request_id == request_id
-                and is_terminal(message)
-            ):
-                return got
-
-
-def runner_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["EXO_TRIO_RUNNER_LOG"] = "WARNING"
-    return env
-
-
-@asynccontextmanager
-async def start_runner(model_dir: Path, *extra: str) -> AsyncIterator[RunnerHandle]:
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            *("-m", "exo_trio.runner", "--model", str(model_dir), "--model-id", "demo"),
-            *extra,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=REPO_ROOT,
-        env=runner_env(),
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    stream = trio.StapledStream(proc.stdin, proc.stdout)
-    frames = read_frames(proc.stdout, RunnerToWorker)  # type: ignore[arg-type]
-    try:
-        yield RunnerHandle(proc, stream, frames)
-    finally:
-        await frames.aclose()  # type: ignore[attr-defined]
-        if proc.returncode is None:
-            proc.kill()
-        with trio.move_on_after(5):
-            await proc.wait()
 
 
 def generation(rid: str, max_tokens: int) -> TextGeneration:

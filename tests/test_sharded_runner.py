@@ -7,26 +7,21 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trio
 
-from exo_trio.framing import encode_frame, read_frames
+from exo_trio.framing import encode_frame
 from exo_trio.runner_protocol import (
     CancelAck,
     Loading,
-    Ready,
     RunnerError,
     RunnerToWorker,
     Shutdown,
-    WorkerToRunner,
 )
 from exo_trio.step_sync import FollowerChannel, Hello, LeaderChannel, Report
 from exo_trio.types import (
@@ -37,8 +32,8 @@ from exo_trio.types import (
     SamplingParams,
     TextGeneration,
 )
+from tests.runnerproc import RunnerHandle, start_runner
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BANNED_EOS = {1: -1e9, 3: -1e9}  # the demo model's EOS ids
 PROMPTS = {
     "a": [2, 882, 198, 72, 89, 3, 198, 2, 125, 198],
@@ -46,29 +41,6 @@ PROMPTS = {
 }
 SPLITS = {"pipeline": ("0:2", "2:4"), "tensor": ("0:4", "0:4")}
 LONG = 1000  # tokens of the requests that are cancelled or cut short
-
-
-@dataclass
-class Rank:
-    proc: trio.Process
-    stream: trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream]
-    frames: AsyncIterator[RunnerToWorker]
-    seen: list[RunnerToWorker] = field(default_factory=list)
-
-    async def send(self, command: WorkerToRunner) -> None:
-        await self.stream.send_all(encode_frame(command))
-
-    async def receive(self) -> RunnerToWorker:
-        message = await anext(self.frames)
-        self.seen.append(message)
-        return message
-
-    async def wait_ready(self) -> Ready:
-        while True:
-            message = await self.receive()
-            if isinstance(message, Ready):
-                return message
-            assert isinstance(message, Loading), message
 
 
 def free_hostfile(directory: Path, ranks: int) -> Path:
@@ -86,41 +58,6 @@ def free_hostfile(directory: Path, ranks: int) -> Path:
     return path
 
 
-def runner_env(**overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["EXO_TRIO_RUNNER_LOG"] = "WARNING"
-    env.update(overrides)
-    return env
-
-
-@asynccontextmanager
-async def start_rank(
-    model_dir: Path, *extra: str, env: dict[str, str] | None = None
-) -> AsyncIterator[Rank]:
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            *("-m", "exo_trio.runner", "--model", str(model_dir), "--model-id", "demo"),
-            *extra,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=REPO_ROOT,
-        env=runner_env(**(env or {})),
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    frames = read_frames(proc.stdout, RunnerToWorker)  # type: ignore[arg-type]
-    try:
-        yield Rank(proc, trio.StapledStream(proc.stdin, proc.stdout), frames)
-    finally:
-        await frames.aclose()  # type: ignore[attr-defined]
-        if proc.returncode is None:
-            proc.kill()
-        with trio.move_on_after(5):
-            await proc.wait()
-
-
 @asynccontextmanager
 async def start_group(
     model_dir: Path,
@@ -129,12 +66,12 @@ async def start_group(
     layers: tuple[str, str],
     *extra: str,
     env: dict[str, str] | None = None,
-) -> AsyncIterator[list[Rank]]:
+) -> AsyncIterator[list[RunnerHandle]]:
     hostfile = free_hostfile(tmp_path, 2)
     async with AsyncExitStack() as stack:
         ranks = [
             await stack.enter_async_context(
-                start_rank(
+                start_runner(
                     model_dir,
                     *("--rank", str(rank), "--world-size", "2", "--hostfile", str(hostfile)),
                     *("--sharding", sharding, "--layers", layers[rank]),
@@ -156,7 +93,7 @@ def generation(rid: str, max_tokens: int) -> TextGeneration:
     )
 
 
-async def collect(rank: Rank, rid: str, seq: int = 0) -> tuple[list[int], RunnerToWorker]:
+async def collect(rank: RunnerHandle, rid: str, seq: int = 0) -> tuple[list[int], RunnerToWorker]:
     """Tokens of rid (from chunk `seq` on) up to its terminal event, which must be rid's."""
     tokens: list[int] = []
     while True:
@@ -177,7 +114,7 @@ def reference_tokens(demo_model_dir: Path) -> dict[str, list[int]]:
     async def run() -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         with trio.fail_after(60):
-            async with start_rank(demo_model_dir) as runner:
+            async with start_runner(demo_model_dir) as runner:
                 await runner.wait_ready()
                 for rid in PROMPTS:
                     await runner.send(generation(rid, LONG if rid == "a" else 24))
@@ -411,7 +348,7 @@ async def test_group_that_never_forms_is_reported(demo_model_dir: Path, tmp_path
     # ended by its guard process after --connect-timeout.
     hostfile = free_hostfile(tmp_path, 2)
     with trio.fail_after(30):
-        async with start_rank(
+        async with start_runner(
             demo_model_dir,
             *("--rank", "0", "--world-size", "2", "--hostfile", str(hostfile)),
             *("--connect-timeout", "2"),
@@ -512,7 +449,6 @@ def test_step_channel_lost_and_silent_peers() -> None:
 def test_step_channel_turns_strangers_away() -> None:
     import threading
 
-    from exo_trio.framing import encode_frame
     from exo_trio.step_sync import StepSyncError, _accept, _connect
 
     listener = socket.create_server(("127.0.0.1", 0))
