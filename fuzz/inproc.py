@@ -10,7 +10,6 @@ which speaks the real protocol and emits a deterministic token per (request, seq
 
 from __future__ import annotations
 
-import logging
 import math
 import socket
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from exo_trio.seams import Seams
 from exo_trio.streams import StreamRegistry
 from exo_trio.worker import Worker
 from sim.fake_runner import FakeRunner, fake_text, fake_token
+from sim.world import hypercorn_config
 
 MODEL = "demo"
 
@@ -88,15 +88,6 @@ class FakeConnection:
 def expected_text(request_id: str, chunks: int) -> str:
     """What the fake runner streams for a request's first `chunks` tokens."""
     return "".join(fake_text(fake_token(request_id, seq)) for seq in range(chunks))
-
-
-def hypercorn_config() -> HypercornConfig:
-    config = HypercornConfig()
-    config.include_date_header = False
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 1.0
-    return config
 
 
 @dataclass
