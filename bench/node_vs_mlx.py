@@ -1,8 +1,9 @@
 """This node through HTTP against raw mlx-lm, on the same model, in one run.
 
-    python -m bench.node_vs_mlx [--model DIR] [--tokens 128] [--repeats 3]
+    python -m bench.node_vs_mlx [--model DIR | --size demo|medium] [--tokens 128] [--repeats 3]
 
-Measures, in order (never two at once, so they do not share the cores):
+Measures (never two at once, so they do not share the cores; raw and node runs
+alternate, repeat by repeat):
 
 1. raw mlx-lm `stream_generate`, one stream: decode tokens/s and time to first token;
 2. raw mlx-lm `BatchGenerator` with 8 sequences: aggregate decode tokens/s;
@@ -39,6 +40,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from exo_trio.affinity import format_cores, pin_this_thread, split_cores, usable_cores
 from exo_trio.demo_model import build_demo_model
 from exo_trio.prompts import HFPromptEncoder
 from tests.nodeproc import start_node
@@ -202,6 +204,11 @@ async def joining_ttft(base_url: str, tokens: int) -> Join:
     return Join(result[0].ttft, statistics.median(steps), elapsed)
 
 
+def on_cores(cores: frozenset[int] | None) -> None:
+    if cores:
+        pin_this_thread(cores)
+
+
 def timed(label: str, fn: Callable[[], float]) -> float:
     value = fn()
     print(f"  measured {label}: {value:.2f}", file=sys.stderr)
@@ -236,6 +243,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path)
+    parser.add_argument(
+        "--size",
+        choices=["demo", "medium"],
+        default="demo",
+        help="without --model: the demo model, or the ~94M-parameter one",
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blas", default="auto", help="auto, none, or a libopenblas path")
@@ -244,26 +257,38 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = args.model or build_demo_model(work / "bench")
+        model_dir = args.model or build_demo_model(work / "bench", args.size)
         prompt = HFPromptEncoder(model_dir).chat_tokens(MESSAGES)
 
-        raw1 = [raw_single(model_dir, prompt, args.tokens) for _ in range(args.repeats)]
-        raw8 = [raw_batch(model_dir, prompt, args.tokens, 8) for _ in range(args.repeats)]
-
         node = start_node(model_dir, work / "node")
+        split = split_cores(usable_cores() or ())
+        raw1: list[Run] = []
+        node1: list[Run] = []
+        raw8: list[float] = []
+        node8: list[float] = []
         try:
             node.wait_healthy()
 
-            async def http_single_runs() -> list[Run]:
+            async def http_single() -> Run:
                 async with httpx.AsyncClient(base_url=node.base_url, timeout=300) as client:
-                    await http_stream(client, 8)  # warm-up
-                    return [await http_stream(client, args.tokens) for _ in range(args.repeats)]
+                    await http_stream(client, 8)  # warm-up (and a fresh connection)
+                    return await http_stream(client, args.tokens)
 
-            node1 = trio.run(http_single_runs)
-            node8 = [
-                trio.run(http_concurrent, node.base_url, args.tokens, 8)
-                for _ in range(args.repeats)
-            ]
+            # Raw and node runs alternate, so a drift in the machine's speed (a
+            # shared host's neighbours, frequency scaling) hits both sides alike.
+            # Raw mlx-lm computes on the cores the node gives its runner; this
+            # process, as the HTTP client, runs on the node's own cores, as a
+            # remote client would cost the runner nothing (exo_trio/affinity.py).
+            for _ in range(args.repeats):
+                on_cores(split.runners if split else None)
+                raw1.append(raw_single(model_dir, prompt, args.tokens))
+                on_cores(split.node if split else None)
+                node1.append(trio.run(http_single))
+            for _ in range(args.repeats):
+                on_cores(split.runners if split else None)
+                raw8.append(raw_batch(model_dir, prompt, args.tokens, 8))
+                on_cores(split.node if split else None)
+                node8.append(trio.run(http_concurrent, node.base_url, args.tokens, 8))
             joins = [
                 trio.run(joining_ttft, node.base_url, args.tokens)
                 for _ in range(max(10, args.repeats))
@@ -280,9 +305,15 @@ def main() -> None:
     join_step = statistics.median(j.step for j in joins)
     join_steps = max(j.steps_elapsed for j in joins)
 
+    placement = (
+        f"runner and raw mlx-lm on cores {format_cores(split.runners)}, node and client on "
+        f"{format_cores(split.node)}"
+        if split
+        else "no CPU pinning"
+    )
     print(
         f"model: {model_dir.name}, {args.tokens} tokens per stream, best of {args.repeats}, "
-        f"BLAS: {blas}"
+        f"BLAS: {blas}; {placement}"
     )
 
     def row(label: str, raw: float, ours: float, digits: int = 1) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from exo_trio.affinity import CoreSplit, format_cores, pin_this_thread, split_cores, usable_cores
 from exo_trio.api.settings import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_SEND_TIMEOUT,
@@ -124,10 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to wait for peers before the first automatic placement",
     )
+    node.add_argument(
+        "--cpu-affinity",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto (Linux): pin a lone runner to its own cores and the node to the rest",
+    )
     node.add_argument("-v", "--verbose", action="store_true")
 
     demo = sub.add_parser("demo-model", help="write the built-in demo model to a directory")
     demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument(
+        "--size",
+        choices=["demo", "medium"],
+        default="demo",
+        help="demo: the 4M-parameter model `node` serves by default; medium: ~94M, for benchmarks",
+    )
     return parser
 
 
@@ -139,12 +152,27 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def place_on_cores() -> CoreSplit | None:
+    """Pin this (still single-threaded) process to the node's share of the cores;
+    the runners get the rest (exo_trio/affinity.py)."""
+    cores = usable_cores()
+    split = split_cores(cores) if cores else None
+    if split is None or not pin_this_thread(split.node):
+        return None
+    logging.getLogger("exo_trio.affinity").info(
+        "node on cores %s, a lone runner on cores %s",
+        format_cores(split.node),
+        format_cores(split.runners),
+    )
+    return split
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo-model":
         from exo_trio.demo_model import build_demo_model
 
-        path = build_demo_model(args.out)
+        path = build_demo_model(args.out, args.size)
         print(f"wrote demo model to {path}")
         return 0
 
@@ -157,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from exo_trio.daemon import NodeConfig, default_data_dir, run_node
 
     listen = parse_address(args.listen) if args.listen else None
+    split = place_on_cores() if args.cpu_affinity == "auto" else None
     config = NodeConfig(
         model_path=args.model,
         api_host=args.api_host,
@@ -186,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         auto_place=args.placement == "auto",
         advertise_host=args.advertise_host,
         settle=args.settle,
+        runner_cpus=split.runners if split else None,
     )
     try:
         trio.run(run_node, config)

@@ -64,6 +64,8 @@ class NodeConfig:
     auto_place: bool = True
     advertise_host: str | None = None
     settle: float = 10.0
+    # Cores for a lone runner (the node pinned itself to the others): affinity.py.
+    runner_cpus: frozenset[int] | None = None
 
 
 def resolve_model(config: NodeConfig) -> tuple[str, Path]:
@@ -159,7 +161,12 @@ async def run_node(config: NodeConfig) -> None:
     cluster: Cluster
     relay = TokenRelay(node_id, lambda peer, msg: cluster.send(peer, msg), registry.deliver)
     shards = ShardManager(
-        shard_launcher_factory({model_id: model_path}, config.max_batch, config.data_dir / "run"),
+        shard_launcher_factory(
+            {model_id: model_path},
+            config.max_batch,
+            config.data_dir / "run",
+            config.runner_cpus,
+        ),
         relay.route_event,
     )
     cluster = Cluster(

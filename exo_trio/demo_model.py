@@ -88,6 +88,20 @@ DEMO_CONFIG: dict[str, Any] = {
     "eos_token_id": IM_END_TOKEN_ID,
 }
 
+# A bigger model of the same layout, for benchmarks: ~94M parameters (376 MB of
+# float32), so that a decode step costs what a small real model's does on a CPU
+# (tens of milliseconds) rather than the demo's two; per-token overheads then
+# weigh what they would in real use. Same tokenizer, same seed, same scaling.
+MEDIUM_CONFIG: dict[str, Any] = {
+    **DEMO_CONFIG,
+    "hidden_size": 1024,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "intermediate_size": 2816,
+}
+SIZES: dict[str, dict[str, Any]] = {"demo": DEMO_CONFIG, "medium": MEDIUM_CONFIG}
+
 # ChatML. Content may be a plain string or an OpenAI-style list of parts, of
 # which only the "text" parts are rendered (this model has no other modality).
 CHAT_TEMPLATE = (
@@ -347,8 +361,9 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_demo_model(out_dir: Path) -> Path:
-    """Write the demo checkpoint into ``out_dir`` (created if needed).
+def build_demo_model(out_dir: Path, size: str = "demo") -> Path:
+    """Write the demo checkpoint into ``out_dir`` (created if needed); ``size``
+    "medium" writes the bigger benchmark model (MEDIUM_CONFIG) instead.
 
     Produces config.json, generation_config.json, model.safetensors,
     tokenizer.json, tokenizer_config.json and special_tokens_map.json.
@@ -356,7 +371,7 @@ def build_demo_model(out_dir: Path) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(DEMO_CONFIG)
+    config = dict(SIZES[size])
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config())
     _write_safetensors(out_dir / "model.safetensors", _make_weights(config))

@@ -6,7 +6,9 @@
 without waiting for the others to finish. The step after its arrival prefills
 its prompt and emits its first token (the engine does that itself, with mlx-lm's
 arithmetic, then hands the request and its filled KV cache to the generator);
-a burst of arrivals is left to the generator's batched prefill instead.
+a burst of arrivals is left to the generator's batched prefill instead. A
+request alone on the runner is decoded outside the generator, like mlx-lm's
+`generate_step`, until another one arrives (solo.py says why).
 
 The engine does no I/O and never blocks on anything but MLX, so it can be unit
 tested directly; the runner process (runner.py) owns the pipes and calls
@@ -55,6 +57,7 @@ from mlx_lm.sample_utils import (
 )
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from exo_trio.solo import SoloDecoder
 from exo_trio.stop_strings import StopStringMatcher
 from exo_trio.types import (
     ChunkGenerated,
@@ -182,6 +185,8 @@ class Engine:
         self._by_uid: dict[int, _Request] = {}
         # Submitted, not yet started: the next step starts them (see step()).
         self._pending: list[_Request] = []
+        # A request decoding alone, outside the generator (solo.py).
+        self._solo: tuple[_Request, SoloDecoder] | None = None
         self._steps = 0
         self._generator = self._new_generator()
 
@@ -331,7 +336,9 @@ class Engine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
-        if request.uid is None:
+        if self._solo is not None and self._solo[0] is request:
+            self._solo = None
+        elif request.uid is None:
             self._pending.remove(request)
         else:
             del self._by_uid[request.uid]
@@ -347,6 +354,7 @@ class Engine:
         self._requests.clear()
         self._by_uid.clear()
         self._pending.clear()
+        self._solo = None
         if uids:
             try:
                 self._generator.remove(uids)
@@ -359,7 +367,8 @@ class Engine:
 
     def step(self) -> list[GenerationEvent]:
         """One unit of work: start the requests submitted since the last step, or
-        run one BatchGenerator.next() and turn its tokens into events."""
+        decode one token of the lone request, or run one BatchGenerator.next();
+        the tokens become events."""
         if not self._requests:
             return []
         self._steps += 1
@@ -367,11 +376,17 @@ class Engine:
         try:
             if self._pending:
                 pending, self._pending = self._pending, []
-                if self._can_start_directly(len(pending)):
+                direct = self._can_start_directly(len(pending))
+                if self._solo is not None:
+                    events.extend(self._end_solo())
+                if direct:
+                    alone = not self._by_uid and len(pending) == 1
                     for request in pending:
-                        events.extend(self._start_directly(request))
+                        events.extend(self._start_directly(request, alone))
                     return events
                 self._insert(pending)
+            if self._solo is not None:
+                return events + self._solo_step(*self._solo)
             _, responses = self._generator.next()
             for response in responses:
                 request = self._by_uid.get(response.uid)
@@ -409,7 +424,8 @@ class Engine:
         the end of that step. A burst of arrivals goes to BatchGenerator instead,
         which prefills up to eight prompts in one batched pass; so does a request
         that would have to wait for a free slot anyway."""
-        return count <= DIRECT_START_MAX and len(self._by_uid) + count <= self.max_batch
+        running = len(self._by_uid) + (self._solo is not None)
+        return count <= DIRECT_START_MAX and running + count <= self.max_batch
 
     def _insert(self, requests: list[_Request]) -> None:
         uids = self._generator.insert(
@@ -426,53 +442,69 @@ class Engine:
     def _stops_for(self, request: _Request) -> StopSequences:
         return self._no_stops if request.ignore_eos else self._eos_stops
 
-    def _start_directly(self, request: _Request) -> list[GenerationEvent]:
-        """Prefill the prompt, sample and emit the first token, then hand the
-        request (with its filled cache) to the generator for the rest.
-
-        The arithmetic is mlx-lm's own: the prompt but its last token in chunks of
-        `prefill_step_size`, then the last token alone; its logits go through the
-        request's processors, are normalised to log-probabilities and sampled with
-        the request's sampler, exactly as BatchGenerator would have done when it
-        moved the request into the decoding batch. So greedy output is unchanged,
-        and a seeded sampler is called in the same order."""
-        prompt = request.prompt
-        cache = make_prompt_cache(self.model)
-        with mx.stream(self._generator.stream):
-            head = prompt[:-1]
-            for start in range(0, len(head), self.prefill_step_size):
-                self.model(mx.array([head[start : start + self.prefill_step_size]]), cache=cache)
-                mx.eval([c.state for c in cache])
-            logits = self.model(mx.array([prompt[-1:]]), cache=cache)[:, -1, :]
-            if request.processors:
-                context = mx.array(prompt)
-                for processor in request.processors:
-                    logits = processor(context, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            sampled = request.sampler(logprobs)
-            mx.eval(sampled, [c.state for c in cache])
-            if head:
-                mx.clear_cache()
-        token = int(sampled.item())
-        finish: str | None = None
-        if not request.ignore_eos and token in self.eos_token_ids:
-            finish = "stop"
-        elif request.max_tokens == 1:
-            finish = "length"
-        events = self._on_token(request, token, finish)
-        if request.request_id in self._requests:  # still going: decode the rest in the batch
-            (uid,) = self._generator.insert(
-                [[token]],
-                max_tokens=[request.max_tokens - 1],
-                caches=[cache],
-                all_tokens=[list(prompt)],
-                samplers=[request.sampler],
-                logits_processors=[request.processors],
-                stop_sequences=[self._stops_for(request)],
-            )
-            request.uid = uid
-            self._by_uid[uid] = request
+    def _start_directly(self, request: _Request, alone: bool) -> list[GenerationEvent]:
+        """Prefill the prompt and emit the first token now; then decode the rest
+        alone (a SoloDecoder, if nothing else runs) or in the batch."""
+        decoder = SoloDecoder(
+            self.model,
+            request.sampler,
+            request.processors,
+            prefill_step_size=self.prefill_step_size,
+            stream=self._generator.stream,
+        )
+        token = decoder.prefill(request.prompt)
+        events = self._on_token(request, token, self._finish_reason(request, token))
+        if request.request_id in self._requests:  # still going
+            if alone:
+                decoder.queue(token)
+                self._solo = (request, decoder)
+            else:
+                self._insert_started(request, decoder, token)
         return events
+
+    def _finish_reason(self, request: _Request, token: int) -> str | None:
+        """Why `token`, about to be request's next, ends it (BatchGenerator's rules
+        for the requests it does not decode itself)."""
+        if not request.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if request.seq + 1 >= request.max_tokens:
+            return "length"
+        return None
+
+    def _solo_step(self, request: _Request, decoder: SoloDecoder) -> list[GenerationEvent]:
+        last = request.seq + 1 >= request.max_tokens
+        token = decoder.advance(queue_next=not last)
+        events = self._on_token(request, token, self._finish_reason(request, token))
+        if request.request_id not in self._requests:
+            self._solo = None
+        return events
+
+    def _end_solo(self) -> list[GenerationEvent]:
+        """Hand the lone request to BatchGenerator (another one arrived): its token
+        in flight is emitted now, and the batch continues from there."""
+        assert self._solo is not None
+        request, decoder = self._solo
+        self._solo = None
+        token = decoder.advance(queue_next=False)
+        events = self._on_token(request, token, self._finish_reason(request, token))
+        if request.request_id in self._requests:
+            self._insert_started(request, decoder, token)
+        return events
+
+    def _insert_started(self, request: _Request, decoder: SoloDecoder, token: int) -> None:
+        """Into the batch with its filled cache; `token` (emitted, not yet in the
+        cache) is its next input."""
+        (uid,) = self._generator.insert(
+            [[token]],
+            max_tokens=[request.max_tokens - request.seq],
+            caches=[decoder.cache],
+            all_tokens=[list(decoder.cached)],
+            samplers=[request.sampler],
+            logits_processors=[request.processors],
+            stop_sequences=[self._stops_for(request)],
+        )
+        request.uid = uid
+        self._by_uid[uid] = request
 
     def _on_token(
         self, request: _Request, token: int, finish_reason: str | None

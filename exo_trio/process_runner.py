@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from exo_trio.affinity import format_cores
 from exo_trio.cluster_messages import InstanceSpec
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,16 @@ class ProcessRunner:
 
 
 def process_launcher(
-    model_path: Path, model_id: str, max_batch: int, extra_args: tuple[str, ...] = ()
+    model_path: Path,
+    model_id: str,
+    max_batch: int,
+    extra_args: tuple[str, ...] = (),
+    cpus: frozenset[int] | None = None,
 ):  # type: ignore[no-untyped-def]
-    """A Worker launcher that starts `python -m exo_trio.runner` for this model."""
+    """A Worker launcher that starts `python -m exo_trio.runner` for this model,
+    pinned to `cpus` if given (exo_trio/affinity.py)."""
+    if cpus:
+        extra_args = (*extra_args, "--cpus", format_cores(cpus))
 
     async def launch() -> ProcessRunner:
         process = await trio.lowlevel.open_process(
@@ -81,9 +89,14 @@ def write_hostfile(directory: Path, spec: InstanceSpec) -> Path:
 
 
 def shard_launcher_factory(
-    model_paths: dict[str, Path], max_batch: int, run_dir: Path
+    model_paths: dict[str, Path],
+    max_batch: int,
+    run_dir: Path,
+    runner_cpus: frozenset[int] | None = None,
 ) -> Callable[[InstanceSpec, int], Callable[[], Awaitable[ProcessRunner]]]:
-    """Launchers for this node's rank of an instance (the ShardManager's factory)."""
+    """Launchers for this node's rank of an instance (the ShardManager's factory).
+    A one-rank instance's runner is pinned to `runner_cpus`; the ranks of a split
+    model are not (nodes sharing a machine would stack them on the same cores)."""
 
     def launcher_for(spec: InstanceSpec, rank: int) -> Callable[[], Awaitable[ProcessRunner]]:
         shard = spec.shards[rank]
@@ -104,6 +117,7 @@ def shard_launcher_factory(
                 "--layers",
                 f"{shard.start_layer}:{shard.end_layer}",
             )
-        return process_launcher(model_paths[spec.model], spec.model, max_batch, extra)
+        cpus = runner_cpus if spec.world_size == 1 else None
+        return process_launcher(model_paths[spec.model], spec.model, max_batch, extra, cpus)
 
     return launcher_for

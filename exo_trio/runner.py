@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from exo_trio.affinity import parse_cores, pin_this_thread
 from exo_trio.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.runner_protocol import (
     CancelAck,
@@ -258,6 +259,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="model directory")
     parser.add_argument("--model-id", required=True, help="model id reported in Ready")
     parser.add_argument("--max-batch", type=int, default=16, help="max concurrent sequences")
+    parser.add_argument(
+        "--cpus", type=parse_cores, help="pin this process to these cores, e.g. 0,1 (Linux)"
+    )
     from exo_trio.sharded_runner import add_shard_arguments, check_shard_arguments
 
     add_shard_arguments(parser)
@@ -268,6 +272,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpus:
+        pin_this_thread(args.cpus)  # first: every thread started later inherits it
     writer = ProtocolWriter(claim_stdout())
     logging.basicConfig(
         stream=sys.stderr,

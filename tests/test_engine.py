@@ -159,11 +159,17 @@ def test_second_request_joins_running_batch(engine: Engine) -> None:
     while a_chunks < 3:
         a_chunks += sum(isinstance(e, ChunkGenerated) for e in engine.step())
     engine.submit(request(engine, "b", b_prompt, 5))
-    # B is started directly: the next step prefills it and emits its first token
-    # (A, its slot kept, skips that one step) ...
+    # A decoded alone until now (solo.py): the next step emits A's token in flight,
+    # hands A to the batch, prefills B and emits B's first token ...
     events = engine.step()
-    assert [(e.request_id, type(e)) for e in events] == [("b", ChunkGenerated)]
-    # ... and from then on A decodes one chunk per step while B joins the batch.
+    assert [(e.request_id, type(e)) for e in events] == [
+        ("a", ChunkGenerated),
+        ("b", ChunkGenerated),
+    ]
+    # ... then one step moves both into the decoding batch (BatchGenerator returns
+    # a sequence's tokens from the call after the one that inserts it), and from
+    # then on A decodes one chunk per step with B alongside.
+    assert engine.step() == []
     for _ in range(3):
         assert sum(e.request_id == "a" for e in engine.step()) == 1
     # A one-token prompt starts directly too.
