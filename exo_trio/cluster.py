@@ -3,10 +3,11 @@ and the handlers for every node-to-node message.
 
 The decisions live in cluster_state.py and placement.py (pure functions); this is
 the imperative shell around them. Every node runs the same loop; only the node
-that `elect` names acts as leader: it rebuilds the instance table from the nodes'
-reports, tears down failed instances, places models that have none, and
-broadcasts its view. Requests never pass through the leader: a node dispatches to
-the entry node (rank 0) of a ready instance, locally or through the TokenRelay.
+that `elect` names acts as leader: it asks its members to grant it a term, then
+rebuilds the instance table from the nodes' reports, tears down failed instances,
+places models that have none, and broadcasts its view. Requests never pass
+through the leader: a node dispatches to the entry node (rank 0) of a ready
+instance, locally or through the TokenRelay.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from exo_trio.cluster_messages import (
     RemoteResume,
     StartShard,
     StopShard,
+    VoteReply,
+    VoteRequest,
 )
 from exo_trio.placement import PlacementError, place
 from exo_trio.shards import ShardManager
@@ -99,9 +102,17 @@ class Cluster:
         self.settings = settings or ClusterSettings()
         self.links: Links | None = None
         self.members: set[str] = {node_id}
+        # The highest term this node knows of (its fence: shard commands of a lower
+        # term are refused), and the term it granted last and to whom.
         self.term = 0
-        self.leader = ""  # nobody yet: the first tick elects (and takes term 1)
+        self.vote: decide.Vote | None = None
+        self.leader = ""  # nobody yet: the first tick elects (and asks for term 1)
         self.view: ClusterView | None = None
+        # As leader: the term it leads in, the members it asked for that term and
+        # those that granted it. Leader-only messages go to granted members only.
+        self.lead_term = 0
+        self._asked: set[str] = set()
+        self._granted: set[str] = set()
         # Leader-only soft state, rebuilt from reports after every leader change.
         self.reports: dict[str, NodeReport] = {}
         self.pending: dict[str, decide.Pending] = {}
@@ -111,9 +122,6 @@ class Cluster:
         self._wake = trio.Event()
         self._started_at = 0.0
         self._settled = False
-        # Members whose term this leadership has compared with its own (a member
-        # seen for the first time may have followed another leader in this term).
-        self._term_checked: set[str] = set()
         # Automatic placement that keeps failing is retried with backoff.
         self._auto_attempts: dict[str, tuple[int, float]] = {}
 
@@ -159,7 +167,10 @@ class Cluster:
         log.warning("peer %s down: %s", peer_id, reason)
         self.members.discard(peer_id)
         self.reports.pop(peer_id, None)
-        self._term_checked.discard(peer_id)
+        # If it comes back (perhaps restarted, its grants forgotten), it is asked
+        # again, for a new term.
+        self._asked.discard(peer_id)
+        self._granted.discard(peer_id)
         now = trio.current_time()
         self._down_since.setdefault(peer_id, now)
         # A placement still starting on that peer gives up now: the peer that comes
@@ -187,22 +198,69 @@ class Cluster:
     def _tick(self) -> None:
         now = trio.current_time()
         self._expire_lost_peers(now)
+        self._settle(now)
         leader = decide.elect(self.members)
         if leader != self.leader:
             log.info("leader is now %s", leader)
             self.leader = leader
             if leader == self.node_id:
-                self.term += 1
                 self.reports = {}
                 self.pending = {}
-                self._term_checked = set()
-                log.info("leading the cluster in term %d", self.term)
-        report = self.report()
+                self._asked = set()  # a new leadership asks everyone, for a new term
         if self.leader == self.node_id:
-            self.reports[self.node_id] = report
+            if decide.must_ask(self.lead_term, self.term, self.members, self._asked):
+                self._ask_for_term()
+            self.reports[self.node_id] = self.report()
             self._lead(now)
         else:
-            self.send(self.leader, report)
+            self.send(self.leader, self.report())
+
+    # ---- terms: granted by votes ----
+
+    def _ask_for_term(self) -> None:
+        """Lead in a term above every term this node has seen: grant it to itself
+        and ask every member for it. Until a member grants it, the member gets no
+        view and no shard command from this leader."""
+        self.term += 1
+        self.lead_term = self.term
+        self.vote = decide.Vote(self.term, self.node_id)
+        self._asked = set(self.members)
+        self._granted = set()
+        # Decisions in this term rest on reports sent in it: a report from before a
+        # member granted the term may predate commands the member has since obeyed
+        # (or refused), and judging on it tears down healthy instances.
+        self.reports = {}
+        log.info("asking %d member(s) for term %d", len(self.members) - 1, self.term)
+        for member in sorted(self.members - {self.node_id}):
+            self.send(member, VoteRequest(term=self.term))
+        self._on_granted(self.node_id)
+
+    def _on_granted(self, member: str) -> None:
+        self._granted.add(member)
+        # Placements started in an older term may have been refused as stale there:
+        # start them again in this one (starting is idempotent), unless given up.
+        now = trio.current_time()
+        for item in list(self.pending.values()):
+            if item.deadline <= now:
+                continue
+            for target, start in decide.start_actions(item.spec, self.lead_term):
+                if target == member:
+                    self._command(target, start)
+        if self._confirmed():
+            log.info("leading the cluster in term %d", self.lead_term)
+
+    def _confirmed(self) -> bool:
+        """Leading in the newest term this node knows, granted by every member."""
+        return (
+            self.leader == self.node_id
+            and self.lead_term == self.term
+            and self.members <= self._granted
+        )
+
+    def _command(self, member: str, message: ClusterView | StartShard | StopShard) -> None:
+        """Send a leader-only message: only to a member that granted the term."""
+        if member in self._granted:
+            self.send(member, message)
 
     def report(self) -> NodeReport:
         return NodeReport(
@@ -219,50 +277,48 @@ class Cluster:
     def _lead(self, now: float) -> None:
         reports = {k: v for k, v in self.reports.items() if k in self.members}
         self.reports = reports
+        if not self._confirmed():
+            return  # a member has not granted the term yet: it answers within a trip
         if not self.members <= set(reports):
-            # A new leader (or a new member) whose report has not arrived yet: judging
-            # instances now would call that member's shards lost and tear down work
-            # that is fine. Reports come every tick, so this waits a tick or two.
+            # A new leader (or a new member, or a new term) whose report has not
+            # arrived yet: judging instances now would call that member's shards lost
+            # and tear down work that is fine. A member reports as soon as it grants
+            # a term, and every tick, so this waits a trip or a tick.
             return
-        new = [k for k in reports if k != self.node_id and k not in self._term_checked]
-        if new:
-            # A leader's term must be above any its members saw before they joined it
-            # (a restarted node counts from 0 again; a member may have followed
-            # another leader in this very term), so no two leaders claim one term.
-            self._term_checked.update(new)
-            seen = max(reports[k].term for k in new)
-            if seen >= self.term:
-                self.term = seen + 1
-                log.info("leading the cluster in term %d", self.term)
+        if not self._settled:
+            # A node that has just (re)started links to its peers one by one: a peer
+            # not reached yet would look lost, and its instances be torn down.
+            return
         statuses = decide.instance_statuses(reports, self.pending, now)
-        for target, stop in decide.teardown(statuses, self.term):
-            self.send(target, stop)
+        for target, stop in decide.teardown(statuses, self.lead_term):
+            self._command(target, stop)
         for status in statuses:
             if status.state == "ready":
                 self._auto_attempts.pop(status.spec.model, None)
             if status.state in ("ready", "failed"):
                 # Up (its shards' reports carry it from now on) or given up on.
                 self.pending.pop(status.spec.instance_id, None)
-        if self.settings.auto_place and self._is_settled(now):
+        if self.settings.auto_place:
             for model_id in decide.models_to_place(reports, statuses):
                 if model_id not in self.suppressed:
                     self._auto_place(model_id, reports, now)
         view = ClusterView(
-            term=self.term,
+            term=self.lead_term,
             leader=self.node_id,
             nodes=decide.summaries(reports),
             instances=tuple(decide.instance_statuses(reports, self.pending, now)),
         )
         self.view = view
-        for member in self.members - {self.node_id}:
-            self.send(member, view)
+        for member in sorted(self.members - {self.node_id}):
+            self._command(member, view)
 
-    def _is_settled(self, now: float) -> bool:
+    def _settle(self, now: float) -> None:
+        """Settled (for good) once every configured peer was linked at once, or
+        `settle` seconds after the start: a leader decides nothing before."""
         if not self._settled:
             peers = len(self.members) - 1
             waited = now - self._started_at
             self._settled = peers >= self.settings.expected_peers or waited >= self.settings.settle
-        return self._settled
 
     def _auto_place(self, model_id: str, reports: dict[str, NodeReport], now: float) -> None:
         attempts, not_before = self._auto_attempts.get(model_id, (0, 0.0))
@@ -294,8 +350,8 @@ class Cluster:
             spec.instance_id,
             ", ".join(f"{s.node_id}[{s.start_layer}:{s.end_layer}]" for s in spec.shards),
         )
-        for target, start in decide.start_actions(spec, self.term):
-            self.send(target, start)
+        for target, start in decide.start_actions(spec, self.lead_term):
+            self._command(target, start)
         return spec
 
     # ---- placement requests (HTTP /v1/instances) ----
@@ -329,6 +385,8 @@ class Cluster:
                 call_id=request.call_id, ok=ok, status=status, message=message, instance=spec
             )
 
+        if not self._confirmed():
+            return reply(False, 503, "the leader is not confirmed in its term yet")
         now = trio.current_time()
         reports = {k: v for k, v in self.reports.items() if k in self.members}
         if request.delete is not None:
@@ -340,9 +398,9 @@ class Cluster:
             self.suppressed.add(spec.model)
             self.pending.pop(spec.instance_id, None)
             for shard in spec.shards:
-                self.send(
+                self._command(
                     shard.node_id,
-                    StopShard(term=self.term, instance_id=spec.instance_id, reason="deleted"),
+                    StopShard(term=self.lead_term, instance_id=spec.instance_id, reason="deleted"),
                 )
             self.changed()
             return reply(True, 200, "deleted", spec)
@@ -374,24 +432,50 @@ class Cluster:
         handler(self, peer, message)
 
     def _on_report(self, peer: str, report: NodeReport) -> None:
+        if self.leader != self.node_id or peer not in self.members:
+            return
         if report.term > self.term:
-            # Someone saw a newer term: if we still lead, lead in a newer one.
-            leading = self.leader == self.node_id
-            self.term = report.term + (1 if leading else 0)
-            if leading:
-                # Placements started in the older term may have been refused as
-                # stale: start them again in this one (starting is idempotent).
-                for item in list(self.pending.values()):
-                    for target, start in decide.start_actions(item.spec, self.term):
-                        self.send(target, start)
-        if self.leader == self.node_id and peer in self.members:
+            # The member granted a newer term to another leader: the next tick asks
+            # everyone for a term above it.
+            self.term = report.term
+            self.changed()
+        if report.term >= self.lead_term:  # sent since it granted this term
             self.reports[peer] = report
 
-    def _on_view(self, peer: str, view: ClusterView) -> None:
-        if view.term < self.term:
-            log.debug("ignoring view of stale term %d from %s", view.term, peer)
+    def _on_vote_request(self, peer: str, request: VoteRequest) -> None:
+        granted = decide.may_grant(self.term, self.vote, request.term, peer)
+        if granted:
+            self.term = request.term
+            self.vote = decide.Vote(request.term, peer)
+            # Tick now: the leader waits for a report sent in its new term (and a
+            # leader that gave its term away asks for a newer one).
+            self.changed()
+        else:
+            log.info("refusing term %d to %s (know term %d)", request.term, peer, self.term)
+        self.send(peer, VoteReply(term=request.term, granted=granted, known=self.term))
+
+    def _on_vote_reply(self, peer: str, reply: VoteReply) -> None:
+        if reply.known > self.term:
+            self.term = reply.known
+            self.changed()
+        if self.leader != self.node_id or reply.term != self.lead_term or peer not in self._asked:
+            return  # an answer for an older term (or leadership)
+        if reply.granted:
+            if peer not in self._granted:
+                self._on_granted(peer)
+                if self._confirmed():
+                    self.changed()  # the leader acts at once
             return
-        self.term = view.term
+        # Refused: the member granted this term (or a later one) to another leader.
+        # It is asked again at the next tick (now), in a term above all it knows.
+        log.info("%s refused term %d (knows term %d)", peer, reply.term, reply.known)
+        self._asked.discard(peer)
+        self.changed()
+
+    def _on_view(self, peer: str, view: ClusterView) -> None:
+        if decide.Vote(view.term, view.leader) != self.vote:
+            log.debug("ignoring view of term %d from %s: not granted", view.term, peer)
+            return
         self.view = view
 
     def _fenced(self, term: int, what: str, peer: str) -> bool:
@@ -458,6 +542,8 @@ class Cluster:
         ClusterView: _on_view,
         StartShard: _on_start,
         StopShard: _on_stop,
+        VoteRequest: _on_vote_request,
+        VoteReply: _on_vote_reply,
         PlaceRequest: _on_place,
         PlaceReply: _on_place_reply,
         RemoteGenerate: _on_remote_generate,

@@ -1,7 +1,9 @@
 """Messages between nodes (carried by exo_trio.net links as msgpack).
 
 Control messages (reports, the leader's view, shard start/stop) carry the sender's
-term so that a stale leader's decisions can be recognised and rejected. Data
+term so that a stale leader's decisions can be recognised and rejected; a leader
+asks each member to grant it its term (VoteRequest / VoteReply) before it sends
+that member any of them. Data
 messages (remote generation, its events, acks, cancels) go point to point between
 the node that owns a request and the node hosting the instance's rank 0; they never
 pass through the leader.
@@ -111,6 +113,22 @@ class StopShard(msgspec.Struct, frozen=True, kw_only=True, tag="stop_shard"):
     reason: str
 
 
+class VoteRequest(msgspec.Struct, frozen=True, kw_only=True, tag="vote_request"):
+    """A leader asks a member to grant it `term` (the sender is the link's peer)."""
+
+    term: int
+
+
+class VoteReply(msgspec.Struct, frozen=True, kw_only=True, tag="vote_reply"):
+    """The answer to a VoteRequest for `term`: granted, or refused because the
+    member already granted that term or a higher one; `known` is the highest term
+    the member knows, which a refused leader goes above."""
+
+    term: int
+    granted: bool
+    known: int
+
+
 class PlaceRequest(msgspec.Struct, frozen=True, kw_only=True, tag="place"):
     """Ask the leader to place (or delete) an instance; answered with PlaceReply."""
 
@@ -168,6 +186,8 @@ ClusterMessage = (
     | ClusterView
     | StartShard
     | StopShard
+    | VoteRequest
+    | VoteReply
     | PlaceRequest
     | PlaceReply
     | RemoteGenerate

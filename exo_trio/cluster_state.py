@@ -1,15 +1,16 @@
 """The leader's decisions, as pure functions of the nodes' reports.
 
 Control state is soft: nothing here is persisted or replicated. The leader is the
-live member with the smallest node id; whoever becomes leader takes a term one
-higher than any it has seen and rebuilds the instance table from the shards the
-nodes report. Nodes reject shard commands from lower terms, so a deposed leader
-that has not noticed yet cannot start or stop anything.
+live member with the smallest node id; whoever becomes leader asks its members to
+grant it a term above any it has seen (each node grants a term to one leader at
+most, `may_grant`) and rebuilds the instance table from the shards the nodes
+report. Nodes reject shard commands from lower terms, so a deposed leader that has
+not noticed yet cannot start or stop anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 from exo_trio.cluster_messages import (
@@ -28,8 +29,33 @@ from exo_trio.placement import ModelSpec, NodeResources, Placement, PlacementErr
 
 def elect(members: Iterable[str]) -> str:
     """The leader of a membership: deterministic, so every node that sees the same
-    members agrees without a vote."""
+    members agrees on it. (Who leads is agreed without a vote; *in which term* is
+    voted on, so that two leaders a partition made never share a term.)"""
     return min(members)
+
+
+@dataclass(frozen=True)
+class Vote:
+    """A node's grant: in `term`, only `leader` may lead it (soft state, in memory)."""
+
+    term: int
+    leader: str
+
+
+def may_grant(known: int, vote: Vote | None, term: int, candidate: str) -> bool:
+    """May a node grant `term` to `candidate`? It grants each term to one leader at
+    most: only a term above every term it knows (which includes every term it
+    granted, to itself as a leader too), or, asked again, the very term it already
+    granted to this candidate."""
+    return term > known or vote == Vote(term, candidate)
+
+
+def must_ask(lead_term: int, known: int, members: Set[str], asked: Set[str]) -> bool:
+    """Must a leader ask its members for a new term? When it knows a term above the
+    one it leads in (a member granted that to another leader, or refused it), and
+    when a member has joined that it has not asked in this term (a member seen for
+    the first time may have granted this very term to another leader)."""
+    return known > lead_term or not members <= asked
 
 
 def model_spec(info: ModelInfo) -> ModelSpec:

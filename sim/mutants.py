@@ -16,7 +16,7 @@ import trio
 
 from exo_trio import cluster_state
 from exo_trio.cluster import Cluster
-from exo_trio.cluster_messages import InstanceStatus, RemoteResume
+from exo_trio.cluster_messages import InstanceStatus, RemoteResume, VoteReply
 from exo_trio.framing import encode_frame
 from exo_trio.node import Node
 from exo_trio.streams import RequestStream, StreamRegistry
@@ -315,15 +315,26 @@ def pending_outlives_peer() -> AbstractContextManager[None]:
 
 def new_leader_keeps_term() -> AbstractContextManager[None]:
     """A new leader keeps the term it counted itself (a restarted node starts from
-    0 again) even if its members saw that term under another leader: two leaders
-    claim one term."""
-    real = Cluster._lead
+    0 again) even if a member granted that term to another leader: the member's
+    refusal is taken for a grant, and two leaders claim one term."""
+    real = Cluster._handlers[VoteReply]
 
-    def lead(self: Cluster, now: float) -> None:
-        self._term_checked |= set(self.reports)
-        real(self, now)
+    def on_vote_reply(self: Cluster, peer: str, reply: VoteReply) -> None:
+        real(self, peer, VoteReply(term=reply.term, granted=True, known=reply.term))
 
-    return patched(Cluster, "_lead", lead)
+    return patched(Cluster, "_handlers", {**Cluster._handlers, VoteReply: on_vote_reply})
+
+
+def term_granted_twice() -> AbstractContextManager[None]:
+    """A node grants a term it already granted to another leader (terms counted,
+    not voted for): in a non-transitive partition (n0 and n1 cut apart, n2
+    reaching both) n0 and n1 both lead, derive the same next term, and n2 obeys
+    both."""
+
+    def may_grant(known: int, vote: Any, term: int, candidate: str) -> bool:
+        return term >= known
+
+    return patched(cluster_state, "may_grant", may_grant)
 
 
 @contextmanager
@@ -422,6 +433,13 @@ MUTANTS: dict[str, Mutant] = {
             "new_leader_keeps_term",
             "a new leader keeps a term its members saw under another leader",
             new_leader_keeps_term,
+            hunt=False,
+        ),
+        Mutant(
+            "term_granted_twice",
+            "a node grants a term it already granted to another leader",
+            term_granted_twice,
+            scenario="leader-change",
             hunt=False,
         ),
     )

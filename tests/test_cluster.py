@@ -12,13 +12,16 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from exo_trio import cluster_state as decide
 from exo_trio.cluster import Cluster, ClusterSettings
 from exo_trio.cluster_messages import (
     ClusterMessage,
+    ClusterView,
     InstanceSpec,
     ModelInfo,
     PlaceRequest,
     StartShard,
+    StopShard,
 )
 from exo_trio.node import ModelCard, Node
 from exo_trio.seams import Seams
@@ -314,3 +317,105 @@ async def test_a_stale_leader_cannot_start_shards(autojump_clock: trio.testing.M
         members["b"].cluster.on_message("a", StartShard(term=1, instance=spec, rank=0))
         assert "stale" not in members["b"].shards.shards
         nursery.cancel_scope.cancel()
+
+
+class Mailbox:
+    """Links for clusters driven by hand: messages wait in `queue` until
+    `deliver` hands them over, and only between linked pairs."""
+
+    def __init__(self, *pairs: tuple[str, str]) -> None:
+        self.clusters: dict[str, Cluster] = {}
+        self.pairs = {frozenset(p) for p in pairs}
+        self.queue: list[tuple[str, str, Any]] = []
+        self.seen: list[tuple[str, str, Any]] = []
+
+    def add(self, cluster: Cluster) -> None:
+        self.clusters[cluster.node_id] = cluster
+        box = self
+
+        class Links:
+            def send(self, peer_id: str, message: Any) -> bool:
+                if frozenset((cluster.node_id, peer_id)) not in box.pairs:
+                    return False
+                box.queue.append((cluster.node_id, peer_id, message))
+                return True
+
+            async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                task_status.started()
+
+        cluster.attach(Links())
+
+    def deliver(self) -> None:
+        while self.queue:
+            source, target, message = self.queue.pop(0)
+            self.seen.append((source, target, message))
+            self.clusters[target].on_message(source, message)
+
+
+def lone(node_id: str) -> Cluster:
+    relay = TokenRelay(node_id, lambda peer, msg: True, lambda event: None)
+    return Cluster(
+        node_id=node_id,
+        host=node_id,
+        models={"m": MODEL},
+        serve=(),
+        shards=ShardManager(lambda spec, rank: None, relay.route_event),  # type: ignore[arg-type, return-value]
+        relay=relay,
+        memory_free=lambda: 10**9,
+        free_ports=lambda: (5000,),
+        new_id=lambda prefix: f"{prefix}-{node_id}",
+    )
+
+
+def test_a_term_is_granted_to_one_leader_and_a_refused_leader_asks_above_it() -> None:
+    """a and b cannot reach each other, c reaches both: both lead, and both ask c
+    for term 1. c grants it to a only; b, refused, asks for term 2 and leads in it.
+    No node ever hears two leaders in one term."""
+    assert decide.may_grant(0, None, 1, "a")
+    assert not decide.may_grant(1, decide.Vote(1, "a"), 1, "b")
+    assert decide.may_grant(1, decide.Vote(1, "a"), 1, "a")  # asked again: same answer
+    assert decide.may_grant(1, decide.Vote(1, "a"), 2, "b")
+
+    async def main() -> None:
+        box = Mailbox(("a", "c"), ("b", "c"))
+        a, b, c = lone("a"), lone("b"), lone("c")
+        for node in (a, b, c):
+            box.add(node)
+        for node, peer in (("a", "c"), ("b", "c"), ("c", "a"), ("c", "b")):
+            box.clusters[node].on_peer_up(peer)
+        a._tick()  # a and b both lead, and both ask c for term 1
+        b._tick()
+        box.deliver()
+        assert c.vote == decide.Vote(1, "a") and a._confirmed() and not b._confirmed()
+        b._tick()  # refused: b asks above the term c knows
+        box.deliver()
+        assert c.vote == decide.Vote(2, "b") and b._confirmed() and b.lead_term == 2
+        # b leads in term 2: with c's report in, its view reaches c, which takes it.
+        b.on_message("c", c.report())
+        b._tick()
+        box.deliver()
+        assert c.view is not None and (c.view.leader, c.view.term) == ("b", 2)
+        # a's commands of term 1 are refused at c now...
+        stale = InstanceSpec(
+            instance_id="stale",
+            model="m",
+            sharding="pipeline",
+            backend="ring",
+            shards=(),
+            auto=False,
+        )
+        c.on_message("a", StartShard(term=1, instance=stale, rank=0))
+        assert "stale" not in c.shards.shards
+        # ...and c's report (to a, its own choice of leader) makes a ask for term 3.
+        c._tick()
+        box.deliver()
+        a._tick()
+        box.deliver()
+        assert c.vote == decide.Vote(3, "a") and a._confirmed() and a.lead_term == 3
+        leaders: dict[int, set[str]] = {}
+        for source, _target, message in box.seen:
+            if isinstance(message, ClusterView | StartShard | StopShard):
+                leaders.setdefault(message.term, set()).add(source)
+        assert all(len(names) == 1 for names in leaders.values()), leaders
+
+    trio.run(main, clock=trio.testing.MockClock())

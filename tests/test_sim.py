@@ -33,11 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # tolerates exactly these; each has a corpus entry that must start passing (and
 # then this entry must go) once the bug is fixed.
 KNOWN_BUGS: dict[str, Callable[[Violation], bool]] = {
-    # With three or more nodes a non-transitive partition (n0 and n1 cut apart, n2
-    # reaching both) lets n0 and n1 both lead, and both can derive the same next
-    # term: terms are counted, not voted on. A design limitation of "the smallest
-    # live id leads"; see docs/simulator.md ("Found so far").
-    "bug-two_leaders-196.json": lambda v: v.kind == "two_leaders",
+    # None now. (bug-two_leaders-196.json, two leaders in one term under a
+    # non-transitive partition, was fixed by voting on terms; its mutant is
+    # term_granted_twice.)
 }
 
 

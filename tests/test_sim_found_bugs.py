@@ -11,9 +11,10 @@ import trio
 import trio.testing
 
 from exo_trio import cluster_state as decide
-from exo_trio.cluster import Cluster
+from exo_trio.cluster import Cluster, ClusterSettings
 from exo_trio.cluster_messages import (
     ClusterMessage,
+    ClusterView,
     InstanceSpec,
     ModelInfo,
     NodeReport,
@@ -24,6 +25,9 @@ from exo_trio.cluster_messages import (
     ShardSpec,
     ShardStatus,
     StartShard,
+    StopShard,
+    VoteReply,
+    VoteRequest,
 )
 from exo_trio.shards import ShardManager
 from exo_trio.streams import StreamRegistry
@@ -276,14 +280,20 @@ def test_a_placement_starting_on_a_lost_peer_gives_up_at_once() -> None:
 
 def test_a_start_refused_as_stale_is_sent_again_in_the_newer_term() -> None:
     """Found (three nodes): a follower that had seen a higher term refused the
-    leader's StartShard, and nothing sent it again: the placement waited 120 s."""
+    leader's StartShard, and nothing sent it again: the placement waited 120 s.
+    (Now the leader asks for a newer term and starts its placements again in it,
+    on each member as the member grants it.)"""
 
     async def main() -> None:
         leader, links = cluster()
-        leader.leader, leader.term = "a", 1
         leader.members |= {"b"}
+        leader._tick()  # leads, asks b for term 1
+        leader.on_message("b", VoteReply(term=1, granted=True, known=1))
         leader.pending["i"] = decide.Pending(spec("i", ("a", "b")), deadline=120.0)
-        leader.on_message("b", report("b", 2))
+        leader.on_message("b", report("b", 2))  # b granted term 2 to another leader
+        leader._tick()
+        assert links.messages[-1] == ("b", VoteRequest(term=3))
+        leader.on_message("b", VoteReply(term=3, granted=True, known=3))
         starts = [(p, m) for p, m in links.messages if isinstance(m, StartShard)]
         assert leader.term == 3 and [(p, m.term) for p, m in starts] == [("b", 3)]
 
@@ -292,15 +302,63 @@ def test_a_start_refused_as_stale_is_sent_again_in_the_newer_term() -> None:
 
 def test_a_new_leader_takes_a_term_above_what_its_members_saw() -> None:
     """Found (three nodes): a restarted node counts terms from 0 again, led in a
-    term its members had already seen under another leader: two leaders, one term."""
+    term its members had already seen under another leader: two leaders, one term.
+    (Now the member refuses that term, and the leader asks for one above.)"""
 
     async def main() -> None:
-        leader, _ = cluster()
+        leader, links = cluster()
         leader.members |= {"b"}
-        leader._tick()  # becomes leader of itself: term 1
+        leader._tick()  # becomes leader: asks b for term 1
         assert leader.leader == "a" and leader.term == 1
-        leader.on_message("b", report("b", 1))  # b saw term 1 under someone else
+        # b granted term 1 to someone else (and knows term 1).
+        leader.on_message("b", VoteReply(term=1, granted=False, known=1))
         leader._tick()
-        assert leader.term == 2
+        assert leader.term == 2 and links.messages[-1] == ("b", VoteRequest(term=2))
+        assert not [m for _, m in links.messages if isinstance(m, ClusterView)]
 
     trio.run(main, clock=trio.testing.MockClock())
+
+
+def test_a_leader_judges_only_on_reports_sent_in_its_term() -> None:
+    """Found (three nodes): a leader in a new term judged with a member's report
+    from before the member granted that term (from before it started a rank the
+    leader had placed), found the rank "gone" and tore a healthy instance down."""
+
+    async def main() -> None:
+        leader, links = cluster()
+        leader.members |= {"b"}
+        leader._tick()  # asks b for term 1
+        leader.on_message("b", report("b", 0))  # sent before b granted it
+        leader.on_message("b", VoteReply(term=1, granted=True, known=1))
+        leader._tick()
+        assert "b" not in leader.reports
+        assert not [m for _, m in links.messages if isinstance(m, ClusterView)]
+        leader.on_message("b", report("b", 1))
+        leader._tick()
+        assert [p for p, m in links.messages if isinstance(m, ClusterView)] == ["b"]
+
+    trio.run(main, clock=trio.testing.MockClock())
+
+
+def test_a_restarted_leader_decides_nothing_before_its_peers_are_linked() -> None:
+    """Found (three nodes): a restarted leader linked to one peer a few ms before
+    the other, judged the other (not linked yet) lost and stopped a healthy
+    instance across the two. It now waits to settle: every expected peer linked,
+    or `settle` seconds."""
+
+    async def main() -> None:
+        leader, links = cluster()
+        leader.settings = ClusterSettings(expected_peers=2, settle=10.0)
+        leader.members |= {"b"}
+        leader._tick()  # asks b for term 1
+        leader.on_message("b", VoteReply(term=1, granted=True, known=1))
+        inst = spec("i", ("b", "c"))
+        leader.on_message("b", report("b", 1, (ShardStatus(instance=inst, rank=0, state="ready"),)))
+        leader._tick()
+        assert not [m for _, m in links.messages if isinstance(m, StopShard)]
+        await trio.sleep(10)  # c never comes: now c's rank is lost
+        leader._tick()
+        stops = [(p, m.instance_id) for p, m in links.messages if isinstance(m, StopShard)]
+        assert stops == [("b", "i")]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
