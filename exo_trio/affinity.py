@@ -9,11 +9,16 @@ Measured on the project's 2-core machine with the demo model: one stream through
 HTTP reached 0.67-0.88 of raw mlx-lm with nothing pinned, 0.92-0.94 with the
 runner on one core and the node (and the client) on the other.
 
+A child process inherits its parent's cores, so every runner is started with an
+explicit set: its own cores for a lone runner, all of them for the others.
+
 The split is a pure function of the cores the node may use: the node keeps a
 quarter of them (at least one), the runners get the rest. Only the runner of a
 one-rank instance is pinned: the ranks of a model split across nodes may share a
 machine (nodes on one host), and every node pinning its rank to the same cores
-would stack them. `exo-trio node --cpu-affinity off` turns all of it off.
+would stack them (measured: a 2-node pipeline on one 2-core machine fell from 0.6
+to 0.19 of one node with both ranks on the nodes' core). `exo-trio node
+--cpu-affinity off` turns all of it off.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ def split_cores(cores: Iterable[int]) -> CoreSplit | None:
         return None
     node = max(1, len(ordered) // 4)
     return CoreSplit(node=frozenset(ordered[-node:]), runners=frozenset(ordered[:-node]))
+
+
+def runner_cores(split: CoreSplit | None, world_size: int) -> frozenset[int] | None:
+    """The cores to start a runner on: a lone runner's own, or every core for a rank
+    of a split model (a child would otherwise inherit the node's); None: unpinned."""
+    if split is None:
+        return None
+    return split.runners if world_size == 1 else split.node | split.runners
 
 
 def usable_cores() -> frozenset[int] | None:

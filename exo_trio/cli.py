@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from exo_trio.api.app import ApiSettings
+    # Before the daemon's imports: they load MLX, which starts threads, and only
+    # threads started after the pin inherit it.
+    split = place_on_cores() if args.cpu_affinity == "auto" else None
     from exo_trio.daemon import NodeConfig, default_data_dir, run_node
 
     listen = parse_address(args.listen) if args.listen else None
-    split = place_on_cores() if args.cpu_affinity == "auto" else None
     config = NodeConfig(
         model_path=args.model,
         api_host=args.api_host,
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         auto_place=args.placement == "auto",
         advertise_host=args.advertise_host,
         settle=args.settle,
-        runner_cpus=split.runners if split else None,
+        cores=split,
     )
     try:
         trio.run(run_node, config)

@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from exo_trio.affinity import CoreSplit
 from exo_trio.api.app import ApiSettings, create_app
 from exo_trio.api.auth import check_exposure
 from exo_trio.api.serving import serve  # hypercorn's, with --send-timeout on writes
@@ -64,8 +65,8 @@ class NodeConfig:
     auto_place: bool = True
     advertise_host: str | None = None
     settle: float = 10.0
-    # Cores for a lone runner (the node pinned itself to the others): affinity.py.
-    runner_cpus: frozenset[int] | None = None
+    # How the node split the cores, if it pinned itself (affinity.py).
+    cores: CoreSplit | None = None
 
 
 def resolve_model(config: NodeConfig) -> tuple[str, Path]:
@@ -165,7 +166,7 @@ async def run_node(config: NodeConfig) -> None:
             {model_id: model_path},
             config.max_batch,
             config.data_dir / "run",
-            config.runner_cpus,
+            config.cores,
         ),
         relay.route_event,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from exo_trio.affinity import format_cores
+from exo_trio.affinity import CoreSplit, format_cores, runner_cores
 from exo_trio.cluster_messages import InstanceSpec
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,13 @@ def shard_launcher_factory(
     model_paths: dict[str, Path],
     max_batch: int,
     run_dir: Path,
-    runner_cpus: frozenset[int] | None = None,
+    cores: CoreSplit | None = None,
 ) -> Callable[[InstanceSpec, int], Callable[[], Awaitable[ProcessRunner]]]:
     """Launchers for this node's rank of an instance (the ShardManager's factory).
-    A one-rank instance's runner is pinned to `runner_cpus`; the ranks of a split
-    model are not (nodes sharing a machine would stack them on the same cores)."""
+    With `cores` (the node pinned itself to cores.node), a one-rank instance's
+    runner is pinned to cores.runners; the rank of a split model gets every core
+    back (it would inherit the node's own), since nodes sharing a machine would
+    otherwise stack their ranks on the same cores."""
 
     def launcher_for(spec: InstanceSpec, rank: int) -> Callable[[], Awaitable[ProcessRunner]]:
         shard = spec.shards[rank]
@@ -117,7 +119,7 @@ def shard_launcher_factory(
                 "--layers",
                 f"{shard.start_layer}:{shard.end_layer}",
             )
-        cpus = runner_cpus if spec.world_size == 1 else None
+        cpus = runner_cores(cores, spec.world_size)
         return process_launcher(model_paths[spec.model], spec.model, max_batch, extra, cpus)
 
     return launcher_for

@@ -271,9 +271,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Pin before anything else, argument checking included (it imports MLX, which
+    # starts threads): a thread inherits its creator's cores when it is started.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--cpus", type=parse_cores)
+    cpus = early.parse_known_args(argv)[0].cpus
+    if cpus:
+        pin_this_thread(cpus)
     args = parse_args(argv)
-    if args.cpus:
-        pin_this_thread(args.cpus)  # first: every thread started later inherits it
     writer = ProtocolWriter(claim_stdout())
     logging.basicConfig(
         stream=sys.stderr,
