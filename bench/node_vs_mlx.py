@@ -1,6 +1,6 @@
 """This node through HTTP against raw mlx-lm, on the same model, in one run.
 
-    python -m bench.node_vs_mlx [--model DIR | --size demo|medium] [--tokens 128] [--repeats 3]
+    python -m bench.node_vs_mlx [--model DIR | --size demo|medium] [--tokens 128] [--repeats 8]
 
 Measures (never two at once, so they do not share the cores; raw and node runs
 alternate, repeat by repeat):
@@ -250,7 +250,7 @@ def main() -> None:
         help="without --model: the demo model, or the ~94M-parameter one",
     )
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--blas", default="auto", help="auto, none, or a libopenblas path")
     args = parser.parse_args()
     blas = preload_blas(args.blas)
