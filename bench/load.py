@@ -97,8 +97,10 @@ def malformed_requests(eos: list[int]) -> list[tuple[str, bytes]]:
         ("truncated json", post(b'{"model": "demo", "messages": [')),
         ("not json", post(b"hello")),
         ("invalid utf-8", post(b'{"model": "\xff\xfe", "messages": []}')),
-        ("deep nesting", post(b'{"model":"demo","messages":[],"user":' + b"[" * 5000 + b"]" * 5000
-                               + b"}")),
+        (
+            "deep nesting",
+            post(b'{"model":"demo","messages":[],"user":' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        ),
         ("seed beyond 64 bits", with_(seed=2**64)),
         ("wrong type", with_(max_tokens="many")),
         ("unknown model", with_(model="nope")),
@@ -109,11 +111,16 @@ def malformed_requests(eos: list[int]) -> list[tuple[str, bytes]]:
         ("wrong method", build_request("GET", path)),
         ("unknown route", post(b"{}", "/v1/nothing")),
         ("anthropic no max_tokens", post(b'{"model":"demo","messages":[]}', "/v1/messages")),
-        ("ollama bad options", post(b'{"model":"demo","options":{"num_predict":"x"}}',
-                                    "/api/generate")),
+        (
+            "ollama bad options",
+            post(b'{"model":"demo","options":{"num_predict":"x"}}', "/api/generate"),
+        ),
         ("huge header", build_request("POST", path, [*ct, ("X-Big", "a" * 70000)], b"{}")),
-        ("bad content-length", b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                                b"Content-Length: -5\r\nConnection: close\r\n\r\n"),
+        (
+            "bad content-length",
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: -5\r\nConnection: close\r\n\r\n",
+        ),
         ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64) + b"\r\n\r\n"),
     ]
 
@@ -184,8 +191,7 @@ def slow(h: Harness, args: argparse.Namespace) -> Report:
     baseline_s = time.monotonic() - started
     long_prompt = "Tell me a very long story."
     stalled = [
-        Plan(1000 + i, "chat", True, long_prompt, args.slow_tokens, recv_buffer=2048,
-             stall_after=1)
+        Plan(1000 + i, "chat", True, long_prompt, args.slow_tokens, recv_buffer=2048, stall_after=1)
         for i in range(args.slow_readers)
     ]
     h.references.setdefault(("chat", long_prompt), [])
@@ -352,8 +358,9 @@ CLUSTER_SCENARIOS: dict[str, Callable[[argparse.Namespace, Path, Path, list[int]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scenarios", default="storm,malformed,slow,kill,link,nodekill")
     parser.add_argument("--clients", type=int, default=400)
     parser.add_argument("--vanish", type=float, default=0.5)
@@ -387,17 +394,27 @@ def main() -> int:
     single = [n for n in names if n in SCENARIOS]
     if single:
         node = start_node(
-            model, root / "node",
-            "--max-batch", str(args.max_batch), "--max-queued", "4096",
-            "--send-timeout", str(args.send_timeout), "--keepalive", "1", "--no-discovery",
+            model,
+            root / "node",
+            "--max-batch",
+            str(args.max_batch),
+            "--max-queued",
+            "4096",
+            "--send-timeout",
+            str(args.send_timeout),
+            "--keepalive",
+            "1",
+            "--no-discovery",
         )
         try:
             node.wait_healthy()
             h = Harness(node, eos, random.Random(args.seed))
             h.take_references()
             # Warm the node (allocator pools, code paths) before its baseline is taken.
-            h.run([random_plan(i, h.rng, PROMPTS, args.vanish) for i in range(args.clients)],
-                  ramp=args.ramp)
+            h.run(
+                [random_plan(i, h.rng, PROMPTS, args.vanish) for i in range(args.clients)],
+                ramp=args.ramp,
+            )
             probe.wait_quiet(node.base_url)
             for name in single:
                 print(f"running {name} ...", flush=True)

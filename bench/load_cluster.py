@@ -59,9 +59,9 @@ class Cluster:
         except httpx.HTTPError:
             return False
         assert isinstance(instances, list)
-        return any(i["state"] == "ready" for i in instances) and probe.health(self.url(name))[
-            0
-        ] == 200
+        return (
+            any(i["state"] == "ready" for i in instances) and probe.health(self.url(name))[0] == 200
+        )
 
     def place(self, via: str, on: list[str]) -> None:
         for instance in self.state(via)["instances"]:  # type: ignore[attr-defined]
@@ -172,9 +172,7 @@ def nodekill(args: argparse.Namespace, model: Path, root: Path, eos: list[int]) 
                 back.append(time.monotonic() - faults[-1])
 
         started = time.monotonic()
-        outcomes, kills = run_loop(
-            h, args.cluster_clients, args.cluster_seconds, killer, DIALECTS
-        )
+        outcomes, kills = run_loop(h, args.cluster_clients, args.cluster_seconds, killer, DIALECTS)
         report.seconds = time.monotonic() - started
         h.account(report, outcomes)
         affected = account_faults(report, outcomes, kills)
@@ -208,7 +206,10 @@ def check(h: Harness, report: Report, when: str) -> None:
 def leftover_on(report: Report, cluster: Cluster, name: str) -> None:
     """The other node must be quiet too (the instance side of the relay)."""
     _, left = probe.wait_quiet(cluster.url(name))
-    for key, value in (("in_flight", left.in_flight), ("open_streams", left.open_streams),
-                       ("runner_active", left.runner_active)):
+    for key, value in (
+        ("in_flight", left.in_flight),
+        ("open_streams", left.open_streams),
+        ("runner_active", left.runner_active),
+    ):
         if value:
             report.leaked[f"{name}:{key}"] = value

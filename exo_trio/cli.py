@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from exo_trio.api.app import ApiSettings
+
     # Before the daemon's imports: they load MLX, which starts threads, and only
     # threads started after the pin inherit it.
     split = place_on_cores() if args.cpu_affinity == "auto" else None

@@ -116,8 +116,11 @@ def replay(target: Target, files: list[Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fuzz",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("targets", nargs="*", help="target names (see --list)")
     parser.add_argument("--all", action="store_true", help="run every target")
     parser.add_argument("--seconds", type=float, default=60.0, help="per target")

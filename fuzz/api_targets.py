@@ -116,8 +116,11 @@ ODD_HEADERS = (
     [("Accept", "application/x-ndjson")],
     [("X-Long", "a" * 8000)],
     [("Origin", "null"), ("Access-Control-Request-Method", "POST")],
-    [("Origin", ORIGIN), ("Access-Control-Request-Method", "POST"),
-     ("Access-Control-Request-Headers", "x-api-key")],
+    [
+        ("Origin", ORIGIN),
+        ("Access-Control-Request-Method", "POST"),
+        ("Access-Control-Request-Headers", "x-api-key"),
+    ],
     [("Origin", "https://evil.example")],
 )
 
@@ -261,7 +264,11 @@ class ApiHarness:
             # max_tokens, and a prompt plus max_tokens must fit). EOS after 12 tokens
             # unless the request says ignore_eos.
             return await InProcessNode.start(
-                nursery, encoder, settings=settings, context_length=256, vocab_size=2048,
+                nursery,
+                encoder,
+                settings=settings,
+                context_length=256,
+                vocab_size=2048,
                 eos_after=12,
             )
 

@@ -231,7 +231,10 @@ async def run_link(data: bytes, strict: bool = True) -> dict[str, int]:
                     if dialer:
                         resource = wire.LINK_RESOURCE if mode % 4 != 3 else "/other"
                         ws = await trio_websocket.wrap_client_stream(
-                            ws_nursery, host_stream, "node", resource  # type: ignore[arg-type]
+                            ws_nursery,
+                            host_stream,
+                            "node",
+                            resource,  # type: ignore[arg-type]
                         )
                     else:
                         request = await trio_websocket.wrap_server_stream(ws_nursery, host_stream)  # type: ignore[arg-type]

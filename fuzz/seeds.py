@@ -42,8 +42,10 @@ def chat_bodies() -> list[dict[str, object]]:
             "n": 1,
             "user": "u",
         },
-        {"model": "demo", "messages": [{"role": "assistant", "content": None}, {"role": "user",
-                                       "content": "x"}]},
+        {
+            "model": "demo",
+            "messages": [{"role": "assistant", "content": None}, {"role": "user", "content": "x"}],
+        },
     ]
 
 
@@ -56,11 +58,26 @@ def api_seeds(name: str) -> dict[str, bytes]:
     elif name == "api_completions":
         seeds["text"] = api_seed(0, {"model": "demo", "prompt": "Once upon", "max_tokens": 4})
         seeds["stream-echo"] = api_seed(
-            0, {"model": "demo", "prompt": "abc", "echo": True, "stream": True,
-                "stream_options": {"include_usage": True}, "max_tokens": 3}
+            0,
+            {
+                "model": "demo",
+                "prompt": "abc",
+                "echo": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": 3,
+            },
         )
-        seeds["ids"] = api_seed(0, {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 2,
-                                    "logit_bias": EOS_BAN, "temperature": 0.5})
+        seeds["ids"] = api_seed(
+            0,
+            {
+                "model": "demo",
+                "prompt": [5, 6, 7],
+                "max_tokens": 2,
+                "logit_bias": EOS_BAN,
+                "temperature": 0.5,
+            },
+        )
         seeds["list"] = api_seed(0, {"model": "demo", "prompt": ["one"], "stop": "x"})
     elif name == "api_responses":
         seeds["string"] = api_seed(0, {"model": "demo", "input": "hi", "max_output_tokens": 4})
@@ -70,8 +87,11 @@ def api_seeds(name: str) -> dict[str, bytes]:
                 "model": "demo",
                 "instructions": "Be brief.",
                 "input": [
-                    {"type": "message", "role": "user",
-                     "content": [{"type": "input_text", "text": "hello"}]},
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "hello"}],
+                    },
                     {"role": "assistant", "content": "ok"},
                 ],
                 "stream": True,
@@ -83,40 +103,80 @@ def api_seeds(name: str) -> dict[str, bytes]:
             },
         )
     elif name == "api_anthropic":
-        base = {"model": "demo", "max_tokens": 5,
-                "messages": [{"role": "user", "content": "hi"}]}
+        base = {"model": "demo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
         seeds["messages"] = api_seed(0, base)
         seeds["stream"] = api_seed(
             0,
-            {**base, "stream": True, "system": [{"type": "text", "text": "Be brief."}],
-             "stop_sequences": ["\n"], "temperature": 0.5, "top_k": 3,
-             "metadata": {"user_id": "x"}, "logit_bias": EOS_BAN, "ignore_eos": True},
+            {
+                **base,
+                "stream": True,
+                "system": [{"type": "text", "text": "Be brief."}],
+                "stop_sequences": ["\n"],
+                "temperature": 0.5,
+                "top_k": 3,
+                "metadata": {"user_id": "x"},
+                "logit_bias": EOS_BAN,
+                "ignore_eos": True,
+            },
         )
         seeds["blocks"] = api_seed(
-            0, {**base, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
-                                     {"role": "assistant", "content": "b"},
-                                     {"role": "user", "content": "c"}]}
+            0,
+            {
+                **base,
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "a"}]},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ],
+            },
         )
-        seeds["count"] = api_seed(1, {"model": "demo", "messages": base["messages"],
-                                      "system": "s"})
+        seeds["count"] = api_seed(1, {"model": "demo", "messages": base["messages"], "system": "s"})
     elif name == "api_ollama":
         msgs = [{"role": "user", "content": "hi"}]
-        opts = {"num_predict": 4, "temperature": 0, "seed": 1, "stop": ["\n"], "top_k": 3,
-                "top_p": 0.5, "num_ctx": 2048, "logit_bias": EOS_BAN}
-        seeds["chat-stream"] = api_seed(0, {"model": "demo", "messages": msgs,
-                                            "options": {"num_predict": 4}})
-        seeds["chat"] = api_seed(0, {"model": "demo:latest", "messages": msgs, "stream": False,
-                                     "options": opts, "keep_alive": "5m"})
-        seeds["generate"] = api_seed(1, {"model": "demo", "prompt": "hi", "system": "s",
-                                         "options": {"num_predict": 3}})
-        seeds["generate-raw"] = api_seed(3, {"model": "demo", "prompt": "raw text", "raw": True,
-                                             "stream": False, "options": {"num_predict": -1}})
+        opts = {
+            "num_predict": 4,
+            "temperature": 0,
+            "seed": 1,
+            "stop": ["\n"],
+            "top_k": 3,
+            "top_p": 0.5,
+            "num_ctx": 2048,
+            "logit_bias": EOS_BAN,
+        }
+        seeds["chat-stream"] = api_seed(
+            0, {"model": "demo", "messages": msgs, "options": {"num_predict": 4}}
+        )
+        seeds["chat"] = api_seed(
+            0,
+            {
+                "model": "demo:latest",
+                "messages": msgs,
+                "stream": False,
+                "options": opts,
+                "keep_alive": "5m",
+            },
+        )
+        seeds["generate"] = api_seed(
+            1, {"model": "demo", "prompt": "hi", "system": "s", "options": {"num_predict": 3}}
+        )
+        seeds["generate-raw"] = api_seed(
+            3,
+            {
+                "model": "demo",
+                "prompt": "raw text",
+                "raw": True,
+                "stream": False,
+                "options": {"num_predict": -1},
+            },
+        )
         seeds["load"] = api_seed(2, {"model": "demo"})
         seeds["show"] = api_seed(4, {"model": "demo", "verbose": True})
     elif name == "api_guard":
         for i in range(13):
-            seeds[f"route-{i}"] = api_seed(i, {"model": "demo", "messages": [{"role": "user",
-                                                "content": "x"}], "max_tokens": 2})
+            seeds[f"route-{i}"] = api_seed(
+                i,
+                {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+            )
         seeds["wrong-key"] = api_seed(0, {}, flags=0x20, ct=3)
         seeds["preflight"] = api_seed(9, {}, flags=0x84, q=6, ct=0x30)
         seeds["cors"] = api_seed(1, {}, flags=0x40)
@@ -139,16 +199,25 @@ def frame_seeds() -> dict[str, bytes]:
         Loading(fraction=0.5, phase="weights"),
         Ready(model="m", context_length=64, max_batch=4, pid=9),
         ChunkGenerated(request_id="r0", seq=0, token=5, text="a"),
-        GenerationFinished(request_id="r0", chunks=1, finish_reason="length", prompt_tokens=2,
-                           completion_tokens=1, stop_sequence="\n"),
+        GenerationFinished(
+            request_id="r0",
+            chunks=1,
+            finish_reason="length",
+            prompt_tokens=2,
+            completion_tokens=1,
+            stop_sequence="\n",
+        ),
         GenerationFailed(request_id="r1", kind="internal", message="x"),
         CancelAck(request_id="r1", steps_after_cancel=1, known=True),
         RunnerError(message="boom"),
     ]
     worker_out = [
-        TextGeneration(request_id="r0", model="m", prompt_tokens=[1, 2, 3],
-                       params=SamplingParams(max_tokens=4, stop=("x",), logit_bias={3: -1e9},
-                                             seed=1, top_k=2)),
+        TextGeneration(
+            request_id="r0",
+            model="m",
+            prompt_tokens=[1, 2, 3],
+            params=SamplingParams(max_tokens=4, stop=("x",), logit_bias={3: -1e9}, seed=1, top_k=2),
+        ),
         Cancel(request_id="r0"),
         Shutdown(),
     ]
@@ -168,15 +237,22 @@ def runner_stream_seeds() -> dict[str, bytes]:
         return [ChunkGenerated(request_id=rid, seq=i, token=i, text=f"{i} ") for i in range(n)]
 
     def done(rid: str, n: int) -> GenerationFinished:
-        return GenerationFinished(request_id=rid, chunks=n, finish_reason="length",
-                                  prompt_tokens=2, completion_tokens=n)
+        return GenerationFinished(
+            request_id=rid, chunks=n, finish_reason="length", prompt_tokens=2, completion_tokens=n
+        )
 
     scripts = {
         "both-finish": [*chunks("r0", 3), done("r0", 3), *chunks("r1", 2), done("r1", 2)],
-        "interleaved": [*chunks("r1", 1), *chunks("r0", 1), done("r0", 1),
-                        GenerationFailed(request_id="r1", kind="invalid", message="no")],
-        "ack-unknown": [CancelAck(request_id="zz", steps_after_cancel=0, known=False),
-                        *chunks("r0", 2)],
+        "interleaved": [
+            *chunks("r1", 1),
+            *chunks("r0", 1),
+            done("r0", 1),
+            GenerationFailed(request_id="r1", kind="invalid", message="no"),
+        ],
+        "ack-unknown": [
+            CancelAck(request_id="zz", steps_after_cancel=0, known=False),
+            *chunks("r0", 2),
+        ],
         "runner-error": [*chunks("r0", 1), RunnerError(message="oom")],
     }
     return {
@@ -206,7 +282,10 @@ def link_seeds(name: str) -> dict[str, bytes]:
             "dialer": bytes([0]) + dialer_handshake,
             "acceptor": bytes([1]) + acceptor_handshake,
             "waits-activate": bytes([0]) + wait_handshake,
-            "bad-proof": bytes([0]) + op(2, hello_z) + op(3, b"\0") + op(3, b"\0")
+            "bad-proof": bytes([0])
+            + op(2, hello_z)
+            + op(3, b"\0")
+            + op(3, b"\0")
             + op(4, b"\x01" + bytes(32)),
             "wrong-cluster": bytes([0]) + op(2, bytes([1, 1, 0, 1, 1, 1, 1, 1]) + b"other"),
             "text": bytes([0]) + op(1, b"hello"),
@@ -233,8 +312,11 @@ def beacon_seeds() -> dict[str, bytes]:
 
     def body(**changes: object) -> bytes:
         fields: dict[str, object] = {
-            "version": wire.PROTOCOL_VERSION, "cluster_id": CLUSTER, "node_id": "node-x",
-            "incarnation": "i", "listen_port": 52416,
+            "version": wire.PROTOCOL_VERSION,
+            "cluster_id": CLUSTER,
+            "node_id": "node-x",
+            "incarnation": "i",
+            "listen_port": 52416,
             "addresses": [wire.AdvertisedAddress("10.0.0.9", 52416, "en0", "private")],
         }
         fields.update(changes)

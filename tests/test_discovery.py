@@ -20,8 +20,11 @@ KEY = auth.beacon_key(SECRET)
 
 def beacon(node_id: str = "b", host: str = "10.0.0.2", **overrides: object) -> Beacon:
     fields: dict[str, object] = {
-        "version": wire.PROTOCOL_VERSION, "cluster_id": "test-cluster", "node_id": node_id,
-        "incarnation": "1234", "listen_port": 7000,
+        "version": wire.PROTOCOL_VERSION,
+        "cluster_id": "test-cluster",
+        "node_id": node_id,
+        "incarnation": "1234",
+        "listen_port": 7000,
         "addresses": [AdvertisedAddress(host, 7000, "en0", "private")],
     }
     fields.update(overrides)
@@ -152,8 +155,10 @@ async def test_nodes_find_each_other_without_peers_under_mock_clock(
 ) -> None:
     net, hub = MemoryNetwork(), Hub()
     async with trio.open_nursery() as nursery:
-        nodes = [await memory_node(net, name, port, [], seed=port).start(nursery)
-                 for name, port in [("a", 1), ("b", 2), ("c", 3)]]
+        nodes = [
+            await memory_node(net, name, port, [], seed=port).start(nursery)
+            for name, port in [("a", 1), ("b", 2), ("c", 3)]
+        ]
         for node in nodes:
             discovery = Discovery(node.links, transport=hub.join, rng=random.Random(node.port))
             await nursery.start(discovery.run)

@@ -131,10 +131,21 @@ def test_link_seeds_still_reach_an_authenticated_link() -> None:
 def test_atheris_engine_runs(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
-            sys.executable, "-m", "fuzz", "runner_frames", "--seconds", "2",
-            "--engine", "atheris", "--crashes", str(tmp_path),
+            sys.executable,
+            "-m",
+            "fuzz",
+            "runner_frames",
+            "--seconds",
+            "2",
+            "--engine",
+            "atheris",
+            "--crashes",
+            str(tmp_path),
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "runner_frames      atheris" in proc.stdout

@@ -26,8 +26,13 @@ from exo_trio.net.links import CallbackError, InsecureAddressError, PeerInfo, Pe
 
 SECRET = b"correct horse battery staple"
 LOOP = "127.0.0.1"
-FAST = {"heartbeat_interval": 0.1, "dead_after": 0.8, "reconnect_min": 0.05,
-        "reconnect_max": 0.3, "handshake_timeout": 2.0}
+FAST = {
+    "heartbeat_interval": 0.1,
+    "dead_after": 0.8,
+    "reconnect_min": 0.05,
+    "reconnect_max": 0.3,
+    "handshake_timeout": 2.0,
+}
 
 
 class Msg(msgspec.Struct):
@@ -38,21 +43,34 @@ class Msg(msgspec.Struct):
 class Node:
     """One PeerLinks plus a record of every callback it made."""
 
-    def __init__(self, node_id: str, *, secret: bytes | None = SECRET,
-                 peers: list[tuple[str, int]] | None = None, port: int = 0,
-                 message_type: Any = Msg, cluster: str = "test-cluster",
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        secret: bytes | None = SECRET,
+        peers: list[tuple[str, int]] | None = None,
+        port: int = 0,
+        message_type: Any = Msg,
+        cluster: str = "test-cluster",
+        **options: Any,
+    ) -> None:
         self.node_id = node_id
         self.received: dict[str, list[Any]] = {}
         self.ups: list[PeerInfo] = []
         self.downs: list[tuple[str, str]] = []
         settings = {**FAST, **options}
         self.links: PeerLinks[Any] = PeerLinks(
-            node_id, cluster, secret, message_type,
+            node_id,
+            cluster,
+            secret,
+            message_type,
             on_message=lambda peer, msg: self.received.setdefault(peer, []).append(msg),
             on_peer_up=self.ups.append,
             on_peer_down=lambda peer, reason: self.downs.append((peer, reason)),
-            listen_host=LOOP, listen_port=port, peers=peers or [], **settings,
+            listen_host=LOOP,
+            listen_port=port,
+            peers=peers or [],
+            **settings,
         )
         self.scope: trio.CancelScope | None = None
         self.port = 0
@@ -189,9 +207,11 @@ async def test_three_nodes_form_a_mesh(nursery: trio.Nursery) -> None:
             if sender is not receiver:
                 for i in range(50):
                     assert sender.links.send(receiver.node_id, Msg(i))
-    await eventually(lambda: all(
-        seqs(r, s.node_id) == list(range(50)) for s in nodes for r in nodes if s is not r
-    ))
+    await eventually(
+        lambda: all(
+            seqs(r, s.node_id) == list(range(50)) for s in nodes for r in nodes if s is not r
+        )
+    )
     assert all(len(n.ups) == 2 and not n.downs for n in nodes)
 
 
@@ -201,8 +221,10 @@ async def test_three_nodes_form_a_mesh(nursery: trio.Nursery) -> None:
     ids=["wrong-secret", "dialer-has-no-secret", "acceptor-has-no-secret"],
 )
 async def test_mismatched_secret_is_refused(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture,
-    secret_a: bytes | None, secret_b: bytes | None,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    secret_a: bytes | None,
+    secret_b: bytes | None,
 ) -> None:
     caplog.set_level(logging.INFO, logger="exo_trio.net")
     a = await Node("a", secret=secret_a).start(nursery)
@@ -222,8 +244,9 @@ async def test_tampered_frame_closes_the_link(
 ) -> None:
     streams: list[TamperStream] = []
     a = await Node("a").start(nursery)
-    b = await Node("b", peers=[a.address],
-                   connector=recording_connector(TamperStream, streams)).start(nursery)
+    b = await Node(
+        "b", peers=[a.address], connector=recording_connector(TamperStream, streams)
+    ).start(nursery)
     await eventually(lambda: a.linked(b) and b.linked(a))
     b.links.send("a", Msg(1))
     await eventually(lambda: seqs(a, "b") == [1])
@@ -246,8 +269,9 @@ async def test_tampered_frame_closes_the_link(
 async def test_silent_peer_is_reported_down_within_dead_after(nursery: trio.Nursery) -> None:
     streams: list[PausableStream] = []
     a = await Node("a").start(nursery)
-    b = await Node("b", peers=[a.address],
-                   connector=recording_connector(PausableStream, streams)).start(nursery)
+    b = await Node(
+        "b", peers=[a.address], connector=recording_connector(PausableStream, streams)
+    ).start(nursery)
     await eventually(lambda: a.linked(b))
     await trio.sleep(1.0)  # longer than dead_after: heartbeats keep an idle link up
     assert not a.downs
@@ -356,16 +380,20 @@ async def test_other_cluster_and_own_address_are_not_linked(
     a = await Node("a").start(nursery)
     await Node("b", cluster="other-cluster", peers=[a.address]).start(nursery)
     assert a.links.add_peer_address(*a.address)  # e.g. discovery hearing our own beacon
-    await eventually(lambda: "cluster id mismatch" in caplog.text
-                     and "own listener; not dialing it" in caplog.text)
+    await eventually(
+        lambda: (
+            "cluster id mismatch" in caplog.text and "own listener; not dialing it" in caplog.text
+        )
+    )
     await trio.sleep(0.2)
     assert not a.ups and not a.links.peers()
 
 
 def test_without_secret_non_loopback_is_refused() -> None:
     def make(**kw: Any) -> PeerLinks[Msg]:
-        return PeerLinks("a", "c", None, Msg, lambda p, m: None, lambda i: None,
-                         lambda p, r: None, **kw)
+        return PeerLinks(
+            "a", "c", None, Msg, lambda p, m: None, lambda i: None, lambda p, r: None, **kw
+        )
 
     with pytest.raises(InsecureAddressError, match="loopback-only"):
         make(listen_host="0.0.0.0")
@@ -540,13 +568,20 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         await self._receive.aclose()
 
 
-def memory_node(net: MemoryNetwork, node_id: str, port: int,
-                peers: list[tuple[str, int]], seed: int) -> Node:
+def memory_node(
+    net: MemoryNetwork, node_id: str, port: int, peers: list[tuple[str, int]], seed: int
+) -> Node:
     rng = random.Random(seed)
     return Node(
-        node_id, peers=peers, port=port,
-        heartbeat_interval=0.5, dead_after=3.0, reconnect_min=0.1, reconnect_max=5.0,
-        connector=net.connect, listener=net.listen,
+        node_id,
+        peers=peers,
+        port=port,
+        heartbeat_interval=0.5,
+        dead_after=3.0,
+        reconnect_min=0.1,
+        reconnect_max=5.0,
+        connector=net.connect,
+        listener=net.listen,
         # Deterministic randomness, as the simulator injects it.
         token_bytes=rng.randbytes,
         rng=rng,
@@ -615,16 +650,19 @@ async def test_memory_network_dedups_simultaneous_dials_for_many_seeds(
         async with trio.open_nursery() as nursery:
             nodes = [
                 memory_node(net, name, port, [(f"sim-{o}", p) for o, p in others], seed * 10 + i)
-                for i, (name, port, others) in enumerate([
-                    ("a", 1, [("b", 2), ("c", 3)]),
-                    ("b", 2, [("a", 1), ("c", 3)]),
-                    ("c", 3, [("a", 1), ("b", 2)]),
-                ])
+                for i, (name, port, others) in enumerate(
+                    [
+                        ("a", 1, [("b", 2), ("c", 3)]),
+                        ("b", 2, [("a", 1), ("c", 3)]),
+                        ("c", 3, [("a", 1), ("b", 2)]),
+                    ]
+                )
             ]
             order = nodes[:]
             random.Random(seed).shuffle(order)
             for node in order:
                 await node.start(nursery)
+
             def meshed(nodes: list[Node] = nodes) -> bool:
                 return all(n.linked(*[o for o in nodes if o is not n]) for n in nodes)
 

@@ -1,4 +1,4 @@
-"""The tree is ruff clean (lint rules in pyproject.toml)."""
+"""The tree is ruff clean: lint rules (pyproject.toml) and formatting."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def test_ruff_is_clean() -> None:
             "tests",
             "bench",
         ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."],
         cwd=ROOT,
         capture_output=True,
         text=True,

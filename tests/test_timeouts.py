@@ -237,8 +237,7 @@ async def test_default_limits_leave_a_healthy_stream_alone(autojump_clock: Any) 
         events_ = parse_sse(response.body)
         assert events_[-1].data == "[DONE]"
         text = "".join(
-            json.loads(e.data)["choices"][0]["delta"].get("content") or ""
-            for e in events_[:-1]
+            json.loads(e.data)["choices"][0]["delta"].get("content") or "" for e in events_[:-1]
         )
         assert text == expected_text(rid, 40)
         nursery.cancel_scope.cancel()

@@ -87,16 +87,18 @@ class MulticastTransport:
     """IPv4 multicast on the given interface addresses (joins and sends on each, so a
     Thunderbolt bridge and Wi-Fi are both searched)."""
 
-    def __init__(self, sock: trio.socket.SocketType, group: str, port: int,
-                 interfaces: list[str]) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, group: str, port: int, interfaces: list[str]
+    ) -> None:
         self._sock = sock
         self._group = group
         self._port = port
         self._interfaces = interfaces
 
     @classmethod
-    async def open(cls, hosts: Sequence[str], *, group: str = DEFAULT_GROUP,
-                   port: int = DEFAULT_PORT) -> MulticastTransport:
+    async def open(
+        cls, hosts: Sequence[str], *, group: str = DEFAULT_GROUP, port: int = DEFAULT_PORT
+    ) -> MulticastTransport:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             # Several nodes on one host must all receive the group's datagrams.
@@ -162,8 +164,10 @@ class Discovery:
         self._links = links
         self.enabled = enabled and links.secret is not None
         self._why_off = (
-            "switched off" if not enabled
-            else "no cluster secret (links are loopback only)" if links.secret is None
+            "switched off"
+            if not enabled
+            else "no cluster secret (links are loopback only)"
+            if links.secret is None
             else ""
         )
         self._key = auth.beacon_key(links.secret) if links.secret is not None else b""
@@ -229,8 +233,9 @@ class Discovery:
             return False
         if host not in {a.host for a in beacon.addresses}:
             self.stats["rejected"] += 1
-            log.debug("beacon of %s from %s, which it does not advertise: replay?",
-                      beacon.node_id, host)
+            log.debug(
+                "beacon of %s from %s, which it does not advertise: replay?", beacon.node_id, host
+            )
             return False
         added = self._links.add_peer_address(host, beacon.listen_port, beacon.node_id)
         if added:

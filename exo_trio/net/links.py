@@ -266,8 +266,9 @@ class PeerLinks(Generic[M]):
         forgotten after `forget_after` seconds without a refresh (another call) while
         it cannot be reached. Returns True if the address is new."""
         if self.secret is None and not interfaces.is_loopback(host):
-            log.warning("not dialing %s:%d: without a cluster secret links are loopback only",
-                        host, port)
+            log.warning(
+                "not dialing %s:%d: without a cluster secret links are loopback only", host, port
+            )
             return False
         if node_id == self.node_id:
             return False
@@ -372,8 +373,9 @@ class PeerLinks(Generic[M]):
             await trio.aclose_forcefully(stream)
             return
         if self.secret is None and remote is not None and not interfaces.is_loopback(remote[0]):
-            log.warning("refusing link from %s: without a cluster secret links are loopback only",
-                        remote[0])
+            log.warning(
+                "refusing link from %s: without a cluster secret links are loopback only", remote[0]
+            )
             await trio.aclose_forcefully(stream)
             return
         session = Session(self, stream, outbound=False, address=remote)
@@ -394,8 +396,9 @@ class PeerLinks(Generic[M]):
                 not target.configured
                 and trio.current_time() - target.last_seen > self._forget_after
             ):
-                log.info("forgetting unreachable discovered address %s:%d",
-                         target.host, target.port)
+                log.info(
+                    "forgetting unreachable discovered address %s:%d", target.host, target.port
+                )
                 del self._targets[(target.host, target.port)]
                 return
             stream = await self._connect(target)
@@ -408,8 +411,11 @@ class PeerLinks(Generic[M]):
                 session = Session(self, stream, outbound=True, address=(target.host, target.port))
                 await session.run()
                 if session.is_self:
-                    log.info("%s:%d is this node's own listener; not dialing it",
-                             target.host, target.port)
+                    log.info(
+                        "%s:%d is this node's own listener; not dialing it",
+                        target.host,
+                        target.port,
+                    )
                     return
                 if session.authenticated and session.peer is not None:
                     # Only an authenticated hello may tell us who is behind an address.
@@ -479,4 +485,3 @@ def _now() -> float | None:
         return trio.current_time()
     except RuntimeError:  # called before trio.run: the dialer stamps it when it starts
         return None
-
