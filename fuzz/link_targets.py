@@ -95,7 +95,7 @@ class Peer:
         self.key = auth.link_key(SECRET)
         self.mine: bytes | None = None
         self.theirs: bytes | None = None
-        self.tx: auth.FrameMac | None = None
+        self.tx: auth.FrameCipher | None = None
         self.last_frame: bytes | None = None
 
     def hello(self, payload: bytes) -> wire.Hello:
@@ -120,10 +120,10 @@ class Peer:
             return auth.transcript(self.mine, self.theirs)
         return auth.transcript(self.theirs, self.mine)
 
-    def macs(self) -> auth.FrameMac | None:
+    def ciphers(self) -> auth.FrameCipher | None:
         digest = self.digest()
         if self.tx is None and digest is not None:
-            self.tx, _ = auth.session_macs(self.key, digest, dialer=self.dialer)
+            self.tx, _ = auth.session_ciphers(self.key, digest, dialer=self.dialer)
         return self.tx
 
     async def play(self, script: list[tuple[int, bytes]]) -> None:
@@ -156,11 +156,12 @@ class Peer:
                 proof = payload[: len(proof)]
             await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
         elif code in (5, 6):
-            mac = self.macs()
+            cipher = self.ciphers()
             kind = (payload[0] if payload else 0) % 8 if code == 5 else wire.KIND_MESSAGE
             body = payload[1:] if code == 5 else payload
-            tag = mac.seal(kind, body) if mac is not None else bytes(32)
-            self.last_frame = wire.pack_frame(tag, kind, body)
+            # Without session keys (no handshake yet): a frame that cannot open.
+            sealed = cipher.seal(kind, body) if cipher is not None else body + bytes(16)
+            self.last_frame = wire.pack_frame(kind, sealed)
             await ws.send_message(self.last_frame)
         elif code == 7:
             code_value = 1000 + (payload[0] if payload else 0) * 13 % 4000

@@ -500,19 +500,23 @@ async def test_callback_errors_escape_run() -> None:
     assert caught.group_contains(CallbackError)
 
 
-def test_frame_macs_reject_replay_reorder_and_the_wrong_direction() -> None:
+def test_frames_are_encrypted_and_reject_replay_reorder_and_the_wrong_direction() -> None:
     digest = auth.transcript(b"hello-d", b"hello-a")
     key = auth.link_key(SECRET)
-    d_send, _ = auth.session_macs(key, digest, dialer=True)
-    a_send, a_recv = auth.session_macs(key, digest, dialer=False)
-    tags = [d_send.seal(wire.KIND_MESSAGE, b"m%d" % i) for i in range(3)]
-    assert a_recv.verify(tags[0], wire.KIND_MESSAGE, b"m0")
-    assert not a_recv.verify(tags[0], wire.KIND_MESSAGE, b"m0")  # replay
-    assert not a_recv.verify(tags[2], wire.KIND_MESSAGE, b"m2")  # reorder (skips m1)
-    assert not a_recv.verify(tags[1], wire.KIND_HEARTBEAT, b"m1")  # kind is covered
-    assert a_recv.verify(tags[1], wire.KIND_MESSAGE, b"m1")
+    d_send, _ = auth.session_ciphers(key, digest, dialer=True)
+    a_send, a_recv = auth.session_ciphers(key, digest, dialer=False)
+    secret_text = b"the prompt and the tokens of a request"
+    sealed = [d_send.seal(wire.KIND_MESSAGE, secret_text + b"%d" % i) for i in range(3)]
+    assert all(secret_text not in s for s in sealed)  # nobody on the wire reads it
+    assert a_recv.open(wire.KIND_MESSAGE, sealed[0]) == secret_text + b"0"
+    assert a_recv.open(wire.KIND_MESSAGE, sealed[0]) is None  # replay
+    assert a_recv.open(wire.KIND_MESSAGE, sealed[2]) is None  # reorder (skips 1)
+    assert a_recv.open(wire.KIND_HEARTBEAT, sealed[1]) is None  # the kind is covered
+    flipped = bytes([sealed[1][0] ^ 1]) + sealed[1][1:]
+    assert a_recv.open(wire.KIND_MESSAGE, flipped) is None  # tampered
+    assert a_recv.open(wire.KIND_MESSAGE, sealed[1]) == secret_text + b"1"
     reflected = a_send.seal(wire.KIND_MESSAGE, b"x")
-    assert not a_recv.verify(reflected, wire.KIND_MESSAGE, b"x")  # own frames bounce
+    assert a_recv.open(wire.KIND_MESSAGE, reflected) is None  # own frames bounce
     assert auth.verify_proof(key, "dialer", digest, auth.proof(key, "dialer", digest))
     assert not auth.verify_proof(key, "acceptor", digest, auth.proof(key, "dialer", digest))
     other = auth.link_key(b"other")

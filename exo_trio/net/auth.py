@@ -1,16 +1,20 @@
-"""The crypto of links and beacons: HMAC-SHA256 only, keyed by the cluster secret.
+"""The crypto of links and beacons, keyed by the cluster secret.
 
-- Handshake: each side proves it knows the secret with an HMAC over the transcript
-  (both Hello messages, which carry both nonces, both node ids and the cluster id),
-  labelled with its role so one side's proof can never be replayed as the other's.
+- Handshake (HMAC-SHA256): each side proves it knows the secret with an HMAC over
+  the transcript (both Hello messages, which carry both nonces, both node ids and
+  the cluster id), labelled with its role so one side's proof can never be replayed
+  as the other's.
 - Session: per-direction frame keys derived from the secret and the transcript, so
   they are fresh per link (both nonces) and differ per direction.
-- Frames: each tag covers an implicit counter, so replay, reorder and drop all fail.
-- Beacons: a separate key derived from the secret, so a beacon tag is never useful
-  as a link proof or frame tag.
+- Frames (ChaCha20-Poly1305): every frame body is encrypted and authenticated,
+  its kind byte authenticated as associated data, under a nonce that is the
+  frame's implicit counter; so a process without the secret can neither read a
+  frame nor replay, reorder, drop or forge one unnoticed.
+- Beacons (HMAC-SHA256): a separate key derived from the secret, so a beacon tag
+  is never useful as a link proof or frame key. Beacons are signed, not encrypted:
+  they say what any peer may learn (node id, addresses).
 
-This gives authentication and integrity, not confidentiality: a passive observer on
-the network can read frames. See docs/links.md.
+See docs/links.md.
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ import hashlib
 import hmac
 import struct
 
-_LABEL = b"exo-trio/link/v1 "
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+_LABEL = b"exo-trio/link/v2 "
 _COUNTER = struct.Struct(">Q")
+_NONCE_PAD = bytes(4)  # ChaCha20-Poly1305 nonces are 12 bytes: 4 zero, then the counter
 
 
 def link_key(secret: bytes | None) -> bytes:
@@ -46,42 +54,43 @@ def verify_proof(key: bytes, role: str, digest: bytes, candidate: bytes) -> bool
     return hmac.compare_digest(proof(key, role, digest), candidate)
 
 
-class FrameMac:
-    """Tags or verifies the frames of one direction of one link, in order.
+class FrameCipher:
+    """Seals or opens the frames of one direction of one link, in order.
 
-    The counter is implicit: both ends count frames, so it never travels and a frame
-    that is replayed, reordered or dropped is tagged for a different counter value.
+    The counter is implicit: both ends count frames, so it never travels, and a
+    frame that is replayed, reordered or dropped is opened under a different nonce
+    and fails. A counter never repeats under one key (keys are fresh per link).
     """
 
     def __init__(self, key: bytes) -> None:
-        # Keying HMAC costs two compressions; copying a keyed object is cheaper.
-        self._template = hmac.new(key, digestmod="sha256")
+        self._aead = ChaCha20Poly1305(key)
         self.counter = 0
 
-    def _tag(self, kind: int, body: bytes) -> bytes:
-        mac = self._template.copy()
-        mac.update(_COUNTER.pack(self.counter))
-        mac.update(bytes((kind,)))
-        mac.update(body)
-        return mac.digest()
+    def _nonce(self) -> bytes:
+        return _NONCE_PAD + _COUNTER.pack(self.counter)
 
     def seal(self, kind: int, body: bytes) -> bytes:
-        tag = self._tag(kind, body)
+        """The body encrypted, followed by its 16-byte tag (over the kind too)."""
+        sealed = self._aead.encrypt(self._nonce(), body, bytes((kind,)))
         self.counter += 1
-        return tag
+        return sealed
 
-    def verify(self, tag: bytes, kind: int, body: bytes) -> bool:
-        ok = hmac.compare_digest(self._tag(kind, body), tag)
-        if ok:
-            self.counter += 1
-        return ok
+    def open(self, kind: int, sealed: bytes) -> bytes | None:
+        """The body, or None if the frame was not sealed by the other end, for this
+        kind, at this point of the stream."""
+        try:
+            body = self._aead.decrypt(self._nonce(), sealed, bytes((kind,)))
+        except InvalidTag:
+            return None
+        self.counter += 1
+        return body
 
 
-def session_macs(key: bytes, digest: bytes, *, dialer: bool) -> tuple[FrameMac, FrameMac]:
-    """(send, receive) frame MACs for this side of the link."""
+def session_ciphers(key: bytes, digest: bytes, *, dialer: bool) -> tuple[FrameCipher, FrameCipher]:
+    """(send, receive) frame ciphers for this side of the link."""
     session = hmac.digest(key, _LABEL + b"session " + digest, "sha256")
-    d2a = FrameMac(hmac.digest(session, b"dialer->acceptor", "sha256"))
-    a2d = FrameMac(hmac.digest(session, b"acceptor->dialer", "sha256"))
+    d2a = FrameCipher(hmac.digest(session, b"dialer->acceptor", "sha256"))
+    a2d = FrameCipher(hmac.digest(session, b"acceptor->dialer", "sha256"))
     return (d2a, a2d) if dialer else (a2d, d2a)
 
 

@@ -166,8 +166,8 @@ class Session:
         # connected peer. Backlog is observable through PeerLinks.backlog().
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[bytes](math.inf)
         self._stream = _ActivityStream(stream, self)
-        self._tx: auth.FrameMac | None = None
-        self._rx: auth.FrameMac | None = None
+        self._tx: auth.FrameCipher | None = None
+        self._rx: auth.FrameCipher | None = None
 
     @property
     def peer_id(self) -> str | None:
@@ -332,7 +332,7 @@ class Session:
             self._authenticated(digest)
 
     def _authenticated(self, digest: bytes) -> None:
-        self._tx, self._rx = auth.session_macs(self.owner.key, digest, dialer=self.outbound)
+        self._tx, self._rx = auth.session_ciphers(self.owner.key, digest, dialer=self.outbound)
         self.authenticated = True
 
     async def _receive_hello(self, ws: WebSocketConnection) -> bytes:
@@ -418,9 +418,10 @@ class Session:
         frame = wire.unpack_frame(data)
         if frame is None:
             raise LinkError(wire.CLOSE_PROTOCOL, "protocol error: short frame")
-        tag, kind, body = frame
+        kind, sealed = frame
         assert self._rx is not None
-        if not self._rx.verify(tag, kind, body):
+        body = self._rx.open(kind, sealed)
+        if body is None:
             self.owner.stats["mac_failures"] += 1
             log.error(
                 "%s: bad MAC on frame %d; closing the link (tampered, replayed or corrupted)",
@@ -468,9 +469,9 @@ class Session:
 
     async def _send_frame(self, ws: WebSocketConnection, kind: int, body: bytes) -> None:
         assert self._tx is not None
-        tag = self._tx.seal(kind, body)
+        sealed = self._tx.seal(kind, body)
         self.last_tx = trio.current_time()
-        await ws.send_message(wire.pack_frame(tag, kind, body))
+        await ws.send_message(wire.pack_frame(kind, sealed))
 
     async def _watchdog(self) -> None:
         dead_after = self.owner.dead_after

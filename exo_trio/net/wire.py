@@ -4,23 +4,26 @@ Every link is one websocket. Each websocket binary message is either a handshake
 message (msgpack of a tagged struct below, only before the link is authenticated)
 or, afterwards, one data frame:
 
-    tag (32 bytes, HMAC-SHA256) | kind (1 byte) | body
+    kind (1 byte) | body, encrypted | tag (16 bytes, Poly1305)
 
-The tag covers an implicit per-direction counter, the kind and the body (see
-`auth.FrameMac`), so the counter never travels and a replayed, reordered or dropped
-frame fails verification. The protocol is described in docs/links.md.
+The body is encrypted with ChaCha20-Poly1305 under a per-direction key and an
+implicit per-direction counter as nonce; the tag covers the kind too (see
+`auth.FrameCipher`). So the counter never travels, and a replayed, reordered,
+dropped or altered frame fails to open. The protocol is described in
+docs/links.md.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: encrypted data frames (ChaCha20-Poly1305)
 # The websocket resource a link asks for; anything else is refused before auth.
-LINK_RESOURCE = "/exo-trio/link/v1"
+LINK_RESOURCE = "/exo-trio/link/v2"
 
 NONCE_BYTES = 32
-TAG_BYTES = 32
+TAG_BYTES = 32  # HMAC-SHA256: handshake proofs and beacon tags
+FRAME_TAG_BYTES = 16  # Poly1305: data frames
 MAX_NODE_ID = 128
 MAX_ADDRESSES = 64
 # One app message per websocket message. 16 MiB is far above any control message
@@ -32,7 +35,7 @@ KIND_MESSAGE = 0  # body: msgpack of the caller's message type
 KIND_HEARTBEAT = 1  # body: empty; sent when nothing else was sent for a heartbeat interval
 KIND_ACTIVATE = 2  # body: empty; the deciding side (smaller node id) keeps this link
 KIND_READY = 3  # body: empty; acceptor to deciding dialer: "your proof checked out"
-FRAME_OVERHEAD = TAG_BYTES + 1
+FRAME_OVERHEAD = 1 + FRAME_TAG_BYTES
 # Bytes a peer may send before it has proved the secret: the HTTP upgrade, a Hello
 # and a Proof fit many times over. Caps what an unauthenticated peer can make us hold.
 MAX_PREAUTH_BYTES = 64 * 1024
@@ -109,15 +112,16 @@ def check_hello(hello: Hello) -> str | None:
     return None
 
 
-def pack_frame(tag: bytes, kind: int, body: bytes) -> bytes:
-    return tag + bytes((kind,)) + body
+def pack_frame(kind: int, sealed: bytes) -> bytes:
+    """A data frame: the kind, then the sealed body (auth.FrameCipher.seal)."""
+    return bytes((kind,)) + sealed
 
 
-def unpack_frame(data: bytes) -> tuple[bytes, int, bytes] | None:
-    """Split a data frame into (tag, kind, body); None if it is too short to be one."""
+def unpack_frame(data: bytes) -> tuple[int, bytes] | None:
+    """Split a data frame into (kind, sealed body); None if too short to be one."""
     if len(data) < FRAME_OVERHEAD:
         return None
-    return data[:TAG_BYTES], data[TAG_BYTES], data[FRAME_OVERHEAD:]
+    return data[0], data[1:]
 
 
 # --- discovery beacons -------------------------------------------------------------
