@@ -452,7 +452,9 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             stream=self._generator.stream,
         )
-        token = decoder.prefill(request.prompt)
+        # Alone, mlx-lm's own two-pass prefill: greedy output is stream_generate's
+        # token for token. Joining others, one pass (a step sooner; see prefill).
+        token = decoder.prefill(request.prompt, fused=not alone)
         events = self._on_token(request, token, self._finish_reason(request, token))
         if request.request_id in self._requests:  # still going
             if alone:
