@@ -1,7 +1,8 @@
 """Two nodes against one, through HTTP, in one run; and how fast a node's death
 reaches the clients.
 
-    python -m bench.cluster [--model DIR] [--tokens 128] [--repeats 3] [--rounds 5]
+    python -m bench.cluster [--model DIR | --size demo|medium] [--tokens 128] [--repeats 3]
+                            [--rounds 5]
 
 Each round places the model twice, one placement at a time (never both at once,
 so they never share the cores), and streams `--repeats` requests through each:
@@ -150,6 +151,12 @@ def measure(node: NodeProcess, nodes: list[str], tokens: int, repeats: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path)
+    parser.add_argument(
+        "--size",
+        choices=["demo", "medium"],
+        default="demo",
+        help="without --model: the demo model, or the ~94M-parameter one",
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -161,7 +168,7 @@ def main() -> None:
     rounds: list[tuple[list[float], list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = args.model or build_demo_model(root / "bench")
+        model_dir = args.model or build_demo_model(root / "bench", args.size)
         nodes = start_cluster(model_dir, root, "abc")
         try:
             for _ in range(args.rounds):
