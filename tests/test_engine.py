@@ -343,3 +343,24 @@ def test_step_failure_fails_in_flight_and_recovers(
     assert engine._generator is not broken
     engine.submit(request(engine, "c", prompt, 5))
     assert check_stream(run_until_done(engine)["c"])[2].finish_reason == "length"
+
+
+def test_a_lone_request_decoding_solo_cancels_and_ends_cleanly(engine: Engine) -> None:
+    """The solo path (a request alone decodes outside BatchGenerator, solo.py):
+    cancelled mid-way it stops at once; max_tokens=1 ends in its first step; and
+    the engine serves the next request exactly as mlx-lm would."""
+    prompt = chat_prompt(engine, "Tell me a story about a fox.")
+    engine.submit(request(engine, "long", prompt, 200))
+    seen = 0
+    while seen < 5:
+        seen += sum(isinstance(e, ChunkGenerated) for e in engine.step())
+    assert engine.cancel("long") is True
+    assert not engine.has_work and engine.step() == []
+    engine.submit(request(engine, "one", prompt, 1))
+    (chunk, final) = engine.step()
+    assert isinstance(chunk, ChunkGenerated) and isinstance(final, GenerationFinished)
+    assert final.finish_reason == "length" and final.completion_tokens == 1
+    assert not engine.has_work
+    engine.submit(request(engine, "again", prompt, 12))
+    tokens, _, _ = check_stream(run_until_done(engine)["again"])
+    assert tokens == reference(engine, prompt, 12, ban_eos(engine))[0]
