@@ -89,6 +89,8 @@ class Cluster:
         free_ports: Callable[[], tuple[int, ...]],
         new_id: Callable[[str], str],
         settings: ClusterSettings | None = None,
+        remembered_vote: decide.Vote | None = None,
+        remember_vote: Callable[[decide.Vote], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -103,9 +105,12 @@ class Cluster:
         self.links: Links | None = None
         self.members: set[str] = {node_id}
         # The highest term this node knows of (its fence: shard commands of a lower
-        # term are refused), and the term it granted last and to whom.
-        self.term = 0
-        self.vote: decide.Vote | None = None
+        # term are refused), and the term it granted last and to whom. The grant
+        # outlives a restart (remember_vote writes it down, remembered_vote is what
+        # the previous life wrote): a node never grants a term it granted before.
+        self.vote: decide.Vote | None = remembered_vote
+        self.term = remembered_vote.term if remembered_vote else 0
+        self._remember_vote = remember_vote
         self.leader = ""  # nobody yet: the first tick elects (and asks for term 1)
         self.view: ClusterView | None = None
         # As leader: the term it leads in, the members it asked for that term and
@@ -223,7 +228,7 @@ class Cluster:
         view and no shard command from this leader."""
         self.term += 1
         self.lead_term = self.term
-        self.vote = decide.Vote(self.term, self.node_id)
+        self._grant(decide.Vote(self.term, self.node_id))
         self._asked = set(self.members)
         self._granted = set()
         # Decisions in this term rest on reports sent in it: a report from before a
@@ -234,6 +239,13 @@ class Cluster:
         for member in sorted(self.members - {self.node_id}):
             self.send(member, VoteRequest(term=self.term))
         self._on_granted(self.node_id)
+
+    def _grant(self, vote: decide.Vote) -> None:
+        if vote == self.vote:
+            return
+        self.vote = vote
+        if self._remember_vote is not None:
+            self._remember_vote(vote)
 
     def _on_granted(self, member: str) -> None:
         self._granted.add(member)
@@ -446,7 +458,7 @@ class Cluster:
         granted = decide.may_grant(self.term, self.vote, request.term, peer)
         if granted:
             self.term = request.term
-            self.vote = decide.Vote(request.term, peer)
+            self._grant(decide.Vote(request.term, peer))
             # Tick now: the leader waits for a report sent in its new term (and a
             # leader that gave its term away asks for a newer one).
             self.changed()

@@ -1,6 +1,7 @@
 """The leader's decisions, as pure functions of the nodes' reports.
 
-Control state is soft: nothing here is persisted or replicated. The leader is the
+Control state is soft: nothing here is replicated, and only a node's last vote is
+kept on disk (so a restart cannot make it grant a term twice). The leader is the
 live member with the smallest node id; whoever becomes leader asks its members to
 grant it a term above any it has seen (each node grants a term to one leader at
 most, `may_grant`) and rebuilds the instance table from the shards the nodes
@@ -36,7 +37,8 @@ def elect(members: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class Vote:
-    """A node's grant: in `term`, only `leader` may lead it (soft state, in memory)."""
+    """A node's grant: in `term`, only `leader` may lead it. The one fact a node keeps
+    on disk (the daemon's vote.json), so a restart cannot make it grant a term twice."""
 
     term: int
     leader: str

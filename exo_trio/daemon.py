@@ -7,6 +7,7 @@ multi-node path are the same code.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from exo_trio.api.auth import check_exposure
 from exo_trio.api.serving import serve  # hypercorn's, with --send-timeout on writes
 from exo_trio.cluster import Cluster, ClusterSettings
 from exo_trio.cluster_messages import ClusterMessage
+from exo_trio.cluster_state import Vote
 from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from exo_trio.model_info import describe_model_dir, model_info
 from exo_trio.net.discovery import Discovery
@@ -95,6 +97,29 @@ def load_node_id(config: NodeConfig) -> str:
     node_id = f"node-{uuid.uuid4().hex[:12]}"
     path.write_text(node_id + "\n")
     return node_id
+
+
+def load_vote(data_dir: Path) -> Vote | None:
+    """The term this node granted last, and to whom, as its previous life wrote it."""
+    path = data_dir / "vote.json"
+    try:
+        raw = json.loads(path.read_text())
+        return Vote(term=int(raw["term"]), leader=str(raw["leader"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+def save_vote(data_dir: Path, vote: Vote) -> None:
+    """Write the grant down before it is sent (rare: once per leader change). A
+    small synchronous write, replaced atomically so a crash leaves the old or the
+    new grant, never half of one."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / "vote.json.tmp"
+    tmp.write_text(json.dumps({"term": vote.term, "leader": vote.leader}) + "\n")
+    os.replace(tmp, data_dir / "vote.json")
 
 
 def reachable_host(config: NodeConfig, listen_host: str) -> str:
@@ -185,6 +210,8 @@ async def run_node(config: NodeConfig) -> None:
             expected_peers=len(config.peers),
             settle=config.settle if (config.peers or config.discovery) else 0.0,
         ),
+        remembered_vote=load_vote(config.data_dir),
+        remember_vote=lambda vote: save_vote(config.data_dir, vote),
     )
     links: PeerLinks[ClusterMessage] = PeerLinks(
         node_id,

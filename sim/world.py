@@ -41,6 +41,7 @@ from exo_trio.cluster_messages import (
     ModelInfo,
     StartShard,
 )
+from exo_trio.cluster_state import Vote
 from exo_trio.framing import encode_frame
 from exo_trio.net.links import PeerInfo, PeerLinks
 from exo_trio.net.wire import AdvertisedAddress
@@ -162,6 +163,10 @@ class SimNode:
             free_ports=lambda: FREE_PORTS,
             new_id=self._new_id,
             settings=ClusterSettings(auto_place=True, expected_peers=n - 1, settle=10.0),
+            # The node's disk: its last grant survives a crash, as the daemon's
+            # vote.json does.
+            remembered_vote=world.votes.get(self.node_id),
+            remember_vote=lambda vote: world.votes.__setitem__(self.node_id, vote),
         )
         self.links: PeerLinks[ClusterMessage] = PeerLinks(
             self.node_id,
@@ -477,6 +482,7 @@ class World:
         self.net = SimNetwork(self)
         self.runners: list[RunnerHandle] = []
         self.groups: dict[str, RunnerGroup] = {}
+        self.votes: dict[str, Vote] = {}  # per node id: what its disk holds
         self.specs: dict[str, InstanceSpec] = {}
         self.nodes = [SimNode(self, i, 0) for i in range(plan.scenario.nodes)]
         self.retired: list[SimNode] = []  # crashed incarnations

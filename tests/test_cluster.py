@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -23,6 +24,7 @@ from exo_trio.cluster_messages import (
     StartShard,
     StopShard,
 )
+from exo_trio.daemon import load_vote, save_vote
 from exo_trio.node import ModelCard, Node
 from exo_trio.seams import Seams
 from exo_trio.shards import ShardManager
@@ -352,7 +354,7 @@ class Mailbox:
             self.clusters[target].on_message(source, message)
 
 
-def lone(node_id: str) -> Cluster:
+def lone(node_id: str, **disk: Any) -> Cluster:
     relay = TokenRelay(node_id, lambda peer, msg: True, lambda event: None)
     return Cluster(
         node_id=node_id,
@@ -364,6 +366,7 @@ def lone(node_id: str) -> Cluster:
         memory_free=lambda: 10**9,
         free_ports=lambda: (5000,),
         new_id=lambda prefix: f"{prefix}-{node_id}",
+        **disk,
     )
 
 
@@ -417,5 +420,41 @@ def test_a_term_is_granted_to_one_leader_and_a_refused_leader_asks_above_it() ->
             if isinstance(message, ClusterView | StartShard | StopShard):
                 leaders.setdefault(message.term, set()).add(source)
         assert all(len(names) == 1 for names in leaders.values()), leaders
+
+    trio.run(main, clock=trio.testing.MockClock())
+
+
+def test_a_restarted_node_does_not_grant_a_term_it_granted_in_its_previous_life(
+    tmp_path: Path,
+) -> None:
+    """c grants term 1 to a and writes the grant down (the daemon's vote.json); c
+    restarts, and b, asking for term 1, is refused: it leads in term 2."""
+
+    async def main() -> None:
+        first = Mailbox(("a", "c"))
+        a = lone("a")
+        c = lone("c", remember_vote=lambda vote: save_vote(tmp_path, vote))
+        first.add(a)
+        first.add(c)
+        a.on_peer_up("c")
+        c.on_peer_up("a")
+        a._tick()
+        first.deliver()
+        assert c.vote == decide.Vote(1, "a") == load_vote(tmp_path)
+        # c's new life, linked to b only.
+        second = Mailbox(("b", "c"))
+        b = lone("b")
+        c = lone("c", remembered_vote=load_vote(tmp_path))
+        second.add(b)
+        second.add(c)
+        b.on_peer_up("c")
+        c.on_peer_up("b")
+        assert c.term == 1
+        b._tick()  # b asks c for term 1 ...
+        second.deliver()
+        assert c.vote == decide.Vote(1, "a") and not b._confirmed()
+        b._tick()  # ... is refused, and asks above it
+        second.deliver()
+        assert c.vote == decide.Vote(2, "b") and b._confirmed()
 
     trio.run(main, clock=trio.testing.MockClock())
