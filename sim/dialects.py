@@ -99,6 +99,18 @@ def _error_detail(payload: Any, status: int) -> str:
 # ---- OpenAI chat completions ----
 
 
+def _openai_sse_end(payload: Any, status: int) -> Signal | None:
+    """What ends an OpenAI SSE stream's reading at this event, if anything: the
+    [DONE] sentinel, a payload that is not JSON, or an error event."""
+    if payload == "[DONE]":
+        return Done()
+    if not isinstance(payload, dict):
+        return Bad(f"not JSON: {payload!r}")
+    if "error" in payload:
+        return Error(_error_detail(payload, status))
+    return None
+
+
 @dialect(
     "openai_chat_stream",
     "/v1/chat/completions",
@@ -106,14 +118,9 @@ def _error_detail(payload: Any, status: int) -> str:
     lambda prompt, n: {"model": MODEL, "messages": _user(prompt), "max_tokens": n, "stream": True},
 )
 def openai_chat_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
-    if payload == "[DONE]":
-        yield Done()
-        return
-    if not isinstance(payload, dict):
-        yield Bad(f"not JSON: {payload!r}")
-        return
-    if "error" in payload:
-        yield Error(_error_detail(payload, status))
+    ended = _openai_sse_end(payload, status)
+    if ended is not None:
+        yield ended
         return
     choices = payload.get("choices")
     if not choices:
@@ -165,14 +172,9 @@ def bench_chat(event: str | None, payload: Any, status: int) -> Iterable[Signal]
     lambda prompt, n: {"model": MODEL, "prompt": prompt, "max_tokens": n, "stream": True},
 )
 def openai_completions_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
-    if payload == "[DONE]":
-        yield Done()
-        return
-    if not isinstance(payload, dict):
-        yield Bad(f"not JSON: {payload!r}")
-        return
-    if "error" in payload:
-        yield Error(_error_detail(payload, status))
+    ended = _openai_sse_end(payload, status)
+    if ended is not None:
+        yield ended
         return
     for choice in payload.get("choices") or ():
         if choice.get("text"):
