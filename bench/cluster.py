@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.node_vs_mlx import preload_blas
+from bench.node_vs_mlx import add_model_arguments, preload_blas
 from exo_trio.demo_model import build_demo_model
 from tests.nodeproc import NodeProcess, free_port, start_node
 
@@ -150,13 +150,7 @@ def measure(node: NodeProcess, nodes: list[str], tokens: int, repeats: int) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path)
-    parser.add_argument(
-        "--size",
-        choices=["demo", "medium"],
-        default="demo",
-        help="without --model: the demo model, or the ~94M-parameter one",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)

@@ -204,6 +204,18 @@ async def joining_ttft(base_url: str, tokens: int) -> Join:
     return Join(result[0].ttft, statistics.median(steps), elapsed)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model DIR, or --size: the demo model or the ~94M-parameter one, built in a
+    temporary directory (the benchmarks share these)."""
+    parser.add_argument("--model", type=Path)
+    parser.add_argument(
+        "--size",
+        choices=["demo", "medium"],
+        default="demo",
+        help="without --model: the demo model, or the ~94M-parameter one",
+    )
+
+
 def on_cores(cores: frozenset[int] | None) -> None:
     if cores:
         pin_this_thread(cores)
@@ -242,13 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path)
-    parser.add_argument(
-        "--size",
-        choices=["demo", "medium"],
-        default="demo",
-        help="without --model: the demo model, or the ~94M-parameter one",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--blas", default="auto", help="auto, none, or a libopenblas path")
