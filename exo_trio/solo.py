@@ -55,51 +55,28 @@ class SoloDecoder:
     def prefill(self, prompt: list[int], *, fused: bool = False) -> int:
         """Run the prompt through the model and return the first sampled token.
 
-        fused: the last prompt token goes through with the others, in one forward
-        pass instead of two. On a CPU a forward pass over a short prompt costs about
+        mlx-lm's way: the prompt but its last token in chunks, then the last token
+        in a forward pass of its own, whose logits are sampled. fused: the last
+        chunk (the last token with the ones before it in its chunk) goes through
+        in one pass instead. On a CPU a forward pass over a short prompt costs about
         what a decode step does (the weights are read once either way), so this
         saves a step of latency; its logits can differ from the two-pass ones in
         the last bits. Used for a request that joins others: its later tokens are
         computed in a padded batch anyway, whose arithmetic differs from mlx-lm's
         single-sequence one in the same way."""
-        if fused:
-            return self._prefill_fused(prompt)
+        step = self.prefill_step_size
+        split = (len(prompt) - 1) // step * step if fused else len(prompt) - 1
+        head, last = prompt[:split], prompt[split:]
         with mx.stream(self.stream):
-            head = prompt[:-1]
-            for start in range(0, len(head), self.prefill_step_size):
-                chunk = head[start : start + self.prefill_step_size]
-                self.model(mx.array([chunk]), cache=self.cache)
+            for start in range(0, len(head), step):
+                self.model(mx.array([head[start : start + step]]), cache=self.cache)
                 mx.eval([c.state for c in self.cache])
             if head:
                 mx.clear_cache()
-            self.cached = list(head)
             if self.processors:
                 self._context = mx.array(head, dtype=mx.int32)
-            sampled = self._forward(mx.array(prompt[-1:]))
+            sampled = self._forward(mx.array(last))
             mx.eval(sampled)
-        self.cached.append(prompt[-1])
-        return int(sampled.item())
-
-    def _prefill_fused(self, prompt: list[int]) -> int:
-        with mx.stream(self.stream):
-            step = self.prefill_step_size
-            for start in range(0, len(prompt) - 1, step):
-                if start + step >= len(prompt):
-                    break
-                self.model(mx.array([prompt[start : start + step]]), cache=self.cache)
-                mx.eval([c.state for c in self.cache])
-            tail = prompt[(max(0, len(prompt) - 1) // step) * step :]
-            logits = self.model(mx.array([tail]), cache=self.cache)[:, -1, :]
-            if self.processors:
-                context = mx.array(prompt, dtype=mx.int32)
-                for processor in self.processors:
-                    logits = processor(context, logits)
-                self._context = context
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            sampled = self.sampler(logprobs)
-            mx.eval(sampled)
-            if len(prompt) > 1:
-                mx.clear_cache()
         self.cached = list(prompt)
         return int(sampled.item())
 
@@ -125,12 +102,13 @@ class SoloDecoder:
             self.cached.append(token)
         return token
 
-    def _forward(self, token: mx.array) -> mx.array:
-        """One forward pass on `token` (shape (1,)), sampled: the next token, lazily."""
-        logits = self.model(token[None], cache=self.cache)[:, -1, :]
+    def _forward(self, tokens: mx.array) -> mx.array:
+        """One forward pass on `tokens` (shape (n,)), the last position's logits
+        sampled: the next token, lazily."""
+        logits = self.model(tokens[None], cache=self.cache)[:, -1, :]
         if self.processors:
             assert self._context is not None
-            self._context = mx.concatenate([self._context, token.astype(mx.int32)])
+            self._context = mx.concatenate([self._context, tokens.astype(mx.int32)])
             for processor in self.processors:
                 logits = processor(self._context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
