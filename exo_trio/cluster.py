@@ -172,8 +172,7 @@ class Cluster:
         log.warning("peer %s down: %s", peer_id, reason)
         self.members.discard(peer_id)
         self.reports.pop(peer_id, None)
-        # If it comes back (perhaps restarted, its grants forgotten), it is asked
-        # again, for a new term.
+        # If it comes back (perhaps restarted), it is asked again, for a new term.
         self._asked.discard(peer_id)
         self._granted.discard(peer_id)
         now = trio.current_time()
