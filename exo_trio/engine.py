@@ -162,6 +162,7 @@ class Engine:
         max_batch: int = 16,
         prefill_step_size: int = 2048,
         recover_step_errors: bool = True,
+        adaptive_pipelining: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -176,6 +177,10 @@ class Engine:
         # generator. A sharded runner must not: its ranks would stop agreeing on
         # the batch, so the error propagates and ends the runner.
         self.recover_step_errors = recover_step_errors
+        # A lone request's decoder times its steps to decide whether to pipeline
+        # them (solo.py). A sharded runner's ranks must compute the same passes in
+        # the same order, so they never decide on their own timing: always pipeline.
+        self.adaptive_pipelining = adaptive_pipelining
         self.eos_token_ids: frozenset[int] = frozenset(tokenizer.eos_token_ids)
         # StopSequences are immutable automata (each sequence gets its own matcher
         # inside the generator), so two shared instances cover every request.
@@ -201,6 +206,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         prepare: ModelHook | None = None,
         recover_step_errors: bool = True,
+        adaptive_pipelining: bool = True,
     ) -> Engine:
         """Load a model directory with mlx-lm, reporting progress as (fraction, phase).
 
@@ -237,6 +243,7 @@ class Engine:
             vocab_size=_config_int(config, "vocab_size") or len(tokenizer),
             max_batch=max_batch,
             recover_step_errors=recover_step_errors,
+            adaptive_pipelining=adaptive_pipelining,
         )
         progress(1.0, "ready")
         return engine
@@ -451,6 +458,7 @@ class Engine:
             request.processors,
             prefill_step_size=self.prefill_step_size,
             stream=self._generator.stream,
+            adaptive=self.adaptive_pipelining,
         )
         # Alone, mlx-lm's own two-pass prefill: greedy output is stream_generate's
         # token for token. Joining others, one pass (a step sooner; see prefill).
@@ -483,10 +491,14 @@ class Engine:
 
     def _end_solo(self) -> list[GenerationEvent]:
         """Hand the lone request to BatchGenerator (another one arrived): its token
-        in flight is emitted now, and the batch continues from there."""
+        in flight, if one is, is emitted now, and the batch continues from there."""
         assert self._solo is not None
         request, decoder = self._solo
         self._solo = None
+        token = decoder.take_input()
+        if token is not None:  # not pipelining: nothing in flight, nothing to emit
+            self._insert_started(request, decoder, token)
+            return []
         token = decoder.advance(queue_next=False)
         events = self._on_token(request, token, self._finish_reason(request, token))
         if request.request_id in self._requests:

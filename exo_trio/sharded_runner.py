@@ -534,6 +534,7 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
             on_progress=progress_to(writer),
             prepare=lambda model, config: apply_sharding(model, config, group, spec),
             recover_step_errors=False,
+            adaptive_pipelining=False,
         )
     except BrokenPipeError:
         return 1

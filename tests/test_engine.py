@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors
 
+from exo_trio import solo
 from exo_trio.engine import Engine
 from exo_trio.types import (
     ChunkGenerated,
@@ -364,3 +366,39 @@ def test_a_lone_request_decoding_solo_cancels_and_ends_cleanly(engine: Engine) -
     engine.submit(request(engine, "again", prompt, 12))
     tokens, _, _ = check_stream(run_until_done(engine)["again"])
     assert tokens == reference(engine, prompt, 12, ban_eos(engine))[0]
+
+
+def test_a_lone_request_probes_pipelining_without_changing_its_tokens(engine: Engine) -> None:
+    """A lone request's decoder times a few steps with and a few without queueing
+    the next pass ahead (solo.py); both ways compute the same tokens as mlx-lm."""
+    prompt = chat_prompt(engine, "Tell me a story about a fox.")
+    engine.submit(request(engine, "a", prompt, 40))
+    modes, events = [], []
+    while engine.has_work:
+        events.extend(engine.step())
+        if engine._solo is not None:
+            modes.append(engine._solo[1].pipelined)
+    assert True in modes and False in modes, "the probe tried both ways"
+    tokens, _, _ = check_stream(events)
+    assert tokens == reference(engine, prompt, 40, ban_eos(engine))[0]
+
+
+def test_joining_an_unpipelined_lone_request_starts_at_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When pipelining does not pay, nothing is computing between steps: a request
+    arriving then is prefilled in the very next step (its first token is that
+    step's only event) and the lone one moves into the batch without a gap."""
+    monkeypatch.setattr(solo, "PIPELINE_MIN_GAIN", math.inf)  # the probe says "no"
+    a_prompt = chat_prompt(engine, "first")
+    engine.submit(request(engine, "a", a_prompt, 60))
+    events: list[GenerationEvent] = []
+    while len(events) < 2 * solo.PROBE_STEPS + solo.WARMUP + 2:
+        events.extend(engine.step())
+    assert engine._solo is not None and not engine._solo[1].pipelined
+    engine.submit(request(engine, "b", chat_prompt(engine, "second"), 5))
+    joined = engine.step()
+    assert [(e.request_id, type(e)) for e in joined] == [("b", ChunkGenerated)]
+    by_id = run_until_done(engine)
+    check_stream(events + by_id["a"])
+    assert len(check_stream(joined + by_id["b"])[0]) == 5

@@ -147,7 +147,8 @@ class PeerLinks(Generic[M]):
         self.dead_after = dead_after
         self.handshake_timeout = handshake_timeout
         self.max_message_bytes = max_message_bytes
-        self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(message_type)
+        # A message frame is a batch: a msgpack array of messages (wire.pack_batch).
+        self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(list[message_type])
         self.token_bytes = token_bytes
         self.incarnation = token_bytes(8).hex()
         self.stats: dict[str, int] = {

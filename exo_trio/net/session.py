@@ -284,7 +284,9 @@ class Session:
     async def _open_websocket(self, nursery: trio.Nursery) -> WebSocketConnection:
         options: dict[str, Any] = {
             "message_queue_size": 4,
-            "max_message_size": self.owner.max_message_bytes + wire.FRAME_OVERHEAD,
+            "max_message_size": self.owner.max_message_bytes
+            + wire.BATCH_HEADER_BYTES
+            + wire.FRAME_OVERHEAD,
             "receive_buffer_size": 65536,
         }
         if self.outbound:
@@ -440,12 +442,15 @@ class Session:
                     return  # replaced by a newer link: its messages are no longer ours
                 if kind == wire.KIND_MESSAGE:
                     try:
-                        message = decoder.decode(body)
+                        messages = decoder.decode(body)
                     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                         raise LinkError(
                             wire.CLOSE_PROTOCOL, f"undecodable message: {exc}"
                         ) from None
-                    self.owner.deliver(self, message)
+                    for message in messages:
+                        if self.demoted:
+                            return
+                        self.owner.deliver(self, message)
                 elif kind != wire.KIND_HEARTBEAT:
                     raise LinkError(wire.CLOSE_PROTOCOL, f"unexpected frame kind {kind}")
         except LinkError as exc:
@@ -453,19 +458,38 @@ class Session:
 
     async def _writer(self, ws: WebSocketConnection) -> None:
         interval = self.owner.heartbeat_interval
+        held: bytes | None = None  # taken from the outbox, too big for the last batch
         try:
             while True:
-                payload: bytes | None = None
-                # Only the wait is cancellable; a send cancelled half-way would
-                # corrupt the websocket stream.
-                with trio.move_on_at(self.last_tx + interval):
-                    payload = await self.outbox_recv.receive()
+                payload, held = held, None
+                if payload is None:
+                    # Only the wait is cancellable; a send cancelled half-way would
+                    # corrupt the websocket stream.
+                    with trio.move_on_at(self.last_tx + interval):
+                        payload = await self.outbox_recv.receive()
                 if payload is None:
                     await self._send_frame(ws, wire.KIND_HEARTBEAT, b"")
                 else:
-                    await self._send_frame(ws, wire.KIND_MESSAGE, payload)
+                    batch, held = self._take_batch(payload)
+                    await self._send_frame(ws, wire.KIND_MESSAGE, wire.pack_batch(batch))
         except ConnectionClosed as exc:
             self.close(*describe_close(exc.reason))
+
+    def _take_batch(self, first: bytes) -> tuple[list[bytes], bytes | None]:
+        """`first` and whatever else waits in the outbox, up to BATCH_BYTES (and the
+        size cap); the message that would overflow the batch opens the next one."""
+        limit = min(wire.BATCH_BYTES, self.owner.max_message_bytes)
+        batch, size = [first], len(first)
+        while size < limit:
+            try:
+                payload = self.outbox_recv.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if size + len(payload) > limit:
+                return batch, payload
+            batch.append(payload)
+            size += len(payload)
+        return batch, None
 
     async def _send_frame(self, ws: WebSocketConnection, kind: int, body: bytes) -> None:
         assert self._tx is not None

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: encrypted data frames (ChaCha20-Poly1305)
+# 2: encrypted data frames (ChaCha20-Poly1305); 3: a message frame carries a batch
+PROTOCOL_VERSION = 3
 # The websocket resource a link asks for; anything else is refused before auth.
 LINK_RESOURCE = "/exo-trio/link/v2"
 
@@ -26,12 +27,18 @@ TAG_BYTES = 32  # HMAC-SHA256: handshake proofs and beacon tags
 FRAME_TAG_BYTES = 16  # Poly1305: data frames
 MAX_NODE_ID = 128
 MAX_ADDRESSES = 64
-# One app message per websocket message. 16 MiB is far above any control message
-# (activations go through mx.distributed, not these links); bigger is corruption.
+# The cap on one app message. 16 MiB is far above any control message (activations
+# go through mx.distributed, not these links); bigger is corruption.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# A message frame carries every message that was waiting in the outbox, up to this
+# many bytes (one bigger message goes alone): one websocket message, one seal and
+# one wake-up of the peer's reader per runner step, not one per request.
+BATCH_BYTES = 256 * 1024
+# msgpack's array header in front of a batch: at most 5 bytes (0xdd + u32 count).
+BATCH_HEADER_BYTES = 5
 
 # Data frame kinds (after the handshake).
-KIND_MESSAGE = 0  # body: msgpack of the caller's message type
+KIND_MESSAGE = 0  # body: msgpack array of the caller's messages, in send order
 KIND_HEARTBEAT = 1  # body: empty; sent when nothing else was sent for a heartbeat interval
 KIND_ACTIVATE = 2  # body: empty; the deciding side (smaller node id) keeps this link
 KIND_READY = 3  # body: empty; acceptor to deciding dialer: "your proof checked out"
@@ -110,6 +117,15 @@ def check_hello(hello: Hello) -> str | None:
     if len(hello.addresses) > MAX_ADDRESSES or not 0 <= hello.listen_port <= 65535:
         return "bad address list"
     return None
+
+
+_batch_encoder = msgspec.msgpack.Encoder()
+
+
+def pack_batch(payloads: list[bytes]) -> bytes:
+    """A message frame's body: the already-encoded messages as one msgpack array
+    (decoded by a `Decoder(list[MessageType])` on the other side)."""
+    return _batch_encoder.encode([msgspec.Raw(p) for p in payloads])
 
 
 def pack_frame(kind: int, sealed: bytes) -> bytes:
