@@ -265,6 +265,7 @@ def link_seeds(name: str) -> dict[str, bytes]:
     import msgspec
 
     from exo_trio.cluster_messages import RemoteAck
+    from exo_trio.net import wire
     from fuzz.link_targets import op
 
     hello_a = bytes([0, 1, 1, 1, 1, 1, 1, 1])  # "node-a": we wait for its ACTIVATE
@@ -276,7 +277,8 @@ def link_seeds(name: str) -> dict[str, bytes]:
         op(3, b"\0") + op(2, hello_z) + op(4, b"\0") + op(3, b"\0") + op(5, b"\x03") + op(3, b"\0")
     )
     wait_handshake = op(2, hello_a) + op(3, b"\0") + op(3, b"\0") + op(4, b"\0") + op(5, b"\x02")
-    message = msgspec.msgpack.encode(RemoteAck(request_id="r", upto=1))
+    # A message frame's body is a batch (wire.pack_batch), here of one message.
+    message = wire.pack_batch([msgspec.msgpack.encode(RemoteAck(request_id="r", upto=1))])
     if name == "link_handshake":
         return {
             "dialer": bytes([0]) + dialer_handshake,
