@@ -46,6 +46,8 @@ from exo_trio.prompts import HFPromptEncoder
 from tests.nodeproc import start_node
 
 MESSAGES = [{"role": "user", "content": "Write a long story about structured concurrency."}]
+# The request that joins a running stream.
+JOIN_CONTENT = "hi"
 
 
 @dataclass
@@ -108,6 +110,25 @@ def raw_batch(model_dir: Path, prompt: list[int], tokens: int, batch: int) -> fl
     elapsed = time.perf_counter() - (started or time.perf_counter())
     generator.close()
     return produced / elapsed
+
+
+def raw_prefill(model_dir: Path, prompt: list[int], repeats: int = 7) -> float:
+    """Seconds for mlx-lm's model to take `prompt` in one forward pass on a fresh
+    cache and sample its first token (median): the compute a joining request's
+    first token needs however it is scheduled."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(str(model_dir))
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        cache = make_prompt_cache(model)
+        start = time.perf_counter()
+        logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
+        mx.eval(mx.argmax(logits, axis=-1))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 async def http_stream(client: httpx.AsyncClient, tokens: int, content: str | None = None) -> Run:
@@ -196,7 +217,7 @@ async def joining_ttft(base_url: str, tokens: int) -> Join:
             nursery.start_soon(long_stream)
             await joined.wait()
             sent = trio.current_time()
-            result.append(await http_stream(client, 4, content="hi"))
+            result.append(await http_stream(client, 4, content=JOIN_CONTENT))
             nursery.cancel_scope.cancel()
     first = sent + result[0].ttft
     steps = [b - a for a, b in itertools.pairwise(stamps[10:])]
@@ -264,7 +285,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = args.model or build_demo_model(work / "bench", args.size)
-        prompt = HFPromptEncoder(model_dir).chat_tokens(MESSAGES)
+        encoder = HFPromptEncoder(model_dir)
+        prompt = encoder.chat_tokens(MESSAGES)
+        join_prompt = encoder.chat_tokens([{"role": "user", "content": JOIN_CONTENT}])
 
         node = start_node(model_dir, work / "node")
         split = split_cores(usable_cores() or ())
@@ -299,6 +322,8 @@ def main() -> None:
                 trio.run(joining_ttft, node.base_url, args.tokens)
                 for _ in range(max(10, args.repeats))
             ]
+            on_cores(split.runners if split else None)
+            join_prefill = raw_prefill(model_dir, join_prompt)
         finally:
             node.stop()
 
@@ -334,6 +359,15 @@ def main() -> None:
         f"{join_ttft / join_step:.2f} times the running stream's decode step "
         f"({join_step * 1e3:.1f} ms/step); the running stream's decode steps in between: "
         f"{join_steps} at most (over {len(joins)} runs)"
+    )
+    # It is sent just after one of the running stream's tokens, so the step in
+    # flight has about a whole step to go; then its own prompt must go through.
+    floor = join_step + join_prefill
+    print(
+        f"  its compute floor: the step in flight + raw mlx-lm's one-pass prefill of its "
+        f"{len(join_prompt)}-token prompt ({join_prefill * 1e3:.1f} ms = "
+        f"{join_prefill / join_step:.2f} steps) = {floor / join_step:.2f} steps; "
+        f"node / floor {join_ttft / floor:.3f}"
     )
 
 
