@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -130,16 +131,28 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._per_model: dict[str, tuple[Any, Any, Any]] = {}
+
     def watch(self, snapshot: Callable[[], NodeSnapshot]) -> None:
         """Read the node's own counters at every scrape."""
         self.registry.register(_NodeCollector(snapshot))
 
     def observe_token(self, model: str, ttft: float | None, gap: float | None) -> None:
-        self.generated_tokens.labels(model).inc()
+        # Every token passes here: the model's children are looked up once, not
+        # through labels() (validation, a lock, a tuple) three times a token.
+        per_model = self._per_model.get(model)
+        if per_model is None:
+            per_model = self._per_model[model] = (
+                self.generated_tokens.labels(model),
+                self.ttft.labels(model),
+                self.inter_token.labels(model),
+            )
+        generated, ttft_seconds, gap_seconds = per_model
+        generated.inc()
         if ttft is not None:
-            self.ttft.labels(model).observe(ttft)
+            ttft_seconds.observe(ttft)
         if gap is not None:
-            self.inter_token.labels(model).observe(gap)
+            gap_seconds.observe(gap)
 
     def observe_end(self, model: str, event: GenerationEvent) -> None:
         if isinstance(event, GenerationFinished):
