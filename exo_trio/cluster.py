@@ -21,6 +21,8 @@ import trio
 
 from exo_trio import cluster_state as decide
 from exo_trio.cluster_messages import (
+    CancelReply,
+    CancelRequest,
     ClusterMessage,
     ClusterView,
     InstanceSpec,
@@ -39,6 +41,7 @@ from exo_trio.cluster_messages import (
     VoteReply,
     VoteRequest,
 )
+from exo_trio.node import CancelOutcome
 from exo_trio.placement import PlacementError, place
 from exo_trio.shards import ShardManager
 from exo_trio.token_relay import TokenRelay
@@ -73,6 +76,20 @@ class ClusterSettings:
 class _Call:
     done: trio.Event = field(default_factory=trio.Event)
     reply: PlaceReply | None = None
+
+
+@dataclass
+class _CancelCall:
+    """A cancel asked of the peers: done at the first yes, or when all said no."""
+
+    waiting: set[str]
+    done: trio.Event = field(default_factory=trio.Event)
+    cancelled: bool = False
+
+
+# How long POST /v1/cancel waits for the other nodes to say whether a request is
+# theirs (a peer that does not answer in time did not have it, as far as we know).
+CANCEL_PATIENCE = 2.0
 
 
 class Cluster:
@@ -123,6 +140,8 @@ class Cluster:
         self.pending: dict[str, decide.Pending] = {}
         self.suppressed: set[str] = set()  # models whose instance a user deleted
         self._calls: dict[str, _Call] = {}
+        self._cancel_calls: dict[str, _CancelCall] = {}
+        self._cancel_owned: Callable[[str], bool] = lambda request_id: False
         self._down_since: dict[str, float] = {}
         self._wake = trio.Event()
         self._started_at = 0.0
@@ -513,6 +532,50 @@ class Cluster:
             answer = self._answer_place(request)
         self.send(peer, answer)
 
+    # ---- cancel by id, from any node (POST /v1/cancel) ----
+
+    def accept_cancels(self, cancel: Callable[[str], bool]) -> None:
+        self._cancel_owned = cancel
+
+    async def cancel_elsewhere(
+        self, request_id: str, patience: float = CANCEL_PATIENCE
+    ) -> CancelOutcome:
+        """Ask every linked peer to cancel `request_id` if it owns it (its client is
+        connected there). "cancelled" as soon as one did; "absent" when every peer
+        this node knows of said no; "unknown" when one could not be asked (its link
+        is down) or did not answer in time."""
+        call_id = self._new_id("cancel")
+        peers = sorted((self.members | set(self._down_since)) - {self.node_id})
+        asked = {
+            peer
+            for peer in peers
+            if self.send(peer, CancelRequest(call_id=call_id, request_id=request_id))
+        }
+        call = _CancelCall(waiting=set(asked))
+        if asked:
+            self._cancel_calls[call_id] = call
+            try:
+                with trio.move_on_after(patience):
+                    await call.done.wait()
+            finally:
+                self._cancel_calls.pop(call_id, None)
+        if call.cancelled:
+            return "cancelled"
+        return "unknown" if call.waiting or len(asked) < len(peers) else "absent"
+
+    def _on_cancel_request(self, peer: str, request: CancelRequest) -> None:
+        cancelled = self._cancel_owned(request.request_id)
+        self.send(peer, CancelReply(call_id=request.call_id, cancelled=cancelled))
+
+    def _on_cancel_reply(self, peer: str, reply: CancelReply) -> None:
+        call = self._cancel_calls.get(reply.call_id)
+        if call is None:
+            return  # answered after the caller gave up
+        call.waiting.discard(peer)
+        call.cancelled = call.cancelled or reply.cancelled
+        if call.cancelled or not call.waiting:
+            call.done.set()
+
     def _on_place_reply(self, peer: str, reply: PlaceReply) -> None:
         call = self._calls.get(reply.call_id)
         if call is not None:
@@ -562,6 +625,8 @@ class Cluster:
         RemoteAck: _on_remote_ack,
         RemoteResume: _on_remote_resume,
         RemoteCancel: _on_remote_cancel,
+        CancelRequest: _on_cancel_request,
+        CancelReply: _on_cancel_reply,
     }
 
     # ---- the data path ----

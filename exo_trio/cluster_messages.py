@@ -181,6 +181,19 @@ class RemoteResume(msgspec.Struct, frozen=True, kw_only=True, tag="remote_resume
     next_event: int
 
 
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_request"):
+    """POST /v1/cancel reached a node that does not own the request: it asks every
+    peer to cancel it if theirs; each answers with CancelReply."""
+
+    call_id: str
+    request_id: str
+
+
+class CancelReply(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_reply"):
+    call_id: str
+    cancelled: bool  # the request was in flight there and is cancelled now
+
+
 ClusterMessage = (
     NodeReport
     | ClusterView
@@ -195,4 +208,6 @@ ClusterMessage = (
     | RemoteAck
     | RemoteCancel
     | RemoteResume
+    | CancelRequest
+    | CancelReply
 )

@@ -10,10 +10,10 @@ channel closed and unregistered in `finally`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from exo_trio.metrics import Metrics, NodeSnapshot
 from exo_trio.prompts import PromptEncoder
@@ -40,6 +40,11 @@ class ModelCard:
     vocab_size: int = 0
 
 
+# What became of a cancel by id: done, no node has the request, or a node that
+# might have it could not be asked.
+CancelOutcome = Literal["cancelled", "absent", "unknown"]
+
+
 class Dispatcher(Protocol):
     """Where registered requests go: one local worker, or the cluster."""
 
@@ -58,6 +63,15 @@ class Dispatcher(Protocol):
 
     def local_worker(self, model_id: str) -> Worker | None:
         """The worker of this node's runner for the model (health, metrics)."""
+        ...
+
+    def accept_cancels(self, cancel: Callable[[str], bool]) -> None:
+        """Other nodes' cancels of requests this node owns are applied by `cancel`."""
+        ...
+
+    async def cancel_elsewhere(self, request_id: str) -> CancelOutcome:
+        """Cancel a request another node owns: "cancelled", "absent" (no node has
+        it) or "unknown" (a node could not be asked)."""
         ...
 
 
@@ -85,6 +99,12 @@ class WorkerDispatcher:
 
     def local_worker(self, model_id: str) -> Worker | None:
         return self.worker
+
+    def accept_cancels(self, cancel: Callable[[str], bool]) -> None:
+        return None  # no other node
+
+    async def cancel_elsewhere(self, request_id: str) -> CancelOutcome:
+        return "absent"
 
 
 class Node:
@@ -114,6 +134,7 @@ class Node:
         self._handles: dict[str, object] = {}
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.metrics_snapshot)
+        dispatcher.accept_cancels(self.cancel_request)
 
     def models(self) -> list[ModelCard]:
         return [self.model]
@@ -160,6 +181,11 @@ class Node:
             return False
         self.dispatcher.cancel(request_id, self._handles[request_id])
         return True
+
+    async def cancel_anywhere(self, request_id: str) -> bool:
+        """cancel_request here, or else on the node of the cluster that owns it (a
+        client may reach the cluster through any node). False if none has it."""
+        return self.cancel_request(request_id) or await self.dispatcher.cancel_elsewhere(request_id)
 
     def ready(self, model_id: str) -> bool:
         return self.dispatcher.ready(model_id)

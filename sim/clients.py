@@ -58,6 +58,7 @@ class ClientResult:
     keepalives: int = 0
     cancel_status: int | None = None
     cancel_sent_at: float | None = None
+    cancel_node: int | None = None  # the node the cancel went to
     server: Any = None  # the SimNode (incarnation) that served it
 
     @property
@@ -187,9 +188,12 @@ class Client:
         return False
 
     async def _cancel(self, request_id: str) -> None:
-        """POST /v1/cancel/{id} on a connection of its own."""
+        """POST /v1/cancel/{id} on a connection of its own: every other client
+        asks the next node, not its own, so the cancel must cross the cluster."""
         plan, result = self.plan, self.result
-        stream = self.world.nodes[plan.node].connect(plan)
+        nodes = self.world.nodes
+        result.cancel_node = (plan.node + plan.index) % len(nodes)
+        stream = nodes[result.cancel_node].connect(plan)
         http = HttpClient(stream)
         try:
             await http.send_request("POST", CANCEL_PATH.format(id=request_id), b"")

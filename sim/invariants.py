@@ -246,7 +246,10 @@ def explain_error(world: World, result: ClientResult, rid: str | None) -> str | 
 
 def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> list[Violation]:
     """Work a client gave up on stops within a bounded number of runner steps."""
-    gave_up = result.left_at if result.ending == "left" else result.cancel_sent_at
+    # A cancel the node refused (404: no node has the request; 503: the node that
+    # may have it could not be asked) leaves the request running, as it says.
+    accepted = result.cancel_sent_at if result.cancel_status == 200 else None
+    gave_up = result.left_at if result.ending == "left" else accepted
     if job is None or gave_up is None:
         return []
     path = world.watch.paths.get(job.request_id)

@@ -238,6 +238,8 @@ def run_choices(
             coverage["chunk_before_client_read"] += 1
         if result.cancel_sent_at is not None:
             coverage[f"cancel_status_{result.cancel_status}"] += 1
+            if result.cancel_status == 200 and result.cancel_node != result.plan.node:
+                coverage["cancel_via_peer"] += 1
         if result.keepalives:
             coverage["keepalive_received"] += 1
         if result.status is not None and result.status != 200:

@@ -270,6 +270,40 @@ async def test_requests_route_through_a_node_without_a_shard(
         nursery.cancel_scope.cancel()
 
 
+async def test_cancel_by_id_reaches_the_owner_through_any_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cancel that reaches a node without the request asks its peers: the owner
+    cancels it ("cancelled"); an id nobody has is "absent" once every peer said
+    no; with a peer cut off the answer is "unknown", not a false "absent"."""
+    async with trio.open_nursery() as nursery:
+        net, members = await start_members(nursery, ["a", "b", "c"])
+        await wait_for(
+            lambda: members["a"].cluster.leader == "a" and len(members["a"].cluster.reports) == 3
+        )
+        await place(members["a"], ["a", "b"])
+        await wait_for(lambda: ready(members["c"]))
+        outcomes = []
+
+        async def cancel_through_a_after_3_chunks(events: list[GenerationEvent]) -> None:
+            await wait_for(lambda: len(events) >= 3)
+            outcomes.append(await members["a"].node.cancel_anywhere("r"))
+
+        events: list[GenerationEvent] = []
+        with members["c"].node.open_generation(command("r", 1000)) as stream:
+            nursery.start_soon(cancel_through_a_after_3_chunks, events)
+            async for event in stream:
+                events.append(event)
+        await wait_for(lambda: outcomes)  # the owner's answer is on its way back
+        assert outcomes == ["cancelled"]
+        assert isinstance(events[-1], GenerationFailed) and events[-1].kind == "cancelled"
+        assert len(events) < 100
+        assert await members["b"].node.cancel_anywhere("nobody") == "absent"
+        net.sever("b", "c")
+        assert await members["b"].node.cancel_anywhere("nobody") == "unknown"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_lost_entry_node_fails_requests_and_the_model_is_placed_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

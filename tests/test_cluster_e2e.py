@@ -165,6 +165,32 @@ def test_split_across_two_nodes_through_a_third(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
 
 
+def test_a_request_is_cancelled_through_any_node(
+    trio_cluster: Cluster, eos_ban: dict[str, int]
+) -> None:
+    """POST /v1/cancel reaches whichever node the request's client is connected
+    to: a stream through c is cancelled through a, and ends with an error."""
+    if not ready_instances(trio_cluster, "c"):
+        place(trio_cluster, "c", ["a", "b"])
+    stream = trio_cluster.client("c").chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=1500, logit_bias=eos_ban, stream=True
+    )
+    answers = []
+    with pytest.raises(openai.APIError, match="cancelled"):
+        for i, chunk in enumerate(stream):
+            if i == 5:
+                answers.append(
+                    httpx.post(f"{trio_cluster.nodes['a'].base_url}/v1/cancel/{chunk.id}")
+                )
+            assert i < 1000, "the stream went on after its cancel"
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["cancelled"] is True
+    # An id no node has: 404 in OpenAI's envelope, after every peer said no.
+    unknown = httpx.post(f"{trio_cluster.nodes['b'].base_url}/v1/cancel/chatcmpl-nobody")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "request_not_found"
+
+
 def test_a_leader_change_during_streaming_loses_no_chunk(
     trio_cluster: Cluster, reference: dict[int, str], eos_ban: dict[str, int]
 ) -> None:

@@ -11,12 +11,22 @@ from exo_trio.metrics import CONTENT_TYPE
 
 async def cancel(ctx: ApiContext, request_id: str) -> dict[str, object]:
     """Cancel by the id the client saw (a chatcmpl/msg/resp/cmpl id, or the
-    X-Request-Id header of any generation response). The request's own stream
-    then ends with its dialect's error terminal."""
-    if not ctx.node.cancel_request(request_id):
+    X-Request-Id header of any generation response), on whichever node of the
+    cluster the request's client is connected to. The request's own stream then
+    ends with its dialect's error terminal."""
+    outcome = await ctx.node.cancel_anywhere(request_id)
+    if outcome == "unknown":
+        raise ApiError(
+            503,
+            f"Request `{request_id}` is not in flight on this node, and a peer that "
+            "may have it could not be asked (link down or no answer); try again.",
+            param="request_id",
+            code="peer_unreachable",
+        )
+    if outcome == "absent":
         raise ApiError(
             404,
-            f"No request `{request_id}` is in flight on this node.",
+            f"No request `{request_id}` is in flight on this node or its peers.",
             param="request_id",
             code="request_not_found",
         )
