@@ -462,7 +462,19 @@ class Engine:
         )
         # Alone, mlx-lm's own two-pass prefill: greedy output is stream_generate's
         # token for token. Joining others, one pass (a step sooner; see prefill).
-        token = decoder.prefill(request.prompt, fused=not alone)
+        try:
+            token = decoder.prefill(request.prompt, fused=not alone)
+        except Exception as exc:
+            if not self.recover_step_errors:
+                raise
+            # The prefill touched nothing shared (its cache is the decoder's own):
+            # only this request fails; the others decode on.
+            log.exception("prefill of %s failed", request.request_id)
+            del self._requests[request.request_id]
+            message = f"prefill failed: {exc!r}"
+            return [
+                GenerationFailed(request_id=request.request_id, kind="internal", message=message)
+            ]
         events = self._on_token(request, token, self._finish_reason(request, token))
         if request.request_id in self._requests:  # still going
             if alone:

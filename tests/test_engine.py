@@ -347,6 +347,34 @@ def test_step_failure_fails_in_flight_and_recovers(
     assert check_stream(run_until_done(engine)["c"])[2].finish_reason == "length"
 
 
+def test_a_failed_prefill_fails_only_its_request(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request started directly whose prefill raises (an allocation failure on a
+    huge prompt, say) ends alone with an error; the request already decoding goes
+    on to its exact end."""
+    engine.submit(request(engine, "a", chat_prompt(engine, "first"), 30))
+    events = engine.step()
+    real_prefill = solo.SoloDecoder.prefill
+
+    def prefill(self: solo.SoloDecoder, prompt: list[int], *, fused: bool = False) -> int:
+        if prompt == doomed:
+            raise MemoryError("simulated allocation failure")
+        return real_prefill(self, prompt, fused=fused)
+
+    doomed = chat_prompt(engine, "a prompt too big to fit")
+    monkeypatch.setattr(solo.SoloDecoder, "prefill", prefill)
+    engine.submit(request(engine, "b", doomed, 30))
+    events += engine.step()
+    failed = [e for e in events if e.request_id == "b"]
+    assert len(failed) == 1 and isinstance(failed[0], GenerationFailed)
+    assert failed[0].kind == "internal" and "prefill failed" in failed[0].message
+    by_id = run_until_done(engine)
+    assert "b" not in by_id
+    tokens, _, final = check_stream([*(e for e in events if e.request_id == "a"), *by_id["a"]])
+    assert final.finish_reason == "length" and len(tokens) == 30
+
+
 def test_a_lone_request_decoding_solo_cancels_and_ends_cleanly(engine: Engine) -> None:
     """The solo path (a request alone decodes outside BatchGenerator, solo.py):
     cancelled mid-way it stops at once; max_tokens=1 ends in its first step; and
