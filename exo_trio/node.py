@@ -130,8 +130,10 @@ class Node:
         self.dispatcher: Dispatcher = dispatcher
         self.registry = registry
         self.seams = seams
-        # Handles of the requests in flight, for cancel_request.
+        # Handles of the requests in flight, for cancel_request; and the ids their
+        # clients gave them (X-Request-Id), another name to cancel them by.
         self._handles: dict[str, object] = {}
+        self._client_ids: dict[str, str] = {}
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.metrics_snapshot)
         dispatcher.accept_cancels(self.cancel_request)
@@ -150,14 +152,20 @@ class Node:
         can run, so no event can arrive for an id that has no channel. Raises
         RunnerUnavailable (with nothing left registered) if no runner can take it.
         """
-        rid = command.request_id
+        rid, client_id = command.request_id, command.client_id
+        if client_id is not None and client_id in self._client_ids:
+            raise ValueError(f"a request with client id {client_id!r} is in flight")
         stream = self.registry.open(rid, command.params.max_tokens)
         dispatched = False
         try:
             self._handles[rid] = self.dispatcher.dispatch(command)
             dispatched = True
+            if client_id is not None:
+                self._client_ids[client_id] = rid
             yield stream
         finally:
+            if client_id is not None and self._client_ids.get(client_id) == rid:
+                del self._client_ids[client_id]
             handle = self._handles.pop(rid, None)
             if dispatched:
                 if stream.finished:
@@ -168,13 +176,18 @@ class Node:
                     self.dispatcher.cancel(rid, handle)
             self.registry.close(rid)
 
+    def client_id_in_use(self, client_id: str) -> bool:
+        return client_id in self._client_ids
+
     def cancel_request(self, request_id: str) -> bool:
-        """End an in-flight request by the id its client saw (POST /v1/cancel).
+        """End an in-flight request by the id its client saw or gave it (POST
+        /v1/cancel).
 
         The client's stream gets a `cancelled` terminal event (so it ends now, in
         its dialect's error shape) and the runner is told to drop the work. False
         if no such request is open here.
         """
+        request_id = self._client_ids.get(request_id, request_id)
         if request_id not in self._handles:
             return False
         if not self.registry.cancel(request_id, "The request was cancelled."):

@@ -45,6 +45,9 @@ class TextGeneration(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
     model: str
     prompt_tokens: list[int]
     params: SamplingParams
+    # The id the client gave the request (its X-Request-Id header), if any: a
+    # second name to cancel it by, known before any response. Runners ignore it.
+    client_id: str | None = None
 
 
 class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):

@@ -11,6 +11,8 @@ immediate EOS to check the "stop" mappings.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -402,6 +404,51 @@ def test_cancel_ends_each_dialects_stream(
     assert "cancelled" in last["error"]
 
     assert cancel(node, "chatcmpl-nothing").status_code == 404
+    assert node.health()[1]["open_streams"] == 0
+
+
+def test_a_request_is_cancelled_by_the_id_its_client_gave_it(
+    node: NodeProcess, oai: openai.OpenAI, claude: anthropic.Anthropic, ban: dict[str, int]
+) -> None:
+    """With X-Request-Id the client names its request, so it can cancel it before
+    any response, non-streaming too. Responses name the node's own id in that
+    header, as OpenAI's do."""
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            oai.chat.completions.create(
+                model="demo",
+                messages=MESSAGES,
+                max_tokens=LONG,
+                logit_bias=ban,
+                extra_headers={"X-Request-Id": "my-request.1"},
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while (answer := cancel(node, "my-request.1")).status_code == 404:
+        assert time.monotonic() < deadline, "the request never showed up"
+        time.sleep(0.02)
+    worker.join(30)
+    assert answer.status_code == 200, answer.text
+    (error,) = outcome
+    assert isinstance(error, openai.APIStatusError) and error.status_code == 499
+
+    raw = claude.messages.with_raw_response.create(
+        model="demo",
+        max_tokens=3,
+        messages=[{"role": "user", "content": USER}],
+        extra_headers={"X-Request-Id": "mine:2"},
+    )
+    assert raw.headers["x-request-id"] == raw.parse().id != "mine:2"
+    with pytest.raises(openai.BadRequestError, match="X-Request-Id"):
+        oai.chat.completions.create(
+            model="demo", messages=MESSAGES, max_tokens=3, extra_headers={"X-Request-Id": "a b"}
+        )
     assert node.health()[1]["open_streams"] == 0
 
 

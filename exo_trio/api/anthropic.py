@@ -18,6 +18,7 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, anthropic_error_body, decode_body
 from exo_trio.api.generation import (
     Timing,
+    client_request_id,
     failure_error,
     find_model,
     json_response,
@@ -98,7 +99,9 @@ def parse_messages_request(node: Node, raw: bytes) -> tuple[MessagesRequest, Tex
         max_stops=None,
         names={"stop": "stop_sequences"},
     )
-    return body, plan_generation(node, model, tokens, params, node.seams.new_id("msg"))
+    return body, plan_generation(
+        node, model, tokens, params, node.seams.new_id("msg"), client_id=client_request_id()
+    )
 
 
 def stop_reason(finish_reason: FinishReason, stop_sequence: str | None) -> str:

@@ -12,6 +12,7 @@ from quart import Response
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
+    client_request_id,
     find_model,
     json_response,
     plan_generation,
@@ -65,7 +66,9 @@ def parse_completion_request(node: Node, raw: bytes) -> tuple[CompletionRequest,
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     params = openai_params(body, max_tokens)
     request_id = node.seams.new_id("cmpl")
-    return body, plan_generation(node, model, tokens, params, request_id, prompt_param="prompt")
+    return body, plan_generation(
+        node, model, tokens, params, request_id, "prompt", client_request_id()
+    )
 
 
 def echoed(body: CompletionRequest) -> str:

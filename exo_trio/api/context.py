@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from quart import Response, request
 
 from exo_trio.api.admission import Admission
+from exo_trio.api.errors import ApiError
 from exo_trio.api.generation import Completion, check_available, complete, streaming_response
 from exo_trio.api.relay import StreamEncoder, relay
 from exo_trio.api.settings import ApiSettings
@@ -38,6 +39,13 @@ class ApiContext:
         node is at capacity (429), else hold an admission slot for this exchange.
         Nothing is registered or dispatched yet; that happens in `events`."""
         check_available(self.node, command.model)
+        if command.client_id is not None and self.node.client_id_in_use(command.client_id):
+            raise ApiError(
+                409,
+                f"A request with X-Request-Id `{command.client_id}` is already in flight.",
+                param="X-Request-Id",
+                code="duplicate_request_id",
+            )
         self.admission.admit()
 
     def stream(

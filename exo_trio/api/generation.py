@@ -10,12 +10,13 @@ away; the `with` block then cancels the runner's work and unregisters the channe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
 import trio
-from quart import Response
+from quart import Response, request
 
 from exo_trio.api.errors import ApiError
 from exo_trio.api.sampling import MAX_TOKEN_ID
@@ -35,6 +36,7 @@ from exo_trio.worker import RunnerUnavailable
 # Every generation response names its request, so any client (also Ollama's,
 # whose bodies carry no id) can pass it to POST /v1/cancel/{id}.
 REQUEST_ID_HEADER = "X-Request-Id"
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def find_model(node: Node, model_id: str) -> ModelCard:
@@ -50,6 +52,21 @@ def find_model(node: Node, model_id: str) -> ModelCard:
     return model
 
 
+def client_request_id() -> str | None:
+    """The X-Request-Id the client sent with this request, checked: letters,
+    digits and `._:-`, at most 128 characters (it goes into URLs and logs)."""
+    value = request.headers.get(REQUEST_ID_HEADER)
+    if value is None:
+        return None
+    if not CLIENT_ID.fullmatch(value):
+        raise ApiError(
+            400,
+            f"{REQUEST_ID_HEADER} must be 1-128 letters, digits or `._:-`.",
+            param=REQUEST_ID_HEADER,
+        )
+    return value
+
+
 def plan_generation(
     node: Node,
     model: ModelCard,
@@ -57,6 +74,7 @@ def plan_generation(
     params: SamplingParams,
     request_id: str,
     prompt_param: str = "messages",
+    client_id: str | None = None,
 ) -> TextGeneration:
     """Check the request against the model and build the command. Pure checks only:
     a request that fails here never reaches a runner."""
@@ -87,7 +105,11 @@ def plan_generation(
                 param=where,
             )
     return TextGeneration(
-        request_id=request_id, model=model.id, prompt_tokens=prompt_tokens, params=params
+        request_id=request_id,
+        model=model.id,
+        prompt_tokens=prompt_tokens,
+        params=params,
+        client_id=client_id,
     )
 
 
@@ -172,6 +194,9 @@ async def events(
             request_id=command.request_id, kind="runner_unavailable", message=str(exc)
         )
         return
+    except ValueError as exc:  # its X-Request-Id was taken since begin() checked
+        yield GenerationFailed(request_id=command.request_id, kind="invalid", message=str(exc))
+        return
     try:
         await node.seams.faults.hit("after_dispatch", command.request_id)
         while not stream.finished:
@@ -249,6 +274,8 @@ def streaming_response(
             "Cache-Control": "no-cache",
             # Tell proxies (nginx) not to buffer: tokens must reach the client as made.
             "X-Accel-Buffering": "no",
+            # Our id, as OpenAI's API answers with its own; one the client gave
+            # (command.client_id) cancels the request just as well.
             REQUEST_ID_HEADER: command.request_id,
         },
     )

@@ -21,6 +21,7 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
     Timing,
+    client_request_id,
     failure_error,
     find_model,
     json_response,
@@ -227,7 +228,9 @@ async def generate_or_chat(
     if prompt is None:
         return lines.object("", True, done_reason="load")
     params = ollama_params(body.options, model, prompt)
-    command = plan_generation(node, model, prompt, params, node.seams.new_id(kind))
+    command = plan_generation(
+        node, model, prompt, params, node.seams.new_id(kind), client_id=client_request_id()
+    )
     ctx.begin(command)
     if body.stream:
         # Ollama's NDJSON has no keep-alive line: clients would take any line as data.

@@ -11,6 +11,7 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
     Completion,
+    client_request_id,
     default_max_tokens,
     find_model,
     json_response,
@@ -52,7 +53,9 @@ def parse_chat_request(node: Node, raw: bytes) -> tuple[ChatCompletionRequest, T
         max_tokens = default_max_tokens(model, prompt)
     params = openai_params(body, max_tokens)
     request_id = node.seams.new_id("chatcmpl")
-    return body, plan_generation(node, model, prompt, params, request_id)
+    return body, plan_generation(
+        node, model, prompt, params, request_id, client_id=client_request_id()
+    )
 
 
 class ChatChunks(OpenAIChunks):

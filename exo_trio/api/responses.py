@@ -16,6 +16,7 @@ from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.generation import (
     Timing,
+    client_request_id,
     default_max_tokens,
     failure_error,
     find_model,
@@ -115,7 +116,9 @@ def parse_responses_request(node: Node, raw: bytes) -> tuple[ResponsesRequest, T
         names={"max_tokens": "max_output_tokens"},
     )
     request_id = node.seams.new_id("resp")
-    return body, plan_generation(node, model, prompt, params, request_id, prompt_param="input")
+    return body, plan_generation(
+        node, model, prompt, params, request_id, "input", client_request_id()
+    )
 
 
 class ResponseShape:
