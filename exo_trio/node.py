@@ -176,6 +176,10 @@ class Node:
                     self.dispatcher.cancel(rid, handle)
             self.registry.close(rid)
 
+    def open_ids(self) -> list[str]:
+        """The requests this node holds open, and the client ids naming them."""
+        return sorted([*self._handles, *(f"client id {c}" for c in self._client_ids)])
+
     def client_id_in_use(self, client_id: str) -> bool:
         return client_id in self._client_ids
 

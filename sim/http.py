@@ -168,11 +168,14 @@ class HttpClient:
         self._parser = ResponseParser()
         self._events: list[Event] = []
 
-    async def send_request(self, method: str, target: str, body: bytes) -> None:
+    async def send_request(
+        self, method: str, target: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (
             f"{method} {target} HTTP/1.1\r\nhost: {self.host}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
+            f"{extra}connection: close\r\n\r\n"
         )
         await self.stream.send_all(head.encode() + body)
 

@@ -21,7 +21,7 @@ from exo_trio.framing import encode_frame
 from exo_trio.node import Node
 from exo_trio.streams import RequestStream, StreamRegistry
 from exo_trio.token_relay import TokenRelay
-from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFinished
+from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFinished, TextGeneration
 from exo_trio.worker import Worker
 
 
@@ -96,6 +96,19 @@ def missing_unregister() -> AbstractContextManager[None]:
         return None
 
     return patched(StreamRegistry, "close", close)
+
+
+def client_id_kept() -> AbstractContextManager[None]:
+    real = Node.open_generation
+
+    @contextmanager
+    def open_generation(self: Node, command: TextGeneration) -> Iterator[RequestStream]:
+        with real(self, command) as stream:
+            yield stream
+        if command.client_id is not None:  # the clean-up forgotten
+            self._client_ids[command.client_id] = command.request_id
+
+    return patched(Node, "open_generation", open_generation)
 
 
 # ---- cancellation that never reaches the runner ----
@@ -358,6 +371,11 @@ MUTANTS: dict[str, Mutant] = {
             register_after_dispatch,
         ),
         Mutant("missing_unregister", "a closed request is never unregistered", missing_unregister),
+        Mutant(
+            "client_id_kept",
+            "the client's name for a request (X-Request-Id) outlives the request",
+            client_id_kept,
+        ),
         Mutant(
             "cancel_not_sent",
             "cancellation is recorded but never reaches the runner",

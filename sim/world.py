@@ -613,7 +613,8 @@ class World:
         live = [node for node in self.nodes if not node.crashed]
         for node in live:
             i = node.index
-            state.registry_open[i] = node.registry.open_ids()
+            # The registry's channels, and the node's handles and client ids.
+            state.registry_open[i] = sorted({*node.registry.open_ids(), *node.node.open_ids()})
             jobs = [rid for shard in node.shards.shards.values() for rid in shard.worker.jobs]
             state.worker_jobs[i] = sorted(jobs)
             state.relay_routes[i] = sorted(node.relay.routes)
