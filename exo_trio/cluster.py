@@ -88,7 +88,7 @@ class _CancelCall:
 
 
 # How long POST /v1/cancel waits for the other nodes to say whether a request is
-# theirs (a peer that does not answer in time did not have it, as far as we know).
+# theirs; a peer silent for that long leaves the answer "unknown" (a 503).
 CANCEL_PATIENCE = 2.0
 
 
@@ -545,6 +545,7 @@ class Cluster:
         this node knows of said no; "unknown" when one could not be asked (its link
         is down) or did not answer in time."""
         call_id = self._new_id("cancel")
+        # Peers down within their grace period still hold their requests.
         peers = sorted((self.members | set(self._down_since)) - {self.node_id})
         asked = {
             peer

@@ -130,7 +130,7 @@ class Metrics:
             buckets=INTER_TOKEN_BUCKETS,
             registry=self.registry,
         )
-
+        # Per model: its generated_tokens, ttft and inter_token children.
         self._per_model: dict[str, tuple[Any, Any, Any]] = {}
 
     def watch(self, snapshot: Callable[[], NodeSnapshot]) -> None:

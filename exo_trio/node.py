@@ -199,10 +199,12 @@ class Node:
         self.dispatcher.cancel(request_id, self._handles[request_id])
         return True
 
-    async def cancel_anywhere(self, request_id: str) -> bool:
+    async def cancel_anywhere(self, request_id: str) -> CancelOutcome:
         """cancel_request here, or else on the node of the cluster that owns it (a
-        client may reach the cluster through any node). False if none has it."""
-        return self.cancel_request(request_id) or await self.dispatcher.cancel_elsewhere(request_id)
+        client may reach the cluster through any node)."""
+        if self.cancel_request(request_id):
+            return "cancelled"
+        return await self.dispatcher.cancel_elsewhere(request_id)
 
     def ready(self, model_id: str) -> bool:
         return self.dispatcher.ready(model_id)
