@@ -80,17 +80,17 @@ def decode_tokens(text: str) -> tuple[list[tuple[int, int]], str]:
     return pairs, _TOKEN.sub("", text)
 
 
-def stop_bound(world: World, relayed: bool = False) -> tuple[float, int]:
+def stop_bound(world: World, relayed: bool = False, crossed: bool = False) -> tuple[float, int]:
     """How long after a client leaves (or asks to cancel) the runner may still
     step its request, and how many steps that allows: the worst-case latency of
     the HTTP link (the disconnect or the cancel request travelling to the server),
-    of the link between nodes for a relayed request (RemoteCancel), plus the
-    runner pipe (the Cancel travelling to the runner), plus one step that may
-    already be under way."""
+    of the link between nodes for a relayed request (RemoteCancel) and for a
+    cancel sent to another node than the owner (CancelRequest), plus the runner
+    pipe (the Cancel travelling to the runner), plus one step that may already be
+    under way."""
     s = world.plan.scenario
     latency = 2 * s.http_delay_max + 2 * s.pipe_delay_max + 1e-6
-    if relayed:
-        latency += 2 * s.link_delay_max
+    latency += 2 * s.link_delay_max * (relayed + crossed)
     return latency, math.ceil(latency / s.step_delay[0]) + 1
 
 
@@ -248,18 +248,24 @@ def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> 
     """Work a client gave up on stops within a bounded number of runner steps."""
     # A cancel the node refused (404: no node has the request; 503: the node that
     # may have it could not be asked) leaves the request running, as it says.
+    left = result.ending == "left"
     accepted = result.cancel_sent_at if result.cancel_status == 200 else None
-    gave_up = result.left_at if result.ending == "left" else accepted
+    gave_up = result.left_at if left else accepted
     if job is None or gave_up is None:
         return []
     path = world.watch.paths.get(job.request_id)
     relayed = path is not None and path.entry != path.owner
-    latency, max_steps = stop_bound(world, relayed)
+    owner = result.plan.node
+    # A cancel sent to another node reaches the owner over a link (CancelRequest).
+    via = None if left else result.cancel_node
+    crossed = via is not None and via != owner
+    latency, max_steps = stop_bound(world, relayed, crossed)
+    end = gave_up + latency
     if (
         relayed
         and path is not None
-        and world.watch.link_faults(path.owner, path.entry, gave_up, gave_up + latency)
-    ):
+        and world.watch.link_faults(path.owner, path.entry, gave_up, end)
+    ) or (crossed and via is not None and world.watch.link_faults(via, owner, gave_up, end)):
         # The cancel crosses a link that was cut or held: it arrives when the link
         # is back (or the entry gives up on the owner); the end state checks that
         # the work stopped by then.
@@ -272,7 +278,7 @@ def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> 
             Violation(
                 "runner_kept_going",
                 f"the runner ran {after} steps for the request after its client "
-                f"{'left' if result.ending == 'left' else 'cancelled'} at {gave_up:.4f}s "
+                f"{'left' if left else 'cancelled'} at {gave_up:.4f}s "
                 f"(bound {max_steps}; {late} more than {latency * 1000:.0f}ms later)",
                 result.plan.index,
                 job.request_id,
