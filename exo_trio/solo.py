@@ -111,20 +111,15 @@ class SoloDecoder:
     def queue(self, token: int) -> None:
         """`token` (emitted) is the next input: the forward pass after it starts
         now when pipelining, else in advance()."""
+        self._input = token
         if self.pipelined:
-            self._launch(mx.array([token]))
-            self.cached.append(token)
-        else:
-            self._input = token
+            self._feed_input()
 
     def advance(self, *, queue_next: bool) -> int:
         """The next token. With queue_next the token after it is wanted too: when
         pipelining, its forward pass starts before this one is read back."""
         if self._next is None:
-            assert self._input is not None, "advance() before queue()"
-            self._launch(mx.array([self._input]))
-            self.cached.append(self._input)
-            self._input = None
+            self._feed_input()
         current = self._next
         assert current is not None
         self._next = None
@@ -144,6 +139,14 @@ class SoloDecoder:
         next input), if nothing is computing; None while a pass is in flight."""
         token, self._input = self._input, None
         return token
+
+    def _feed_input(self) -> None:
+        """Start the forward pass on the emitted token waiting as input (it
+        enters the cache)."""
+        assert self._input is not None, "advance() before queue()"
+        self._launch(mx.array([self._input]))
+        self.cached.append(self._input)
+        self._input = None
 
     def _launch(self, tokens: mx.array) -> None:
         with mx.stream(self.stream):
