@@ -334,45 +334,21 @@ def check_end_state(world: World) -> list[Violation]:
     if state is None:
         return [Violation("no_drain", "the run never reached its drain")]
     out = []
-    for node, ids in state.registry_open.items():
-        for rid in ids:
-            out.append(
-                Violation(
-                    "registry_leak", f"node {node}: still registered after the drain", None, rid
-                )
-            )
-    for node, ids in state.worker_jobs.items():
-        for rid in ids:
-            out.append(
-                Violation(
-                    "worker_job_leak", f"node {node}: worker job left after the drain", None, rid
-                )
-            )
-    for runner, ids in state.runner_active.items():
-        for rid in ids:
-            out.append(
-                Violation(
-                    "runner_work_leaked",
-                    f"runner {runner} still generating after the drain",
-                    None,
-                    rid,
-                )
-            )
-    for node, ids in state.relay_routes.items():
-        for rid in ids:
-            out.append(
-                Violation("relay_leak", f"node {node}: relay route left after the drain", None, rid)
-            )
-    for node, ids in state.relay_outgoing.items():
-        for rid in ids:
-            out.append(
-                Violation(
-                    "relay_leak",
-                    f"node {node}: relay buffer (outgoing) left after the drain",
-                    None,
-                    rid,
-                )
-            )
+    # None of these may hold a request after the drain (per node, or per runner).
+    leaks = (
+        (state.registry_open, "registry_leak", "node {}: still registered after the drain"),
+        (state.worker_jobs, "worker_job_leak", "node {}: worker job left after the drain"),
+        (state.runner_active, "runner_work_leaked", "runner {} still generating after the drain"),
+        (state.relay_routes, "relay_leak", "node {}: relay route left after the drain"),
+        (
+            state.relay_outgoing,
+            "relay_leak",
+            "node {}: relay buffer (outgoing) left after the drain",
+        ),
+    )
+    for left, kind, what in leaks:
+        for place, ids in left.items():
+            out.extend(Violation(kind, what.format(place), None, rid) for rid in ids)
     for node, shards in state.shards.items():
         for shard in shards:
             out.append(
