@@ -44,8 +44,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from exo_trio.framing import FrameDecoder, encode_frame
-from exo_trio.runner_protocol import Loading, Ready, RunnerToWorker, Shutdown, WorkerToRunner
+from exo_trio.runner.framing import FrameDecoder, encode_frame
+from exo_trio.runner.protocol import Loading, Ready, RunnerToWorker, Shutdown, WorkerToRunner
 from exo_trio.types import (
     ChunkGenerated,
     GenerationFailed,
@@ -245,8 +245,8 @@ def sync_worker(rank: int, hostfile: str, rounds: int) -> None:
     the side channel (rank 0's orders out, the other rank's report back)."""
     import mlx.core as mx
 
-    from exo_trio.sharding import ShardSpec
-    from exo_trio.step_sync import LeaderChannel, open_channel
+    from exo_trio.runner.layer_split import ShardSpec
+    from exo_trio.runner.step_sync import LeaderChannel, open_channel
 
     os.environ.update(MLX_RANK=str(rank), MLX_HOSTFILE=hostfile)
     group = mx.distributed.init(backend="ring", strict=True)

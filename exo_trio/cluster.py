@@ -43,7 +43,7 @@ from exo_trio.cluster_messages import (
 )
 from exo_trio.node import CancelOutcome
 from exo_trio.placement import PlacementError, place
-from exo_trio.shards import ShardManager
+from exo_trio.shard_manager import ShardManager
 from exo_trio.token_relay import TokenRelay
 from exo_trio.types import GenerationFailed, TextGeneration
 from exo_trio.worker import RunnerUnavailable, Worker

@@ -32,10 +32,10 @@ from exo_trio.net.discovery import Discovery
 from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
 from exo_trio.net.links import PeerLinks
 from exo_trio.node import ModelCard, Node
-from exo_trio.process_runner import shard_launcher_factory
 from exo_trio.prompts import HFPromptEncoder, context_length
+from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
-from exo_trio.shards import ShardManager
+from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
 from exo_trio.token_relay import TokenRelay
 

@@ -1,7 +1,7 @@
 """The worker: supervises one runner and relays commands and events.
 
 It speaks the framed runner protocol over a `trio.abc.Stream` obtained from a
-launcher: a real runner process in production (process_runner.py), a fake runner
+launcher: a real runner process in production (runner_launch.py), a fake runner
 in the simulator. Everything the API calls (`submit`, `cancel`) is synchronous: it
 puts a command in the outbox of the current runner, so a request can be registered
 and dispatched with no scheduling point in between.
@@ -21,8 +21,8 @@ from typing import Literal, Protocol
 
 import trio
 
-from exo_trio.framing import FrameError, encode_frame, read_frames
-from exo_trio.runner_protocol import (
+from exo_trio.runner.framing import FrameError, encode_frame, read_frames
+from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
     Ready,

@@ -19,8 +19,8 @@ from exo_trio.api.completions import CompletionChunks
 from exo_trio.api.generation import Timing
 from exo_trio.api.ollama import OllamaLines
 from exo_trio.api.openai_chat import ChatChunks
-from exo_trio.api.relay import StreamEncoder
 from exo_trio.api.responses import ResponseEvents, ResponseShape, ResponsesRequest
+from exo_trio.api.stream_response import StreamEncoder
 from exo_trio.seams import Seams
 from exo_trio.types import GenerationFailed, GenerationFinished, SamplingParams, TextGeneration
 from fuzz.checks import PropertyViolation, load_json, parse_ndjson, parse_sse

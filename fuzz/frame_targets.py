@@ -22,9 +22,9 @@ import msgspec
 import trio
 import trio.testing
 
-from exo_trio.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.node import ModelCard, Node
-from exo_trio.runner_protocol import Loading, Ready, RunnerToWorker, WorkerToRunner
+from exo_trio.runner.framing import FrameDecoder, FrameError, encode_frame
+from exo_trio.runner.protocol import Loading, Ready, RunnerToWorker, WorkerToRunner
 from exo_trio.seams import Seams
 from exo_trio.streams import RequestStream, StreamRegistry, StreamViolation
 from exo_trio.types import SamplingParams, TextGeneration

@@ -184,8 +184,8 @@ def api_seeds(name: str) -> dict[str, bytes]:
 
 
 def frame_seeds() -> dict[str, bytes]:
-    from exo_trio.framing import encode_frame
-    from exo_trio.runner_protocol import CancelAck, Loading, Ready, RunnerError, Shutdown
+    from exo_trio.runner.framing import encode_frame
+    from exo_trio.runner.protocol import CancelAck, Loading, Ready, RunnerError, Shutdown
     from exo_trio.types import (
         Cancel,
         ChunkGenerated,
@@ -229,8 +229,8 @@ def frame_seeds() -> dict[str, bytes]:
 
 
 def runner_stream_seeds() -> dict[str, bytes]:
-    from exo_trio.framing import encode_frame
-    from exo_trio.runner_protocol import CancelAck, RunnerError
+    from exo_trio.runner.framing import encode_frame
+    from exo_trio.runner.protocol import CancelAck, RunnerError
     from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished
 
     def chunks(rid: str, n: int) -> list[object]:

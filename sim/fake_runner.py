@@ -11,7 +11,7 @@ For the simulator it also reports what it did to an optional `RunnerObserver`
 (the oracle the invariants compare clients against) and can hang (stop stepping
 but keep its pipe open and keep reading commands).
 
-A rank of a sharded instance (`group` given) behaves as exo_trio/sharded_runner.py
+A rank of a sharded instance (`group` given) behaves as exo_trio/runner/rank.py
 describes the real ones: every rank reports Ready only once the whole group has
 formed; only rank 0 takes commands and emits events (other ranks refuse work and
 never step); while the group is stalled (a partition its TCP rides out) rank 0
@@ -29,8 +29,8 @@ from typing import Protocol
 
 import trio
 
-from exo_trio.framing import encode_frame, read_frames
-from exo_trio.runner_protocol import (
+from exo_trio.runner.framing import encode_frame, read_frames
+from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
     Ready,

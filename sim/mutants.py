@@ -17,8 +17,8 @@ import trio
 from exo_trio import cluster_state
 from exo_trio.cluster import Cluster
 from exo_trio.cluster_messages import InstanceStatus, RemoteResume, VoteReply
-from exo_trio.framing import encode_frame
 from exo_trio.node import Node
+from exo_trio.runner.framing import encode_frame
 from exo_trio.streams import RequestStream, StreamRegistry
 from exo_trio.token_relay import TokenRelay
 from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFinished, TextGeneration

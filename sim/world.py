@@ -42,13 +42,13 @@ from exo_trio.cluster_messages import (
     StartShard,
 )
 from exo_trio.cluster_state import Vote
-from exo_trio.framing import encode_frame
 from exo_trio.net.links import PeerInfo, PeerLinks
 from exo_trio.net.wire import AdvertisedAddress
 from exo_trio.node import ModelCard, Node
-from exo_trio.runner_protocol import Loading
+from exo_trio.runner.framing import encode_frame
+from exo_trio.runner.protocol import Loading
 from exo_trio.seams import Seams
-from exo_trio.shards import ShardManager
+from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
 from exo_trio.token_relay import TokenRelay
 from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFailed, TextGeneration

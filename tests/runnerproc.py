@@ -12,8 +12,8 @@ from pathlib import Path
 
 import trio
 
-from exo_trio.framing import encode_frame, read_frames
-from exo_trio.runner_protocol import Loading, Ready, RunnerToWorker, WorkerToRunner
+from exo_trio.runner.framing import encode_frame, read_frames
+from exo_trio.runner.protocol import Loading, Ready, RunnerToWorker, WorkerToRunner
 from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished, is_terminal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

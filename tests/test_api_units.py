@@ -13,7 +13,7 @@ from exo_trio.api.ollama import OllamaOptions, ollama_params
 from exo_trio.api.sampling import BAN, build_params
 from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard
-from exo_trio.stop_strings import StopStringMatcher
+from exo_trio.runner.stop_strings import StopStringMatcher
 from exo_trio.streams import StreamRegistry
 from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished
 

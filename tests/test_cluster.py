@@ -27,7 +27,7 @@ from exo_trio.cluster_messages import (
 from exo_trio.daemon import load_vote, save_vote
 from exo_trio.node import ModelCard, Node
 from exo_trio.seams import Seams
-from exo_trio.shards import ShardManager
+from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
 from exo_trio.token_relay import TokenRelay
 from exo_trio.types import (

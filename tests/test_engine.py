@@ -11,8 +11,8 @@ import pytest
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors
 
-from exo_trio import solo
-from exo_trio.engine import Engine
+from exo_trio.runner import solo
+from exo_trio.runner.engine import Engine
 from exo_trio.types import (
     ChunkGenerated,
     GenerationEvent,

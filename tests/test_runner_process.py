@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from exo_trio.runner_protocol import (
+from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
     Ready,
@@ -156,7 +156,7 @@ async def test_stray_prints_go_to_stderr() -> None:
     # claim_stdout() is what the runner does first: after it, a print() or any
     # other write to fd 1 must not reach the protocol pipe.
     code = (
-        "import os; from exo_trio.runner import claim_stdout\n"
+        "import os; from exo_trio.runner.loop import claim_stdout\n"
         "fd = claim_stdout()\n"
         "print('stray print', flush=True)\n"
         "os.write(1, b'stray fd write\\n')\n"

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from exo_trio.framing import encode_frame
-from exo_trio.runner_protocol import (
+from exo_trio.runner.framing import encode_frame
+from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
     RunnerError,
     RunnerToWorker,
     Shutdown,
 )
-from exo_trio.step_sync import FollowerChannel, Hello, LeaderChannel, Report
+from exo_trio.runner.step_sync import FollowerChannel, Hello, LeaderChannel, Report
 from exo_trio.types import (
     Cancel,
     ChunkGenerated,
@@ -361,7 +361,7 @@ async def test_group_that_never_forms_is_reported(demo_model_dir: Path, tmp_path
 
 
 def test_ranks_share_host(tmp_path: Path) -> None:
-    from exo_trio.sharding import Backend, ShardSpec, ranks_share_host
+    from exo_trio.runner.layer_split import Backend, ShardSpec, ranks_share_host
 
     def spec(rank: int, hosts: list[str], backend: Backend = "ring") -> ShardSpec:
         path = tmp_path / "hosts.json"
@@ -375,7 +375,7 @@ def test_ranks_share_host(tmp_path: Path) -> None:
 
 
 def test_layout_checks() -> None:
-    from exo_trio.sharding import _layout_problem, even_split
+    from exo_trio.runner.layer_split import _layout_problem, even_split
 
     assert [even_split(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
     pipeline, tensor = 1, 2
@@ -403,7 +403,7 @@ def test_layout_checks() -> None:
 
 
 def channel_pair(stall: float = 5.0) -> tuple[LeaderChannel, FollowerChannel]:
-    from exo_trio.step_sync import Orders, _Peer
+    from exo_trio.runner.step_sync import Orders, _Peer
 
     lead, follow = socket.socketpair()
     leader = LeaderChannel([_Peer(lead, 1, Hello | Report)], stall_timeout=stall)
@@ -411,7 +411,7 @@ def channel_pair(stall: float = 5.0) -> tuple[LeaderChannel, FollowerChannel]:
 
 
 def test_step_channel_orders_and_reports() -> None:
-    from exo_trio.step_sync import StepSyncError
+    from exo_trio.runner.step_sync import StepSyncError
 
     leader, follower = channel_pair()
     command = generation("a", 3)
@@ -429,7 +429,7 @@ def test_step_channel_orders_and_reports() -> None:
 
 
 def test_step_channel_lost_and_silent_peers() -> None:
-    from exo_trio.step_sync import GroupStalled, PeerLost
+    from exo_trio.runner.step_sync import GroupStalled, PeerLost
 
     leader, follower = channel_pair(stall=0.3)
     seq = leader.send_orders()
@@ -449,7 +449,7 @@ def test_step_channel_lost_and_silent_peers() -> None:
 def test_step_channel_turns_strangers_away() -> None:
     import threading
 
-    from exo_trio.step_sync import StepSyncError, _accept, _connect
+    from exo_trio.runner.step_sync import StepSyncError, _accept, _connect
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -29,7 +29,7 @@ from exo_trio.cluster_messages import (
     VoteReply,
     VoteRequest,
 )
-from exo_trio.shards import ShardManager
+from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
 from exo_trio.token_relay import TokenRelay
 from exo_trio.types import (

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_trio.stop_strings import StopStringMatcher, first_stop
+from exo_trio.runner.stop_strings import StopStringMatcher, first_stop
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

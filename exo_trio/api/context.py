@@ -9,8 +9,8 @@ from quart import Response, request
 from exo_trio.api.admission import Admission
 from exo_trio.api.errors import ApiError
 from exo_trio.api.generation import Completion, check_available, complete, streaming_response
-from exo_trio.api.relay import StreamEncoder, relay
 from exo_trio.api.settings import ApiSettings
+from exo_trio.api.stream_response import StreamEncoder, stream_response
 from exo_trio.api.timeouts import RequestTimeouts
 from exo_trio.node import Node
 from exo_trio.types import TextGeneration
@@ -58,7 +58,9 @@ class ApiContext:
         """A streaming response relaying the request's events through `encoder`."""
         interval = self.keepalive if keepalive else None
         return streaming_response(
-            relay(self.node, command, encoder, interval, self.timeouts), command, content_type
+            stream_response(self.node, command, encoder, interval, self.timeouts),
+            command,
+            content_type,
         )
 
     async def complete(self, command: TextGeneration) -> Completion:

@@ -27,8 +27,8 @@ from exo_trio.api.generation import (
     json_response,
     plan_generation,
 )
-from exo_trio.api.relay import StreamEncoder
 from exo_trio.api.sampling import build_params, stop_list
+from exo_trio.api.stream_response import StreamEncoder
 from exo_trio.node import ModelCard, Node
 from exo_trio.types import GenerationFailed, GenerationFinished, SamplingParams
 

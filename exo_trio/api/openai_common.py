@@ -7,9 +7,9 @@ import msgspec
 
 from exo_trio.api.errors import ApiError, openai_error_body
 from exo_trio.api.generation import Timing, failure_error
-from exo_trio.api.relay import StreamEncoder
 from exo_trio.api.sampling import build_params
 from exo_trio.api.sse import DONE, KEEPALIVE, sse_data
+from exo_trio.api.stream_response import StreamEncoder
 from exo_trio.types import GenerationFailed, GenerationFinished, SamplingParams, TextGeneration
 
 

@@ -24,9 +24,9 @@ from exo_trio.api.generation import (
     plan_generation,
 )
 from exo_trio.api.messages import TextPart, text_of
-from exo_trio.api.relay import StreamEncoder
 from exo_trio.api.sampling import build_params
 from exo_trio.api.sse import KEEPALIVE, sse_event
+from exo_trio.api.stream_response import StreamEncoder
 from exo_trio.node import Node
 from exo_trio.types import FinishReason, GenerationFailed, GenerationFinished, TextGeneration
 

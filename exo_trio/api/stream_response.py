@@ -1,4 +1,4 @@
-"""Relaying one request's events to a streaming client, for every dialect.
+"""Streaming one request's events to its HTTP client, for every dialect.
 
 The loop is the same everywhere (keep-alive ticks, text, a finish or a failure);
 what differs is the bytes each dialect writes for them, which a StreamEncoder
@@ -36,7 +36,7 @@ class StreamEncoder:
         raise NotImplementedError
 
 
-async def relay(
+async def stream_response(
     node: Node,
     command: TextGeneration,
     encoder: StreamEncoder,

@@ -11,7 +11,7 @@ request alone on the runner is decoded outside the generator, like mlx-lm's
 `generate_step`, until another one arrives (solo.py says why).
 
 The engine does no I/O and never blocks on anything but MLX, so it can be unit
-tested directly; the runner process (runner.py) owns the pipes and calls
+tested directly; the runner process (loop.py, rank.py) owns the pipes and calls
 `submit` / `cancel` / `step` from one thread.
 
 Facts about `BatchGenerator` this code relies on (mlx-lm 0.32):
@@ -57,8 +57,8 @@ from mlx_lm.sample_utils import (
 )
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
-from exo_trio.solo import SoloDecoder
-from exo_trio.stop_strings import StopStringMatcher
+from exo_trio.runner.solo import SoloDecoder
+from exo_trio.runner.stop_strings import StopStringMatcher
 from exo_trio.types import (
     ChunkGenerated,
     FailureKind,
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_LENGTH = 4096
 ProgressCallback = Callable[[float, str], None]
 # Called on the lazily loaded model (and its config) before any weight is read;
-# returns the model to serve. Sharding cuts the model down here (sharding.py).
+# returns the model to serve. Sharding cuts the model down here (layer_split.py).
 ModelHook = Callable[[Any, dict[str, Any]], Any]
 Sampler = Callable[[mx.array], mx.array]
 

@@ -41,7 +41,7 @@ raise: it can leave garbage behind, which the other rank would not agree with).
 
 Waiting for the reports costs little: the other ranks report right after their
 step, which ends with the same collectives as rank 0's, and (unless the runner
-waits for each forward pass, see sharded_runner._sync_steps) BatchGenerator has
+waits for each forward pass, see rank._sync_steps) BatchGenerator has
 already queued the next forward pass, so the round trip overlaps with it.
 """
 
@@ -58,13 +58,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from exo_trio.framing import FrameDecoder, FrameError, encode_frame
+from exo_trio.runner.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.types import Cancel, GenerationEvent, TextGeneration
 
 if TYPE_CHECKING:
     import mlx.core as mx
 
-    from exo_trio.sharding import ShardSpec
+    from exo_trio.runner.layer_split import ShardSpec
 
 __all__ = [
     "FollowerChannel",

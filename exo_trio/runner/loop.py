@@ -1,8 +1,9 @@
-"""The runner process: one model, one Engine, the framed protocol on stdin/stdout.
+"""A runner process's protocol I/O, and the main loop of a runner that holds a whole
+model: one Engine, the framed protocol on stdin/stdout.
 
-Run as ``python -m exo_trio.runner --model PATH --model-id ID [--max-batch N]``.
-With ``--world-size N`` (N > 1) the runner is one rank of a model split across
-an `mx.distributed` group; see sharded_runner.py for those flags and semantics.
+Started as ``python -m exo_trio.runner`` (``__main__.py``); with ``--world-size N``
+(N > 1) the process is one rank of a model split across an `mx.distributed` group
+instead (rank.py), which reuses the I/O pieces here.
 
 The worker writes commands (`WorkerToRunner`: TextGeneration, Cancel, Shutdown)
 to our stdin and reads `RunnerToWorker` messages from our stdout, both as
@@ -28,7 +29,6 @@ Structure:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from exo_trio.affinity import parse_cores, pin_this_thread
-from exo_trio.framing import FrameDecoder, FrameError, encode_frame
-from exo_trio.runner_protocol import (
+from exo_trio.runner.framing import FrameDecoder, FrameError, encode_frame
+from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
     Ready,
@@ -54,7 +53,7 @@ from exo_trio.runner_protocol import (
 from exo_trio.types import Cancel, TextGeneration
 
 if TYPE_CHECKING:  # the engine pulls in MLX; import it only after stdout is claimed
-    from exo_trio.engine import Engine
+    from exo_trio.runner.engine import Engine
 
 log = logging.getLogger("exo_trio.runner")
 
@@ -252,76 +251,3 @@ class Runner:
         outgoing.extend(self.engine.fail_all("cancelled", f"runner stopped ({reason})"))
         self.writer.send(outgoing)
         return 0
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m exo_trio.runner", description=__doc__)
-    parser.add_argument("--model", type=Path, required=True, help="model directory")
-    parser.add_argument("--model-id", required=True, help="model id reported in Ready")
-    parser.add_argument("--max-batch", type=int, default=16, help="max concurrent sequences")
-    parser.add_argument(
-        "--cpus", type=parse_cores, help="pin this process to these cores, e.g. 0,1 (Linux)"
-    )
-    from exo_trio.sharded_runner import add_shard_arguments, check_shard_arguments
-
-    add_shard_arguments(parser)
-    args = parser.parse_args(argv)
-    check_shard_arguments(parser, args)
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    # Pin before anything else, argument checking included (it imports MLX, which
-    # starts threads): a thread inherits its creator's cores when it is started.
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--cpus", type=parse_cores)
-    cpus = early.parse_known_args(argv)[0].cpus
-    if cpus:
-        pin_this_thread(cpus)
-    args = parse_args(argv)
-    writer = ProtocolWriter(claim_stdout())
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=os.environ.get("EXO_TRIO_RUNNER_LOG", "INFO").upper(),
-        format=f"runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
-    nice = int(os.environ.get("EXO_TRIO_RUNNER_NICE", "0"))
-    if nice:
-        os.nice(nice)
-    if args.world_size > 1:
-        from exo_trio.sharded_runner import serve_sharded
-
-        status = serve_sharded(args, writer)
-        # os._exit, not a return: MLX's group threads may still be blocked on a lost
-        # peer, and interpreter shutdown must not wait for them.
-        writer.send_final([], status)
-    commands: queue.Queue[QueueItem] = queue.Queue()
-    # Start reading at once so EOF or Shutdown during a long load are seen as soon
-    # as the load ends, and the worker's pipe never fills up.
-    threading.Thread(
-        target=read_commands, args=(sys.stdin.fileno(), commands), name="stdin", daemon=True
-    ).start()
-    try:
-        writer.send([Loading(fraction=0.0, phase="starting")])
-        from exo_trio.engine import Engine
-
-        engine = Engine.load(
-            args.model, args.model_id, max_batch=args.max_batch, on_progress=progress_to(writer)
-        )
-    except BrokenPipeError:
-        return 1
-    except Exception as exc:
-        return report_load_failure(writer, args.model, exc)
-    try:
-        report_ready(writer, engine, args.model_id)
-        return Runner(engine, writer, commands).run()
-    except BrokenPipeError:
-        # The worker closed its end of our stdout: nobody is listening any more.
-        log.warning("protocol pipe closed by the worker; exiting")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

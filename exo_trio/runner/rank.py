@@ -68,8 +68,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from exo_trio.framing import FrameDecoder, FrameError, encode_frame
-from exo_trio.runner import (
+from exo_trio.runner.framing import FrameDecoder, FrameError, encode_frame
+from exo_trio.runner.loop import (
     READ_SIZE,
     Arrival,
     EndOfInput,
@@ -81,7 +81,7 @@ from exo_trio.runner import (
     report_load_failure,
     report_ready,
 )
-from exo_trio.runner_protocol import (
+from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
     RunnerError,
@@ -91,7 +91,7 @@ from exo_trio.runner_protocol import (
 )
 
 # No MLX in step_sync at module level: safe to import before stdout is claimed.
-from exo_trio.step_sync import FollowerChannel, GroupStalled, LeaderChannel, events_digest
+from exo_trio.runner.step_sync import FollowerChannel, GroupStalled, LeaderChannel, events_digest
 from exo_trio.types import (
     Cancel,
     ChunkGenerated,
@@ -102,8 +102,8 @@ from exo_trio.types import (
 )
 
 if TYPE_CHECKING:  # these pull in MLX, imported only once stdout is claimed
-    from exo_trio.engine import Engine
-    from exo_trio.sharding import ShardSpec
+    from exo_trio.runner.engine import Engine
+    from exo_trio.runner.layer_split import ShardSpec
 
 __all__ = ["add_shard_arguments", "check_shard_arguments", "serve_sharded"]
 
@@ -144,7 +144,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from exo_trio.sharding import parse_layers  # no MLX import at module level there
+    from exo_trio.runner.layer_split import parse_layers  # no MLX import at module level there
 
     if args.world_size < 1:
         parser.error("--world-size must be >= 1")
@@ -160,7 +160,7 @@ def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def _spec(args: argparse.Namespace) -> ShardSpec:
-    from exo_trio.sharding import ShardSpec
+    from exo_trio.runner.layer_split import ShardSpec
 
     return ShardSpec(
         rank=args.rank,
@@ -512,9 +512,9 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
     watchdog = Watchdog(on_stall)
     try:
         writer.send([Loading(fraction=0.0, phase="joining group")])
-        from exo_trio.engine import Engine
-        from exo_trio.sharding import ShardingError, apply_sharding, join_group
-        from exo_trio.step_sync import StepSyncError, open_channel
+        from exo_trio.runner.engine import Engine
+        from exo_trio.runner.layer_split import ShardingError, apply_sharding, join_group
+        from exo_trio.runner.step_sync import StepSyncError, open_channel
 
         spec = _spec(args)
         started = time.monotonic()
@@ -586,7 +586,7 @@ def _sync_steps(spec: ShardSpec) -> bool:
     (~220-260 against ~190-225 tokens/s). Ranks on separate machines always overlap.
     EXO_TRIO_STEP_SYNC=1 or 0 overrides the choice.
     """
-    from exo_trio.sharding import ranks_share_host
+    from exo_trio.runner.layer_split import ranks_share_host
 
     forced = os.environ.get("EXO_TRIO_STEP_SYNC", "auto")
     if forced in ("0", "1"):
