@@ -207,3 +207,17 @@ def _check_fits(
                 f"node {node.node_id} needs {need / 2**20:.0f} MiB for its shard "
                 f"but has {have / 2**20:.0f} MiB usable"
             )
+
+
+def memory_shortfall(model: str, size_bytes: int, free: Sequence[int]) -> str | None:
+    """Why a model of `size_bytes` of weights cannot run on nodes with `free` bytes
+    of free memory each, even split across all of them; None if it can."""
+    usable = sum(int(f * MEMORY_HEADROOM) for f in free)
+    if size_bytes <= usable:
+        return None
+    nodes = f"{len(free)} node" + ("s" if len(free) != 1 else "")
+    return (
+        f"{model} is too big for this cluster's memory: its weights need "
+        f"{size_bytes / 2**30:.1f} GiB, and the cluster ({nodes}) has "
+        f"{usable / 2**30:.1f} GiB usable ({MEMORY_HEADROOM:.0%} of its free memory)"
+    )

@@ -1,0 +1,155 @@
+"""Hub downloads in flight on this node, in Trio.
+
+`Downloads.start` starts a model's download (or joins the one already running for
+it: two pulls of a model share one download) and `Downloads.leave` lets go of it;
+when the last party interested in a download leaves before it is done (every
+client pulling it went away), it is cancelled, its partial files kept for the next
+attempt to resume. Each download runs in a worker thread (huggingface_hub blocks)
+through these steps, stopping at the first that fails:
+
+1. resolve the name to a commit and its file listing (the hub's model info, or the
+   cache when offline or the hub is unreachable);
+2. fetch the small files (config, tokenizer, weight index);
+3. check that mlx-lm can load it and that it fits in memory (`fits`, given by the
+   caller: the cluster's free memory), before a single weight byte is fetched;
+4. fetch the weight files (all, or those a range of layers needs), resumably.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from exo_trio.hub_download import DownloadCancelled, DownloadProgress, HubClient
+from exo_trio.hub_plan import (
+    INDEX_FILE,
+    HubError,
+    HubRef,
+    RepoListing,
+    plan_weights,
+    unloadable_reason,
+    weights_size,
+)
+from exo_trio.model_store import mlx_supports
+
+log = logging.getLogger(__name__)
+
+# Given a model's name and weight bytes: why it cannot fit, or None.
+FitCheck = Callable[[str, int], str | None]
+Layers = tuple[int, int] | None
+
+
+def always_fits(name: str, size: int) -> str | None:
+    return None
+
+
+@dataclass
+class Download:
+    ref: HubRef
+    layers: Layers
+    progress: DownloadProgress
+    done: trio.Event = field(default_factory=trio.Event)
+    path: Path | None = None  # the snapshot directory, once done
+    listing: RepoListing | None = None
+    error: HubError | None = None
+    parties: int = 0
+
+    @property
+    def key(self) -> tuple[str, Layers]:
+        return (self.ref.name, self.layers)
+
+
+class Downloads:
+    def __init__(self, client: HubClient) -> None:
+        self.client = client
+        self.active: dict[tuple[str, Layers], Download] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                # The node is stopping: stop the threads at their next chunk.
+                for download in self.active.values():
+                    download.progress.cancel()
+
+    def start(self, ref: HubRef, fits: FitCheck = always_fits, layers: Layers = None) -> Download:
+        """Start (or join) the download of `ref`; the caller must `leave` it."""
+        key = (ref.name, layers)
+        download = self.active.get(key)
+        if download is None:
+            if self._nursery is None:
+                raise RuntimeError("Downloads.run is not running")
+            download = Download(ref, layers, DownloadProgress(ref.name))
+            self.active[key] = download
+            self._nursery.start_soon(self._run, download, fits)
+        download.parties += 1
+        return download
+
+    def leave(self, download: Download) -> None:
+        download.parties -= 1
+        if download.parties <= 0 and not download.done.is_set():
+            log.info("nobody waits for %s any more: cancelling its download", download.ref.name)
+            download.progress.cancel()
+
+    async def fetch(
+        self, ref: HubRef, fits: FitCheck = always_fits, layers: Layers = None
+    ) -> Download:
+        """Download `ref` and wait for it; raises HubError if it cannot be had."""
+        download = self.start(ref, fits, layers)
+        try:
+            await download.done.wait()
+        finally:
+            self.leave(download)
+        if download.error is not None:
+            raise download.error
+        return download
+
+    def in_flight(self) -> list[DownloadProgress]:
+        return [d.progress for d in self.active.values()]
+
+    async def _run(self, download: Download, fits: FitCheck) -> None:
+        progress = download.progress
+        try:
+            # abandon_on_cancel: a stopping node does not wait for a chunk to end;
+            # the cancelled progress stops the thread at its next chunk.
+            await trio.to_thread.run_sync(self._work, download, fits, abandon_on_cancel=True)
+            progress.end("done")
+            log.info("%s is in the store (%s)", download.ref.name, download.path)
+        except DownloadCancelled as exc:
+            download.error = HubError(str(exc))
+            progress.end("cancelled", str(exc))
+        except HubError as exc:
+            download.error = exc
+            progress.end("failed", str(exc))
+            log.warning("cannot fetch %s: %s", download.ref.name, exc)
+        except Exception as exc:  # a network or disk error in huggingface_hub
+            download.error = HubError(f"downloading {download.ref.name} failed: {exc}")
+            progress.end("failed", str(download.error))
+            log.warning("%s", download.error, exc_info=exc)
+        finally:
+            if self.active.get(download.key) is download:
+                del self.active[download.key]
+            download.done.set()
+
+    def _work(self, download: Download, fits: FitCheck) -> None:
+        """In a worker thread: the steps of the module docstring."""
+        client, ref, progress = self.client, download.ref, download.progress
+        listing = client.listing(ref)
+        download.listing = listing
+        download.path = client.fetch_small(listing, progress)
+        reason = unloadable_reason(listing, client.read_json(listing, "config.json"), mlx_supports)
+        if reason is None and download.layers is None:
+            reason = trio.from_thread.run_sync(fits, ref.name, weights_size(listing))
+        if reason is not None:
+            raise HubError(reason)
+        names = plan_weights(listing, client.read_json(listing, INDEX_FILE), download.layers)
+        client.fetch_weights(listing, names, progress)
+        client.remember_revision(ref, listing.commit)
