@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from exo_trio import client_cli
 from exo_trio.affinity import CoreSplit, format_cores, pin_this_thread, split_cores, usable_cores
 from exo_trio.api.settings import (
     DEFAULT_MAX_QUEUED,
@@ -28,7 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     node = sub.add_parser("node", help="run a node: HTTP API, worker and runner")
-    node.add_argument("--model", type=Path, help="MLX model directory (default: demo model)")
+    node.add_argument(
+        "--model",
+        type=Path,
+        help="an MLX model directory, or a hub model org/name[@revision] to download "
+        "(default: the demo model)",
+    )
+    node.add_argument(
+        "--served-model-name", help="serve the model under this name (default: its hub id)"
+    )
     node.add_argument("--api-host", default="127.0.0.1")
     node.add_argument("--api-port", type=int, default=52415)
     node.add_argument("--data-dir", type=Path, help="where the node keeps its files")
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo",
         help="demo: the 4M-parameter model `node` serves by default; medium: ~94M, for benchmarks",
     )
+    client_cli.add_commands(sub)
     return parser
 
 
@@ -169,6 +179,8 @@ def place_on_cores() -> CoreSplit | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in client_cli.COMMANDS:
+        return client_cli.main(args)
     if args.command == "demo-model":
         from exo_trio.demo_model import build_demo_model
 
@@ -181,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # huggingface_hub's HTTP client logs every request at INFO.
+    logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from exo_trio.api.app import ApiSettings
 
     # Before the daemon's imports: they load MLX, which starts threads, and only
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     listen = parse_address(args.listen) if args.listen else None
     config = NodeConfig(
         model_path=args.model,
+        served_model_name=args.served_model_name,
         api_host=args.api_host,
         api_port=args.api_port,
         data_dir=args.data_dir or default_data_dir(),

@@ -27,16 +27,23 @@ from exo_trio.cluster import Cluster, ClusterSettings
 from exo_trio.cluster_messages import ClusterMessage
 from exo_trio.cluster_state import Vote
 from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model
+from exo_trio.downloads import Downloads, always_fits
+from exo_trio.hub_download import HubClient
+from exo_trio.hub_plan import HubRef, parse_hub_ref
+from exo_trio.model_catalog import ModelCatalog
 from exo_trio.model_info import describe_model_dir, model_info
+from exo_trio.model_store import ModelStore, name_for_path
 from exo_trio.net.discovery import Discovery
 from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
 from exo_trio.net.links import PeerLinks
 from exo_trio.node import ModelCard, Node
+from exo_trio.placement import memory_shortfall
 from exo_trio.prompts import HFPromptEncoder, context_length
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
+from exo_trio.terminal import ProgressBar
 from exo_trio.token_relay import TokenRelay
 
 log = logging.getLogger("exo_trio")
@@ -49,7 +56,10 @@ def default_data_dir() -> Path:
 
 @dataclass
 class NodeConfig:
+    # A model directory, or a hub model id `org/name[@revision]` (fetched first).
     model_path: Path | None = None
+    # The name to serve the model under (default: its hub id or directory name).
+    served_model_name: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 52415
     data_dir: Path = field(default_factory=default_data_dir)
@@ -71,15 +81,60 @@ class NodeConfig:
     cores: CoreSplit | None = None
 
 
-def resolve_model(config: NodeConfig) -> tuple[str, Path]:
-    """The model to serve: the given directory (id = its name), or the demo model."""
+async def resolve_model(config: NodeConfig) -> tuple[str, Path]:
+    """The model to serve and its name: the given directory, the given hub model
+    (downloaded into the store first, with a progress bar), or the demo model."""
     if config.model_path is None:
         log.info("no --model given: serving the built-in demo model")
-        return DEMO_MODEL_ID, ensure_demo_model(config.data_dir)
-    path = config.model_path.expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"exo-trio: {path} is not an MLX model directory (no config.json)")
-    return path.name, path
+        return config.served_model_name or DEMO_MODEL_ID, ensure_demo_model(config.data_dir)
+    text = str(config.model_path)
+    path = config.model_path.expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"exo-trio: {path} is not an MLX model directory (no config.json)")
+        return config.served_model_name or name_for_path(path), path
+    ref = parse_hub_ref(text)
+    if ref is None:
+        raise SystemExit(
+            f"exo-trio: --model {text}: no such directory, and not a hub model id "
+            "(org/name or org/name@revision)"
+        )
+    return config.served_model_name or ref.name, await fetch_at_start(config, ref)
+
+
+async def fetch_at_start(config: NodeConfig, ref: HubRef) -> Path:
+    """Download a hub model before the node starts serving it. Alone (no --peer)
+    the node refuses a model its memory cannot hold, before fetching its weights;
+    with peers the cluster's placement judges (it may split the model)."""
+    store = ModelStore(config.data_dir)
+    downloads = Downloads(HubClient(store.hub_cache))
+    fits = always_fits
+    if not config.peers:
+        fits = lambda name, size: memory_shortfall(name, size, [memory_free()])  # noqa: E731
+    log.info("fetching %s into %s", ref.name, store.hub_cache)
+    bar = ProgressBar(f"pulling {ref.name}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(downloads.run)
+        download = downloads.start(ref, fits)
+        try:
+            while not download.done.is_set():
+                bar.show(download.progress.completed, download.progress.total)
+                with trio.move_on_after(0.2):
+                    await download.done.wait()
+            bar.show(download.progress.completed, download.progress.total)
+        finally:
+            bar.close()
+            downloads.leave(download)
+            nursery.cancel_scope.cancel()
+    if download.error is not None or download.path is None:
+        raise SystemExit(f"exo-trio: cannot serve {ref.name}: {download.error}")
+    return download.path
+
+
+def discovers(config: NodeConfig) -> bool:
+    """Whether the node looks for peers on the LAN (never without a secret)."""
+    return config.discovery and config.cluster_secret is not None
 
 
 def bind_address(host: str, port: int) -> str:
@@ -163,9 +218,19 @@ def memory_free() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def cluster_memory(cluster: Cluster) -> list[int]:
+    """Every node's free memory as the leader last reported it; this node's own
+    now (and alone, before the first view)."""
+    mine = memory_free()
+    view = cluster.view
+    if view is None:
+        return [mine]
+    return [mine, *(n.memory_free for n in view.nodes if n.node_id != cluster.node_id)]
+
+
 async def run_node(config: NodeConfig) -> None:
     check_exposure(config.api_host, config.api, config.insecure_no_api_key)
-    model_id, model_path = resolve_model(config)
+    model_id, model_path = await resolve_model(config)
     node_id = load_node_id(config)
     log.info("node %s; model %s from %s", node_id, model_id, model_path)
     log.info("loading tokenizer")
@@ -208,7 +273,8 @@ async def run_node(config: NodeConfig) -> None:
         settings=ClusterSettings(
             auto_place=config.auto_place,
             expected_peers=len(config.peers),
-            settle=config.settle if (config.peers or config.discovery) else 0.0,
+            # Peers can come only from --peer, or from discovery, which needs a secret.
+            settle=config.settle if (config.peers or discovers(config)) else 0.0,
         ),
         remembered_vote=load_vote(config.data_dir),
         remember_vote=lambda vote: save_vote(config.data_dir, vote),
@@ -226,6 +292,8 @@ async def run_node(config: NodeConfig) -> None:
         peers=config.peers,
     )
     cluster.attach(links)
+    store = ModelStore(config.data_dir)
+    downloads = Downloads(HubClient(store.hub_cache))
     node = Node(
         model=card,
         encoder=encoder,
@@ -233,6 +301,7 @@ async def run_node(config: NodeConfig) -> None:
         registry=registry,
         seams=seams,
         dispatcher=cluster,
+        catalog=ModelCatalog(store, downloads, lambda: cluster_memory(cluster)),
     )
     app = create_app(node, config.api)
 
@@ -244,6 +313,7 @@ async def run_node(config: NodeConfig) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+        await nursery.start(downloads.run)
         await nursery.start(shards.run)
         await nursery.start(cluster.run)
         log.info("links listening on %s:%s", listen_host, links.listen_port)

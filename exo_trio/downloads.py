@@ -124,14 +124,14 @@ class Downloads:
             progress.end("done")
             log.info("%s is in the store (%s)", download.ref.name, download.path)
         except DownloadCancelled as exc:
-            download.error = HubError(str(exc))
+            download.error = HubError(str(exc), 503)
             progress.end("cancelled", str(exc))
         except HubError as exc:
             download.error = exc
             progress.end("failed", str(exc))
             log.warning("cannot fetch %s: %s", download.ref.name, exc)
         except Exception as exc:  # a network or disk error in huggingface_hub
-            download.error = HubError(f"downloading {download.ref.name} failed: {exc}")
+            download.error = HubError(f"downloading {download.ref.name} failed: {exc}", 502)
             progress.end("failed", str(download.error))
             log.warning("%s", download.error, exc_info=exc)
         finally:

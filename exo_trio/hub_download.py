@@ -144,16 +144,15 @@ def _explain(exc: Exception, ref: HubRef) -> HubError:
     """A huggingface_hub error as a sentence a user can act on."""
     from huggingface_hub import errors
 
-    name = ref.name
     if isinstance(exc, errors.GatedRepoError):
-        return HubError(f"{ref.repo} is gated: accept its terms on the hub and set HF_TOKEN")
+        return HubError(f"{ref.repo} is gated: accept its terms on the hub and set HF_TOKEN", 403)
     if isinstance(exc, errors.RevisionNotFoundError):
-        return HubError(f"{ref.repo} has no revision {ref.revision!r}")
+        return HubError(f"{ref.repo} has no revision {ref.revision!r}", 404)
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return HubError(f"no model {ref.repo} on the hub (or it is private: set HF_TOKEN)")
+        return HubError(f"no model {ref.repo} on the hub (or it is private: set HF_TOKEN)", 404)
     if isinstance(exc, errors.OfflineModeIsEnabled):
-        return HubError(f"{name} is not in the cache and HF_HUB_OFFLINE is set")
-    return HubError(f"fetching {name} failed: {type(exc).__name__}: {exc}")
+        return HubError(f"{ref.name} is not in the cache and HF_HUB_OFFLINE is set", 404)
+    return HubError(f"fetching {ref.name} failed: {type(exc).__name__}: {exc}", 502)
 
 
 @dataclass
@@ -187,11 +186,13 @@ class HubClient:
             try:
                 return self.cached_listing(ref)
             except HubError:
-                raise _explain(exc, ref) from exc
+                raise HubError(
+                    f"the hub is out of reach ({exc}) and {ref.name} is not in the cache", 503
+                ) from exc
         except errors.HfHubHTTPError as exc:
             raise _explain(exc, ref) from exc
         if not info.sha:
-            raise HubError(f"the hub gave no commit for {ref.name}")
+            raise HubError(f"the hub gave no commit for {ref.name}", 502)
         files = {s.rfilename: int(s.size or 0) for s in info.siblings or ()}
         return RepoListing(ref.repo, info.sha, files)
 
@@ -212,7 +213,7 @@ class HubClient:
         snapshot = self.snapshot_dir(ref.repo, commit) if commit else None
         if commit is None or snapshot is None or not snapshot.is_dir():
             where = "HF_HUB_OFFLINE is set" if self.is_offline else "the hub is unreachable"
-            raise HubError(f"{ref.name} is not in the cache at {self.cache_dir} and {where}")
+            raise HubError(f"{ref.name} is not in the cache at {self.cache_dir} and {where}", 404)
         files = {
             p.relative_to(snapshot).as_posix(): p.stat().st_size
             for p in snapshot.rglob("*")

@@ -50,7 +50,15 @@ _LAYER_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class HubError(Exception):
-    """A hub model that cannot be fetched or run here; the message says why."""
+    """A hub model that cannot be fetched or run here; the message says why, and
+    `status` is the HTTP status an API answers it with: 400 (the model cannot run
+    here), 404 (no such model or revision), 403 (gated), 503 (the hub is out of
+    reach), 502 (the hub or the download failed)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from exo_trio.metrics import Metrics, NodeSnapshot
 from exo_trio.prompts import PromptEncoder
@@ -21,6 +21,9 @@ from exo_trio.seams import Seams
 from exo_trio.streams import RequestStream, StreamRegistry
 from exo_trio.types import TextGeneration
 from exo_trio.worker import Worker
+
+if TYPE_CHECKING:
+    from exo_trio.model_catalog import ModelCatalog
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +121,12 @@ class Node:
         worker: Worker | None = None,
         dispatcher: Dispatcher | None = None,
         metrics: Metrics | None = None,
+        catalog: ModelCatalog | None = None,
     ) -> None:
         """Give either one local `worker` (a node on its own, as the unit tests and
-        the single-node simulator build it) or a `dispatcher` (the cluster)."""
+        the single-node simulator build it) or a `dispatcher` (the cluster). The
+        `catalog` (the model store and downloads) is optional: without it the
+        model-management endpoints answer 404."""
         if dispatcher is None:
             if worker is None:
                 raise ValueError("a Node needs a worker or a dispatcher")
@@ -130,6 +136,7 @@ class Node:
         self.dispatcher: Dispatcher = dispatcher
         self.registry = registry
         self.seams = seams
+        self.catalog = catalog
         # Handles of the requests in flight, for cancel_request; and the ids their
         # clients gave them (X-Request-Id), another name to cancel them by.
         self._handles: dict[str, object] = {}

@@ -64,7 +64,9 @@ class NodeProcess:
             raise
 
 
-def start_node(model_dir: Path | None, data_dir: Path, *extra: str) -> NodeProcess:
+def start_node(
+    model_dir: Path | str | None, data_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> NodeProcess:
     port = free_port()
     log_path = data_dir / f"node-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,10 @@ def start_node(model_dir: Path | None, data_dir: Path, *extra: str) -> NodeProce
     args += list(extra)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     return NodeProcess(process, port, log_path)
 

@@ -18,6 +18,7 @@ from exo_trio.api import (
     instances,
     ollama,
     ollama_models,
+    ollama_pull,
     openai_chat,
     ops,
     responses,
@@ -64,6 +65,7 @@ def routes() -> list[tuple[str, str, Handler]]:
         ("POST", "/v1/instances", instances.create),
         ("DELETE", "/v1/instances/<path:instance_id>", instances.delete),
         ("GET", "/state", instances.state),
+        ("GET", "/", ops.root),
     ]
     for prefix in OLLAMA_PREFIXES:
         table += [
@@ -73,6 +75,8 @@ def routes() -> list[tuple[str, str, Handler]]:
             ("POST", f"{prefix}/show", ollama_models.show),
             ("GET", f"{prefix}/ps", ollama_models.ps),
             ("GET", f"{prefix}/version", ollama_models.version),
+            ("POST", f"{prefix}/pull", ollama_pull.pull),
+            ("DELETE", f"{prefix}/delete", ollama_pull.delete),
         ]
     return table
 

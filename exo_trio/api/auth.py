@@ -1,6 +1,6 @@
 """API keys and CORS.
 
-With an API key set, every endpoint but /health needs it, as `Authorization:
+With an API key set, every endpoint but /health and / (a heartbeat) needs it, as `Authorization:
 Bearer KEY` (what OpenAI and Ollama clients send) or `x-api-key: KEY` (what the
 Anthropic client sends). /health stays open so load balancers and supervisors can
 probe without a secret. A node whose API listens beyond loopback refuses to start
@@ -21,7 +21,8 @@ from quart import Response, request
 from exo_trio.api.errors import ApiError
 from exo_trio.api.settings import ApiSettings
 
-OPEN_PATHS = frozenset({"/health"})
+# `/` says only that the server is up (Ollama's clients probe it before anything).
+OPEN_PATHS = frozenset({"/health", "/"})
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 EXPOSED_HEADERS = "X-Request-Id"
 

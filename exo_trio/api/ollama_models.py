@@ -2,7 +2,9 @@
 GET /api/version (also under /ollama/).
 
 Models are listed under Ollama-style names with the `:latest` tag, and found by
-either form. The catalogue is what this node serves; there is no pull or delete.
+either form. /api/tags lists the node's store (every model it can load, and those
+it serves); /api/ps the models loaded in the cluster. Pull and delete are in
+ollama_pull.py.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
+import trio
 
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.api.ollama import ollama_model
+from exo_trio.model_catalog import digest
+from exo_trio.model_store import StoredModel
 from exo_trio.node import ModelCard
 
 # The Ollama API version these endpoints follow. Clients such as editors check
@@ -31,7 +36,7 @@ def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
-def details(model: ModelCard) -> dict[str, object]:
+def details(model: ModelCard | StoredModel) -> dict[str, object]:
     family = model.architecture or "unknown"
     return {
         "parent_model": "",
@@ -55,8 +60,27 @@ def entry(model: ModelCard) -> dict[str, object]:
     }
 
 
+def stored_entry(model: StoredModel) -> dict[str, object]:
+    name = f"{model.name}:latest"
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": timestamp(model.modified),
+        "size": model.size_bytes,
+        "digest": digest(model),
+        "details": details(model),
+        # Not Ollama's: a node of a cluster may hold only its layers' weight files.
+        "complete": model.complete,
+    }
+
+
 async def tags(ctx: ApiContext) -> dict[str, object]:
-    return {"models": [entry(m) for m in ctx.node.models()]}
+    served = {m.id: entry(m) for m in ctx.node.models()}
+    catalog = ctx.node.catalog
+    # The store is read from disk (an HF cache may hold many models): not on the loop.
+    stored = await trio.to_thread.run_sync(catalog.store.models) if catalog is not None else []
+    found = served | {m.name: stored_entry(m) for m in stored}
+    return {"models": [found[name] for name in sorted(found)]}
 
 
 async def ps(ctx: ApiContext) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""Operating a node: POST /v1/cancel/{request_id} and GET /metrics."""
+"""Operating a node: POST /v1/cancel/{request_id}, GET /metrics, and GET / (HEAD /)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,10 @@ async def cancel(ctx: ApiContext, request_id: str) -> dict[str, object]:
 
 async def metrics(ctx: ApiContext) -> Response:
     return Response(ctx.node.metrics.render(), content_type=CONTENT_TYPE)
+
+
+async def root(ctx: ApiContext) -> Response:
+    """`HEAD /` and `GET /` answer 200 with a line of text, as Ollama's server does:
+    its CLI and the UIs built for it probe them as a heartbeat. (A dashboard page
+    for browsers belongs here too: it would answer the GETs that ask for HTML.)"""
+    return Response("exo-trio is running\n", content_type="text/plain; charset=utf-8")
