@@ -17,8 +17,10 @@ import msgspec
 
 from exo_trio.types import GenerationEvent, TextGeneration
 
-ShardState = Literal["starting", "loading", "ready", "failed", "stopped"]
-InstanceState = Literal["placing", "loading", "ready", "failed"]
+# "downloading": the shard's node is fetching the weight files its layers need
+# (a hub model it does not have) before it starts the runner.
+ShardState = Literal["downloading", "starting", "loading", "ready", "failed", "stopped"]
+InstanceState = Literal["placing", "downloading", "loading", "ready", "failed"]
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,6 +31,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     n_kv_heads: int
     supports_tensor: bool
     context_length: int
+    # A hub model: any node can fetch it (the files its layers need) at this commit.
+    repo: str | None = None
+    commit: str | None = None
 
 
 class ShardSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +52,9 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     backend: Literal["ring", "jaccl"]
     shards: tuple[ShardSpec, ...]
     auto: bool  # placed by the leader on its own (re-placed after failures)
+    # The model as the leader placed it: its size, layers, and for a hub model where
+    # a shard's node fetches the files it lacks. (None from older leaders.)
+    info: ModelInfo | None = None
 
     @property
     def world_size(self) -> int:
@@ -64,6 +72,11 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: ShardState
     error: str | None = None
     active_requests: int = 0
+    # While downloading: bytes on disk and to fetch, of the files this rank needs.
+    download_completed: int = 0
+    download_total: int = 0
+    # Tokens this rank's runner generated per second lately (rank 0: the instance's).
+    tokens_per_second: float = 0.0
 
 
 class NodeReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
@@ -90,6 +103,10 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     spec: InstanceSpec
     state: InstanceState
     error: str | None = None
+    # Summed over the ranks' reports (for /state, /v1/models and `exo-trio ps`).
+    download_completed: int = 0
+    download_total: int = 0
+    tokens_per_second: float = 0.0
 
 
 class ClusterView(msgspec.Struct, frozen=True, kw_only=True, tag="view"):
@@ -138,6 +155,8 @@ class PlaceRequest(msgspec.Struct, frozen=True, kw_only=True, tag="place"):
     nodes: tuple[str, ...] | None = None
     min_nodes: int = 1
     delete: str | None = None  # an instance id to delete instead
+    # The model, when the asking node resolved it (a hub model no node has yet).
+    info: ModelInfo | None = None
 
 
 class PlaceReply(msgspec.Struct, frozen=True, kw_only=True, tag="place_reply"):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
+import msgspec
+
 from exo_trio.cluster_messages import (
     InstanceSpec,
     InstanceStatus,
@@ -68,6 +70,7 @@ def model_spec(info: ModelInfo) -> ModelSpec:
         n_heads=info.n_heads,
         n_kv_heads=info.n_kv_heads,
         supports_tensor=info.supports_tensor,
+        downloadable=info.repo is not None,
     )
 
 
@@ -93,6 +96,7 @@ def instance_spec(
     ports: Mapping[str, int],
     *,
     auto: bool,
+    info: ModelInfo | None = None,
 ) -> InstanceSpec:
     """Turn a placement into a spec: every rank's reachable address and port."""
     shards = tuple(
@@ -113,6 +117,7 @@ def instance_spec(
         backend="ring",
         shards=shards,
         auto=auto,
+        info=info,
     )
 
 
@@ -147,8 +152,36 @@ def instance_statuses(
     for instance_id in sorted(specs):
         spec = specs[instance_id]
         seen = shards.get(instance_id, {})
-        result.append(_status(spec, seen, reports, pending.get(instance_id), now))
+        status = _status(spec, seen, reports, pending.get(instance_id), now)
+        result.append(_with_progress(status, seen))
     return result
+
+
+def _with_progress(status: InstanceStatus, seen: Mapping[int, ShardStatus]) -> InstanceStatus:
+    """The ranks' download progress summed, and rank 0's token rate (every token of
+    the instance comes out of rank 0)."""
+    entry = seen.get(0)
+    return msgspec.structs.replace(
+        status,
+        download_completed=sum(s.download_completed for s in seen.values()),
+        download_total=sum(s.download_total for s in seen.values()),
+        tokens_per_second=entry.tokens_per_second if entry is not None else 0.0,
+    )
+
+
+def extend_deadlines(
+    pending: Mapping[str, Pending], statuses: Iterable[InstanceStatus], now: float, timeout: float
+) -> dict[str, Pending]:
+    """A placement whose shards are still downloading is not late: its start
+    timeout counts from when the downloads end. (A download that stalls fails on
+    its own, through huggingface_hub's timeouts and retries.)"""
+    extended = dict(pending)
+    for status in statuses:
+        key = status.spec.instance_id
+        item = pending.get(key)
+        if item is not None and status.state == "downloading":
+            extended[key] = Pending(item.spec, max(item.deadline, now + timeout))
+    return extended
 
 
 def _status(
@@ -179,6 +212,8 @@ def _status(
                 )
     if len(seen) == spec.world_size and all(s.state == "ready" for s in seen.values()):
         return InstanceStatus(spec=spec, state="ready")
+    if any(s.state == "downloading" for s in seen.values()):
+        return InstanceStatus(spec=spec, state="downloading")
     if pending is not None and now > pending.deadline:
         return InstanceStatus(spec=spec, state="failed", error="did not come up in time")
     if not seen:

@@ -13,6 +13,11 @@ through these steps, stopping at the first that fails:
 3. check that mlx-lm can load it and that it fits in memory (`fits`, given by the
    caller: the cluster's free memory), before a single weight byte is fetched;
 4. fetch the weight files (all, or those a range of layers needs), resumably.
+
+What is wanted (`Want`) says where to stop: only steps 1-3 to describe a model
+for placement (every node that serves requests for it needs its tokenizer too),
+or all of them; and a shard of a placed instance fetches exactly the commit the
+instance was placed with.
 """
 
 from __future__ import annotations
@@ -40,17 +45,29 @@ log = logging.getLogger(__name__)
 
 # Given a model's name and weight bytes: why it cannot fit, or None.
 FitCheck = Callable[[str, int], str | None]
-Layers = tuple[int, int] | None
 
 
 def always_fits(name: str, size: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Want:
+    """What of a model to fetch."""
+
+    weights: bool = True  # False: resolve it and fetch its small files only
+    layers: tuple[int, int] | None = None  # the weight files these layers need (None: all)
+    commit: str | None = None  # exactly this commit, not what the revision names now
+
+
+WHOLE = Want()
+DESCRIBE = Want(weights=False)
+
+
 @dataclass
 class Download:
     ref: HubRef
-    layers: Layers
+    want: Want
     progress: DownloadProgress
     done: trio.Event = field(default_factory=trio.Event)
     path: Path | None = None  # the snapshot directory, once done
@@ -59,14 +76,14 @@ class Download:
     parties: int = 0
 
     @property
-    def key(self) -> tuple[str, Layers]:
-        return (self.ref.name, self.layers)
+    def key(self) -> tuple[str, Want]:
+        return (self.ref.name, self.want)
 
 
 class Downloads:
     def __init__(self, client: HubClient) -> None:
         self.client = client
-        self.active: dict[tuple[str, Layers], Download] = {}
+        self.active: dict[tuple[str, Want], Download] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -80,14 +97,14 @@ class Downloads:
                 for download in self.active.values():
                     download.progress.cancel()
 
-    def start(self, ref: HubRef, fits: FitCheck = always_fits, layers: Layers = None) -> Download:
+    def start(self, ref: HubRef, fits: FitCheck = always_fits, want: Want = WHOLE) -> Download:
         """Start (or join) the download of `ref`; the caller must `leave` it."""
-        key = (ref.name, layers)
+        key = (ref.name, want)
         download = self.active.get(key)
         if download is None:
             if self._nursery is None:
                 raise RuntimeError("Downloads.run is not running")
-            download = Download(ref, layers, DownloadProgress(ref.name))
+            download = Download(ref, want, DownloadProgress(ref.name))
             self.active[key] = download
             self._nursery.start_soon(self._run, download, fits)
         download.parties += 1
@@ -100,10 +117,10 @@ class Downloads:
             download.progress.cancel()
 
     async def fetch(
-        self, ref: HubRef, fits: FitCheck = always_fits, layers: Layers = None
+        self, ref: HubRef, fits: FitCheck = always_fits, want: Want = WHOLE
     ) -> Download:
         """Download `ref` and wait for it; raises HubError if it cannot be had."""
-        download = self.start(ref, fits, layers)
+        download = self.start(ref, fits, want)
         try:
             await download.done.wait()
         finally:
@@ -113,7 +130,8 @@ class Downloads:
         return download
 
     def in_flight(self) -> list[DownloadProgress]:
-        return [d.progress for d in self.active.values()]
+        """The downloads of weights under way (describing a model is quick)."""
+        return [d.progress for d in self.active.values() if d.want.weights]
 
     async def _run(self, download: Download, fits: FitCheck) -> None:
         progress = download.progress
@@ -141,15 +159,16 @@ class Downloads:
 
     def _work(self, download: Download, fits: FitCheck) -> None:
         """In a worker thread: the steps of the module docstring."""
-        client, ref, progress = self.client, download.ref, download.progress
-        listing = client.listing(ref)
+        client, ref, want, progress = self.client, download.ref, download.want, download.progress
+        listing = client.listing(HubRef(ref.repo, want.commit) if want.commit else ref)
         download.listing = listing
         download.path = client.fetch_small(listing, progress)
         reason = unloadable_reason(listing, client.read_json(listing, "config.json"), mlx_supports)
-        if reason is None and download.layers is None:
+        if reason is None:
             reason = trio.from_thread.run_sync(fits, ref.name, weights_size(listing))
         if reason is not None:
             raise HubError(reason)
-        names = plan_weights(listing, client.read_json(listing, INDEX_FILE), download.layers)
-        client.fetch_weights(listing, names, progress)
+        if want.weights:
+            names = plan_weights(listing, client.read_json(listing, INDEX_FILE), want.layers)
+            client.fetch_weights(listing, names, progress)
         client.remember_revision(ref, listing.commit)

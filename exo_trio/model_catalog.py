@@ -1,22 +1,38 @@
-"""What a node knows about models beyond the ones it serves: its store on disk,
-the downloads in flight, and how much memory the cluster has to run them in.
+"""What a node knows about models: its store on disk, the models it was started
+with, the downloads in flight, and how much memory the cluster has to run them in.
 
-The API's model management (Ollama's /api/pull, /api/delete, /api/tags, the CLI's
-`pull`, `ls`, `rm`) works on this.
+- The leader places models by what the nodes report (`infos`: every complete model
+  in the store and every model the node was started with; a hub model's entry
+  carries its repo and commit, so a node that lacks it can fetch it).
+- A model asked for by name (`POST /v1/instances`, Ollama's load on demand) is
+  `resolve`d: found locally, or described from the hub (its small files fetched,
+  checked as loadable and as fitting the cluster's memory, no weights yet).
+- A shard of a placed instance gets its files with `fetch_shard`: the local copy,
+  or the weight files its layers need, fetched at the instance's commit.
+- The API's model management (Ollama's /api/pull, /api/delete, /api/tags, the CLI's
+  `pull`, `ls`, `rm`) works on the store and `pull`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from exo_trio.downloads import Download, Downloads
-from exo_trio.hub_plan import HubRef
-from exo_trio.model_info import describe_model_dir
+import trio
+
+from exo_trio.cluster_messages import InstanceSpec, ModelInfo
+from exo_trio.downloads import DESCRIBE, Download, Downloads, Want, always_fits
+from exo_trio.hub_download import DownloadProgress
+from exo_trio.hub_plan import HubError, HubRef, parse_hub_ref, weights_size
+from exo_trio.model_info import describe_model_dir, model_info
 from exo_trio.model_store import ModelStore, StoredModel
 from exo_trio.placement import memory_shortfall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,9 +41,99 @@ class ModelCatalog:
     downloads: Downloads
     # The free memory of every node of the cluster (bytes), this node's first.
     cluster_memory: Callable[[], list[int]]
+    # Models the node was started with (--model): name -> (info, directory).
+    pinned: dict[str, tuple[ModelInfo, Path]] = field(default_factory=dict)
+    # What the node reports to the leader, kept up to date by `refresh` (the
+    # cluster holds this very dict).
+    infos: dict[str, ModelInfo] = field(default_factory=dict)
+    _paths: dict[str, Path] = field(default_factory=dict)
+
+    # ---- what this node has ----
+
+    def pin(self, info: ModelInfo, path: Path) -> None:
+        self.pinned[info.id] = (info, path)
+        self.infos[info.id] = info
+        self._paths[info.id] = path
+
+    def refresh(self) -> None:
+        """Read the store again (after a pull or a delete, and at start): every
+        complete model in it, and the pinned ones, go into `infos`."""
+        found: dict[str, tuple[ModelInfo, Path]] = {}
+        for model in self.store.models():
+            if model.complete:
+                try:
+                    found[model.name] = (stored_info(model), model.path)
+                except (OSError, ValueError) as exc:
+                    log.warning("skipping %s in the store: %s", model.name, exc)
+        found.update(self.pinned)
+        self.infos.clear()
+        self.infos.update({name: info for name, (info, _) in found.items()})
+        self._paths = {name: path for name, (_, path) in found.items()}
+
+    def local_path(self, name: str) -> Path | None:
+        """The directory holding all of a model, if this node has one."""
+        return self._paths.get(name)
+
+    # ---- finding a model by name ----
 
     def fits(self, name: str, size_bytes: int) -> str | None:
         return memory_shortfall(name, size_bytes, self.cluster_memory())
+
+    async def resolve(self, name: str) -> tuple[ModelInfo, Path]:
+        """A model's placement facts and a directory holding at least its config and
+        tokenizer: a local one, or a hub model described from the hub (HubError
+        with the reason, as 404 or 400, when it cannot be)."""
+        name = name.removesuffix(":latest")
+        if name in self.infos:
+            return self.infos[name], self._paths[name]
+        ref = parse_hub_ref(name)
+        if ref is None:
+            raise HubError(
+                f"model {name!r} is not in the store, and is not a hub model id "
+                "(org/name or org/name@revision)",
+                404,
+            )
+        download = await self.downloads.fetch(ref, self.fits, DESCRIBE)
+        assert download.path is not None and download.listing is not None
+        listing = download.listing
+        info = await trio.to_thread.run_sync(
+            lambda: model_info(
+                download.path,  # type: ignore[arg-type]
+                ref.name,
+                size_bytes=weights_size(listing),
+                repo=ref.repo,
+                commit=listing.commit,
+            )
+        )
+        return info, download.path
+
+    # ---- a shard's files ----
+
+    async def fetch_shard(
+        self, spec: InstanceSpec, rank: int, watch: Callable[[DownloadProgress], None]
+    ) -> Path:
+        """The directory a shard's runner loads: this node's copy of the model, or
+        the files the shard's layers need, fetched from the hub at the instance's
+        commit (`watch` is handed the progress to report)."""
+        local = self.local_path(spec.model)
+        if local is not None:
+            return local
+        info = spec.info
+        if info is None or info.repo is None or info.commit is None:
+            raise HubError(f"this node does not have model {spec.model}", 404)
+        ref = shard_ref(spec.model, info)
+        download = self.downloads.start(ref, always_fits, shard_want(spec, rank))
+        watch(download.progress)
+        try:
+            await download.done.wait()
+        finally:
+            self.downloads.leave(download)
+        if download.error is not None:
+            raise download.error
+        assert download.path is not None
+        return download.path
+
+    # ---- the store, for the API ----
 
     def pull(self, ref: HubRef) -> Download:
         """Start (or join) downloading a hub model into the store; `leave` it after."""
@@ -35,6 +141,33 @@ class ModelCatalog:
 
     def downloads_in_flight(self) -> list[dict[str, Any]]:
         return [p.snapshot() for p in self.downloads.in_flight()]
+
+
+def shard_ref(name: str, info: ModelInfo) -> HubRef:
+    """The hub name a shard fetches a placed model under: the served name's
+    revision when the name is the repo's (so the store names it alike), else the
+    commit itself."""
+    assert info.repo is not None and info.commit is not None
+    ref = parse_hub_ref(name)
+    if ref is not None and ref.repo == info.repo:
+        return ref
+    return HubRef(info.repo, info.commit)
+
+
+def shard_want(spec: InstanceSpec, rank: int) -> Want:
+    """A pipeline rank fetches the files of its layers; a tensor-parallel rank (a
+    slice of every layer) or a whole model, all of them. Always the instance's
+    commit, whatever the branch names now."""
+    assert spec.info is not None
+    shard = spec.shards[rank]
+    layers = None
+    if spec.sharding == "pipeline" and spec.world_size > 1:
+        layers = (shard.start_layer, shard.end_layer)
+    return Want(layers=layers, commit=spec.info.commit)
+
+
+def stored_info(model: StoredModel) -> ModelInfo:
+    return model_info(model.path, model.name, repo=model.repo, commit=model.commit)
 
 
 def digest(model: StoredModel) -> str:

@@ -38,9 +38,18 @@ def describe_model_dir(path: Path) -> ModelFacts:
     return ModelFacts(architecture, size, f"sha256:{h.hexdigest()}", vocab_size)
 
 
-def model_info(path: Path, model_id: str) -> ModelInfo:
+def model_info(
+    path: Path,
+    model_id: str,
+    *,
+    size_bytes: int | None = None,
+    repo: str | None = None,
+    commit: str | None = None,
+) -> ModelInfo:
     """What the leader needs to place a model: its size and shape, from the
-    directory alone (no weights are loaded)."""
+    directory alone (no weights are loaded). For a hub model whose directory holds
+    only some (or none) of its weights, the caller gives the size and the repo and
+    commit the other nodes fetch it from."""
     config = json.loads((path / "config.json").read_text())
     text = config.get("text_config", config)
 
@@ -54,12 +63,14 @@ def model_info(path: Path, model_id: str) -> ModelInfo:
     n_heads = first("num_attention_heads", "n_heads")
     return ModelInfo(
         id=model_id,
-        size_bytes=describe_model_dir(path).size_bytes,
+        size_bytes=describe_model_dir(path).size_bytes if size_bytes is None else size_bytes,
         n_layers=first("num_hidden_layers", "n_layers", "num_layers"),
         n_heads=n_heads,
         n_kv_heads=first("num_key_value_heads", "n_kv_heads", default=n_heads),
         supports_tensor=_supports_tensor(str(config.get("model_type", ""))),
         context_length=context_length(path),
+        repo=repo,
+        commit=commit,
     )
 
 

@@ -38,6 +38,9 @@ class ModelSpec:
     n_heads: int
     n_kv_heads: int
     supports_tensor: bool
+    # A hub model: a node that does not have it fetches its share, so every node
+    # can take part.
+    downloadable: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _explicit(
         node = by_id.get(node_id)
         if node is None:
             raise PlacementError(f"node {node_id} is not in the cluster")
-        if model.id not in node.models:
+        if not _has(node, model):
             raise PlacementError(f"node {node_id} does not have model {model.id}")
         chosen.append(node)
     return chosen
@@ -115,7 +118,7 @@ def _automatic(
     nodes: list[NodeResources], model: ModelSpec, sharding: Sharding, min_nodes: int
 ) -> list[NodeResources]:
     candidates = sorted(
-        (n for n in nodes if model.id in n.models), key=lambda n: (-n.memory_free, n.node_id)
+        (n for n in nodes if _has(n, model)), key=lambda n: (-n.memory_free, n.node_id)
     )
     if not candidates:
         raise PlacementError(f"no node has model {model.id}")
@@ -140,6 +143,10 @@ def _automatic(
             continue
         return chosen
     raise PlacementError("cannot place: " + "; ".join(reasons))
+
+
+def _has(node: NodeResources, model: ModelSpec) -> bool:
+    return model.downloadable or model.id in node.models
 
 
 def _check_tensor(model: ModelSpec, count: int) -> None:

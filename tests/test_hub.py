@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from exo_trio.downloads import Downloads
+from exo_trio.cluster_messages import InstanceSpec, ModelInfo, ShardSpec
+from exo_trio.downloads import Downloads, Want
 from exo_trio.hub_download import HubClient, storage_folder
 from exo_trio.hub_plan import (
     HubError,
@@ -21,6 +22,7 @@ from exo_trio.hub_plan import (
     plan_weights,
     unloadable_reason,
 )
+from exo_trio.model_catalog import ModelCatalog
 from exo_trio.model_store import ModelStore, mlx_supports, name_for_path
 from exo_trio.placement import memory_shortfall
 from tests.fake_hub import FakeHub, split_weights
@@ -226,7 +228,7 @@ async def test_an_interrupted_download_resumes_where_it_stopped(
 
 async def test_a_rank_downloads_only_the_files_of_its_layers(hub: FakeHub, tmp_path: Path) -> None:
     client = HubClient(tmp_path, endpoint=hub.url)
-    download = await fetch(client, "org/split", layers=(2, 4))
+    download = await fetch(client, "org/split", want=Want(layers=(2, 4)))
     assert download.path is not None
     have = sorted(p.name for p in download.path.glob("*.safetensors"))
     # One file of tensors outside the layers, then one file per layer (0..3).
@@ -248,3 +250,54 @@ async def test_offline_the_cache_answers(hub: FakeHub, tmp_path: Path) -> None:
     assert again.path == first.path and len(hub.requests) == before
     with pytest.raises(HubError, match=r"not in the cache .* HF_HUB_OFFLINE is set"):
         await fetch(offline, "org/split")
+
+
+# ---- the catalog: describing a model for placement, fetching a shard's files ----
+
+
+def split_instance(info: ModelInfo) -> InstanceSpec:
+    shards = tuple(
+        ShardSpec(node_id=f"n{r}", rank=r, start_layer=2 * r, end_layer=2 * r + 2, host="h", port=1)
+        for r in range(2)
+    )
+    return InstanceSpec(
+        instance_id="inst-1",
+        model=info.id,
+        sharding="pipeline",
+        backend="ring",
+        shards=shards,
+        auto=False,
+        info=info,
+    )
+
+
+async def test_a_hub_model_is_described_then_each_rank_fetches_its_share(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    client = HubClient(tmp_path / "hub", endpoint=hub.url)
+    downloads = Downloads(client)
+    catalog = ModelCatalog(ModelStore(tmp_path, tmp_path / "hub"), downloads, lambda: [64 * GIB])
+    seen: list[object] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(downloads.run)
+        info, path = await catalog.resolve("org/split")
+        # Described: config and tokenizer here, no weights fetched yet.
+        assert (info.repo, info.commit) == ("org/split", hub.repos["org/split"].commit)
+        assert info.n_layers == 4 and info.size_bytes > 16_000_000
+        assert not [p for p in files_of(path) if p.suffix == ".safetensors"]
+        spec = split_instance(info)
+        path = await catalog.fetch_shard(spec, 1, seen.append)
+        with pytest.raises(HubError, match="no model org/missing on the hub"):
+            await catalog.resolve("org/missing")
+        with pytest.raises(HubError, match="not in the store, and is not a hub model id"):
+            await catalog.resolve("missing")
+        nursery.cancel_scope.cancel()
+    have = sorted(p.name for p in files_of(path) if p.suffix == ".safetensors")
+    assert have == [
+        "model-00001-of-00005.safetensors",
+        *(f"model-0000{i}-of-00005.safetensors" for i in (4, 5)),
+    ]
+    assert len(seen) == 1
+    # The shard's copy is partial: not offered to the leader as a model this node has.
+    catalog.refresh()
+    assert catalog.infos == {}
