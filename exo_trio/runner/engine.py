@@ -46,7 +46,6 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import (
@@ -57,6 +56,7 @@ from mlx_lm.sample_utils import (
 )
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from exo_trio.runner.model_files import load_lazily
 from exo_trio.runner.solo import SoloDecoder
 from exo_trio.runner.stop_strings import StopStringMatcher
 from exo_trio.types import (
@@ -220,7 +220,7 @@ class Engine:
         progress(0.0, "config")
         # lazy=True reads config, tokenizer and the weight index but not the weights,
         # so that materialising them below can be reported piece by piece.
-        model, tokenizer, config = mlx_load(str(model_path), lazy=True, return_config=True)
+        model, tokenizer, config = load_lazily(model_path)
         if prepare is not None:
             progress(0.05, "sharding")
             model = prepare(model, config)

@@ -514,9 +514,16 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         writer.send([Loading(fraction=0.0, phase="joining group")])
         from exo_trio.runner.engine import Engine
         from exo_trio.runner.layer_split import ShardingError, apply_sharding, join_group
+        from exo_trio.runner.model_files import missing_files
         from exo_trio.runner.step_sync import StepSyncError, open_channel
 
         spec = _spec(args)
+        # A node fetches only the weight files its layers need: make sure they are
+        # all here before the group waits on this rank.
+        layers = args.layers if args.sharding == "pipeline" else None
+        missing = missing_files(Path(args.model), layers)
+        if missing:
+            raise ShardingError(f"{args.model} lacks the weight files {missing} for this rank")
         started = time.monotonic()
         with JoinGuard(writer.fd, args.connect_timeout):
             group = join_group(spec)
