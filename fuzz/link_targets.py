@@ -93,6 +93,7 @@ class Peer:
         self.ws = ws
         self.dialer = dialer
         self.key = auth.link_key(SECRET)
+        self.ephemeral = auth.Ephemeral(bytes([7]) * 32)
         self.mine: bytes | None = None
         self.theirs: bytes | None = None
         self.tx: auth.FrameCipher | None = None
@@ -111,19 +112,32 @@ class Peer:
             nonce=bytes(wire.NONCE_BYTES if b[4] % 4 else b[4] % 64),
             listen_port=(b[5] << 8 | b[6]) * (1 if b[7] % 2 else 1000),
             addresses=[wire.AdvertisedAddress("127.0.0.1", 1)] * (b[7] % 3 * 40),
+            # Mostly a real key; else a low-order one (all zeros) or a bad length.
+            ephemeral=(self.ephemeral.public, bytes(32), self.ephemeral.public, payload[:5])[
+                b[4] >> 3 & 3
+            ],
         )
 
-    def digest(self) -> bytes | None:
+    def master(self) -> bytes | None:
+        """The handshake's master key, once both Hellos are known (None before, or
+        when our node's ephemeral key is unusable)."""
         if self.mine is None or self.theirs is None:
             return None
+        theirs = wire.handshake_decoder.decode(self.theirs)
+        assert isinstance(theirs, wire.Hello)
+        shared = self.ephemeral.exchange(theirs.ephemeral)
+        if shared is None:
+            return None
         if self.dialer:
-            return auth.transcript(self.mine, self.theirs)
-        return auth.transcript(self.theirs, self.mine)
+            digest = auth.transcript(self.mine, self.theirs)
+        else:
+            digest = auth.transcript(self.theirs, self.mine)
+        return auth.master_key(self.key, shared, digest)
 
     def ciphers(self) -> auth.FrameCipher | None:
-        digest = self.digest()
-        if self.tx is None and digest is not None:
-            self.tx, _ = auth.session_ciphers(self.key, digest, dialer=self.dialer)
+        master = self.master()
+        if self.tx is None and master is not None:
+            self.tx, _ = auth.session_ciphers(master, dialer=self.dialer)
         return self.tx
 
     async def play(self, script: list[tuple[int, bytes]]) -> None:
@@ -149,9 +163,9 @@ class Peer:
                     except msgspec.DecodeError:
                         pass
         elif code == 4:
-            digest = self.digest() or bytes(32)
+            master = self.master() or bytes(32)
             role = "dialer" if self.dialer else "acceptor"
-            proof = auth.proof(self.key, role, digest)
+            proof = auth.proof(master, role)
             if payload and payload[0] % 2:
                 proof = payload[: len(proof)]
             await ws.send_message(wire.encode_handshake(wire.Proof(proof)))

@@ -268,15 +268,18 @@ def link_seeds(name: str) -> dict[str, bytes]:
     from exo_trio.net import wire
     from fuzz.link_targets import op
 
-    hello_a = bytes([0, 1, 1, 1, 1, 1, 1, 1])  # "node-a": we wait for its ACTIVATE
+    hello_a = bytes([0, 1, 1, 1, 1, 1, 1, 1])  # "node-a": it decides, we wait for ACTIVATE
     hello_z = bytes([1, 1, 1, 1, 1, 1, 1, 1])  # "node-z": we decide
-    dialer_handshake = op(2, hello_z) + op(3, b"\0") + op(3, b"\0") + op(4, b"\0") + op(3, b"\0")
-    # As acceptor facing a deciding dialer: say READY once its proof is in (the
-    # protocol's KIND_READY, 3), then read its ACTIVATE.
-    acceptor_handshake = (
-        op(3, b"\0") + op(2, hello_z) + op(4, b"\0") + op(3, b"\0") + op(5, b"\x03") + op(3, b"\0")
+    # As dialer (our node accepts and decides): Hello, read ours, prove first, read
+    # our proof, say READY (the protocol's KIND_READY, 3), read our ACTIVATE.
+    dialer_handshake = (
+        op(2, hello_z) + op(3, b"\0") + op(4, b"\0") + op(3, b"\0") + op(5, b"\x03") + op(3, b"\0")
     )
-    wait_handshake = op(2, hello_a) + op(3, b"\0") + op(3, b"\0") + op(4, b"\0") + op(5, b"\x02")
+    # As the deciding dialer: after the proofs, send ACTIVATE (2).
+    wait_handshake = op(2, hello_a) + op(3, b"\0") + op(4, b"\0") + op(3, b"\0") + op(5, b"\x02")
+    # As acceptor facing our deciding dialer: read its Hello, answer, read its proof,
+    # prove, read its ACTIVATE.
+    acceptor_handshake = op(3, b"\0") + op(2, hello_z) + op(3, b"\0") + op(4, b"\0") + op(3, b"\0")
     # A message frame's body is a batch (wire.pack_batch), here of one message.
     message = wire.pack_batch([msgspec.msgpack.encode(RemoteAck(request_id="r", upto=1))])
     if name == "link_handshake":
@@ -284,17 +287,15 @@ def link_seeds(name: str) -> dict[str, bytes]:
             "dialer": bytes([0]) + dialer_handshake,
             "acceptor": bytes([1]) + acceptor_handshake,
             "waits-activate": bytes([0]) + wait_handshake,
-            "bad-proof": bytes([0])
-            + op(2, hello_z)
-            + op(3, b"\0")
-            + op(3, b"\0")
-            + op(4, b"\x01" + bytes(32)),
+            "bad-proof": bytes([0]) + op(2, hello_z) + op(3, b"\0") + op(4, b"\x01" + bytes(32)),
+            "low-order-key": bytes([0]) + op(2, bytes([1, 1, 1, 1, 1 | 8, 1, 1, 1])),
             "wrong-cluster": bytes([0]) + op(2, bytes([1, 1, 0, 1, 1, 1, 1, 1]) + b"other"),
             "text": bytes([0]) + op(1, b"hello"),
             "wrong-resource": bytes([3]) + op(0, b"x"),
         }
+    # As the deciding acceptor: after the proofs, wait for our READY, then ACTIVATE.
     acceptor_handshake_a = (
-        op(3, b"\0") + op(2, hello_a) + op(4, b"\0") + op(3, b"\0") + op(5, b"\x02")
+        op(3, b"\0") + op(2, hello_a) + op(3, b"\0") + op(4, b"\0") + op(3, b"\0") + op(5, b"\x02")
     )
     return {
         "acceptor-decides": bytes([1]) + acceptor_handshake_a + op(6, message) + op(3, b"\0"),

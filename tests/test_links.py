@@ -217,7 +217,7 @@ async def test_three_nodes_form_a_mesh(nursery: trio.Nursery) -> None:
 
 @pytest.mark.parametrize(
     ("secret_a", "secret_b"),
-    [(SECRET, b"wrong secret"), (SECRET, None), (None, SECRET)],
+    [(SECRET, b"a different cluster secret"), (SECRET, None), (None, SECRET)],
     ids=["wrong-secret", "dialer-has-no-secret", "acceptor-has-no-secret"],
 )
 async def test_mismatched_secret_is_refused(
@@ -503,8 +503,12 @@ async def test_callback_errors_escape_run() -> None:
 def test_frames_are_encrypted_and_reject_replay_reorder_and_the_wrong_direction() -> None:
     digest = auth.transcript(b"hello-d", b"hello-a")
     key = auth.link_key(SECRET)
-    d_send, _ = auth.session_ciphers(key, digest, dialer=True)
-    a_send, a_recv = auth.session_ciphers(key, digest, dialer=False)
+    dialer, acceptor = auth.Ephemeral(bytes([1]) * 32), auth.Ephemeral(bytes([2]) * 32)
+    shared = dialer.exchange(acceptor.public)
+    assert shared is not None and shared == acceptor.exchange(dialer.public)
+    master = auth.master_key(key, shared, digest)
+    d_send, _ = auth.session_ciphers(master, dialer=True)
+    a_send, a_recv = auth.session_ciphers(master, dialer=False)
     secret_text = b"the prompt and the tokens of a request"
     sealed = [d_send.seal(wire.KIND_MESSAGE, secret_text + b"%d" % i) for i in range(3)]
     assert all(secret_text not in s for s in sealed)  # nobody on the wire reads it
@@ -517,10 +521,12 @@ def test_frames_are_encrypted_and_reject_replay_reorder_and_the_wrong_direction(
     assert a_recv.open(wire.KIND_MESSAGE, sealed[1]) == secret_text + b"1"
     reflected = a_send.seal(wire.KIND_MESSAGE, b"x")
     assert a_recv.open(wire.KIND_MESSAGE, reflected) is None  # own frames bounce
-    assert auth.verify_proof(key, "dialer", digest, auth.proof(key, "dialer", digest))
-    assert not auth.verify_proof(key, "acceptor", digest, auth.proof(key, "dialer", digest))
-    other = auth.link_key(b"other")
-    assert not auth.verify_proof(other, "dialer", digest, auth.proof(key, "dialer", digest))
+    assert auth.verify_proof(master, "dialer", auth.proof(master, "dialer"))
+    assert not auth.verify_proof(master, "acceptor", auth.proof(master, "dialer"))
+    other = auth.master_key(auth.link_key(b"another cluster secret"), shared, digest)
+    assert not auth.verify_proof(other, "dialer", auth.proof(master, "dialer"))
+    # A low-order public key (all zeros) would make the exchange worthless: refused.
+    assert dialer.exchange(bytes(32)) is None
 
 
 # --- in-memory streams under MockClock: the simulator's seams -------------------------

@@ -245,6 +245,8 @@ class Discovery:
 
     async def _open_transport(self) -> BeaconTransport:
         advertised = self._links.advertised_addresses
+        # Beacons are IPv4 multicast: IPv6 addresses are advertised, not joined.
+        advertised = [a for a in advertised if ":" not in a.host]
         hosts = [a.host for a in advertised if a.kind != "loopback"]
         hosts = hosts or [a.host for a in advertised] or ["127.0.0.1"]
         if self._transport is not None:

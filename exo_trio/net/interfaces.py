@@ -1,8 +1,8 @@
 """The addresses a node advertises, and which ones count as loopback.
 
-Interface enumeration is best effort and IPv4 only: `socket.if_nameindex()` names
-the interfaces and the SIOCGIFADDR ioctl reads each one's primary IPv4 address
-(Linux and macOS; psutil is not a dependency). Anything that fails is skipped, and
+Interfaces and their addresses come from psutil (Linux and macOS): every IPv4 and
+IPv6 address of every interface that is up, IPv6 link-local ones included, since
+a Thunderbolt bridge often has nothing else. Anything that fails is skipped, and
 the caller can always pass explicit addresses instead.
 """
 
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 import sys
+
+import psutil
 
 from exo_trio.net.wire import AdvertisedAddress
 
-# SIOCGIFADDR: Linux's number, and macOS's _IOWR('i', 33, struct ifreq).
-_SIOCGIFADDR = 0xC0206921 if sys.platform == "darwin" else 0x8915
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 # Preferred first: a Thunderbolt bridge beats Ethernet/Wi-Fi; loopback only for
 # peers on the same host, which will find it through "private"/"public" anyway.
@@ -54,25 +53,22 @@ def classify(host: str, interface: str = "") -> str:
 
 
 def interface_addresses() -> list[tuple[str, str]]:
-    """(interface name, IPv4 address) for every interface that has one."""
+    """(interface name, address) for every IPv4 and IPv6 address of every interface
+    that is up, IPv4 first. IPv6 addresses come without their `%scope` suffix (the
+    scope is the interface, named beside it)."""
     try:
-        import fcntl
-    except ImportError:  # not on POSIX
-        return []
-    found: list[tuple[str, str]] = []
-    try:
-        names = socket.if_nameindex()
+        entries = psutil.net_if_addrs()
+        stats = psutil.net_if_stats()
     except OSError:
         return []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in names:
-            request = struct.pack("256s", name.encode()[:15])
-            try:
-                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
-            except OSError:
-                continue  # no IPv4 address on this interface
-            # struct ifreq: 16-byte name, then a sockaddr_in whose address is at +4.
-            found.append((name, socket.inet_ntoa(reply[20:24])))
+    found: list[tuple[str, str]] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for name, addresses in entries.items():
+            if name in stats and not stats[name].isup:
+                continue
+            for address in addresses:
+                if address.family == family:
+                    found.append((name, address.address.split("%")[0]))
     return found
 
 

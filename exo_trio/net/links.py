@@ -34,6 +34,7 @@ __all__ = [
     "ListenerFactory",
     "PeerInfo",
     "PeerLinks",
+    "WeakSecretError",
 ]
 
 log = logging.getLogger("exo_trio.net.links")
@@ -45,6 +46,10 @@ ListenerFactory = Callable[[str, int], Awaitable[Sequence[trio.abc.Listener[Any]
 
 class InsecureAddressError(ValueError):
     """A node without a cluster secret was asked to use a non-loopback address."""
+
+
+class WeakSecretError(ValueError):
+    """A cluster secret too short to withstand offline guessing (auth.MIN_SECRET_BYTES)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class PeerLinks(Generic[M]):
         listener: ListenerFactory = open_tcp_listeners,
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
         rng: random.Random | None = None,
+        allow_weak_secret: bool = False,
     ) -> None:
         if not node_id or len(node_id) > wire.MAX_NODE_ID:
             raise ValueError(f"node id must be 1 to {wire.MAX_NODE_ID} characters")
@@ -132,6 +138,11 @@ class PeerLinks(Generic[M]):
             raise ValueError("cluster id must not be empty")
         if secret is not None and not secret:
             raise ValueError("the cluster secret is empty; pass None for loopback-only links")
+        if secret is not None and len(secret) < auth.MIN_SECRET_BYTES and not allow_weak_secret:
+            raise WeakSecretError(
+                f"the cluster secret is {len(secret)} bytes; at least {auth.MIN_SECRET_BYTES} "
+                "are needed (`exo-trio secret` prints a strong one)"
+            )
         if not 0 < heartbeat_interval < dead_after:
             raise ValueError("need 0 < heartbeat_interval < dead_after")
         if listen_host is None:
@@ -288,7 +299,7 @@ class PeerLinks(Generic[M]):
 
     # --- what sessions call (SessionOwner) ----------------------------------------
 
-    def make_hello(self, nonce: bytes) -> wire.Hello:
+    def make_hello(self, nonce: bytes, ephemeral: bytes) -> wire.Hello:
         return wire.Hello(
             version=wire.PROTOCOL_VERSION,
             cluster_id=self.cluster_id,
@@ -297,6 +308,7 @@ class PeerLinks(Generic[M]):
             nonce=nonce,
             listen_port=self._bound_port or 0,
             addresses=self._advertised[: wire.MAX_ADDRESSES],
+            ephemeral=ephemeral,
         )
 
     def promote(self, session: Session, *, decider: bool) -> str | None:

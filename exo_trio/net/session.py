@@ -1,6 +1,7 @@
 """One connection between two nodes, from websocket upgrade to close.
 
-A session authenticates the peer (mutual HMAC challenge-response), lets the deciding
+A session authenticates the peer (an ephemeral X25519 exchange and mutual HMAC
+proofs of the cluster secret keyed by it, auth.py), lets the deciding
 side (the smaller node id) keep or refuse it, and then runs three tasks: a reader
 that verifies and delivers frames in order, a writer that drains the peer's outbox
 and sends heartbeats when idle, and a watchdog that closes the link when nothing
@@ -93,7 +94,7 @@ class SessionOwner(Protocol):
     token_bytes: Callable[[int], bytes]
     stats: dict[str, int]
 
-    def make_hello(self, nonce: bytes) -> wire.Hello: ...
+    def make_hello(self, nonce: bytes, ephemeral: bytes) -> wire.Hello: ...
     def promote(self, session: Session, *, decider: bool) -> str | None: ...
     def deliver(self, session: Session, message: object) -> None: ...
     def session_ended(self, session: Session) -> None: ...
@@ -303,38 +304,53 @@ class Session:
         return await request.accept()
 
     async def _authenticate(self, ws: WebSocketConnection) -> None:
-        """Mutual proof of the cluster secret. The acceptor proves first, bound to the
-        dialer's fresh nonce; the dialer proves second, bound to the acceptor's."""
+        """Mutual proof of the cluster secret, keyed by the ephemeral exchange (see
+        auth.py). The dialer proves first: a process that merely reaches our
+        listener gets no proof of ours to test guessed secrets against (only a node
+        we chose to dial, configured or found by a signed beacon, ever does)."""
         owner = self.owner
-        mine = wire.encode_handshake(owner.make_hello(owner.token_bytes(wire.NONCE_BYTES)))
+        ephemeral = auth.Ephemeral(owner.token_bytes(auth.EPHEMERAL_BYTES))
+        hello = owner.make_hello(owner.token_bytes(wire.NONCE_BYTES), ephemeral.public)
+        mine = wire.encode_handshake(hello)
         if self.outbound:
             await ws.send_message(mine)
             theirs = await self._receive_hello(ws)
-            digest = auth.transcript(mine, theirs)
+            master = self._master_key(ephemeral, mine, theirs)
+            proof = auth.proof(master, "dialer")
+            await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
             their_proof = await self._receive_handshake(ws, wire.Proof)
-            if not auth.verify_proof(owner.key, "acceptor", digest, their_proof.proof):
+            if not auth.verify_proof(master, "acceptor", their_proof.proof):
                 owner.stats["auth_failures"] += 1
                 raise LinkError(wire.CLOSE_AUTH, AUTH_FAILED)
-            # Before our proof leaves: the acceptor may answer with frames at once.
-            self._authenticated(digest)
-            proof = auth.proof(owner.key, "dialer", digest)
-            await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
+            self._authenticated(master)
         else:
             theirs = await self._receive_hello(ws)
             await ws.send_message(mine)
             if self.is_self:
                 raise LinkError(wire.CLOSE_SELF, _SELF)
-            digest = auth.transcript(theirs, mine)
-            proof = auth.proof(owner.key, "acceptor", digest)
-            await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
+            master = self._master_key(ephemeral, theirs, mine)
             their_proof = await self._receive_handshake(ws, wire.Proof)
-            if not auth.verify_proof(owner.key, "dialer", digest, their_proof.proof):
+            if not auth.verify_proof(master, "dialer", their_proof.proof):
                 owner.stats["auth_failures"] += 1
                 raise LinkError(wire.CLOSE_AUTH, AUTH_FAILED)
-            self._authenticated(digest)
+            # Before our proof leaves: a deciding dialer answers it with ACTIVATE.
+            self._authenticated(master)
+            proof = auth.proof(master, "acceptor")
+            await ws.send_message(wire.encode_handshake(wire.Proof(proof)))
 
-    def _authenticated(self, digest: bytes) -> None:
-        self._tx, self._rx = auth.session_ciphers(self.owner.key, digest, dialer=self.outbound)
+    def _master_key(
+        self, ephemeral: auth.Ephemeral, dialer_hello: bytes, acceptor_hello: bytes
+    ) -> bytes:
+        assert self.peer is not None
+        shared = ephemeral.exchange(self.peer.ephemeral)
+        if shared is None:
+            raise LinkError(wire.CLOSE_PROTOCOL, "bad hello: unusable ephemeral key")
+        return auth.master_key(
+            self.owner.key, shared, auth.transcript(dialer_hello, acceptor_hello)
+        )
+
+    def _authenticated(self, master: bytes) -> None:
+        self._tx, self._rx = auth.session_ciphers(master, dialer=self.outbound)
         self.authenticated = True
 
     async def _receive_hello(self, ws: WebSocketConnection) -> bytes:
@@ -389,13 +405,15 @@ class Session:
         an authenticated ACTIVATE frame (or closes it as a duplicate). The other side
         never keeps a link it has not been told to keep.
 
-        A deciding dialer first waits for the acceptor's READY, so no side ever
-        receives app data before it has verified the peer (see MAX_PREAUTH_BYTES)."""
+        A deciding acceptor first waits for the dialer's READY (the dialer checks the
+        acceptor's proof last), so no side ever receives app data before it has
+        verified the peer (see MAX_PREAUTH_BYTES). A deciding dialer needs no READY:
+        the acceptor's proof itself says the acceptor checked the dialer's."""
         assert self.peer is not None
         decider = self.owner.node_id < self.peer.node_id
-        if self.outbound and decider:
+        if not self.outbound and decider:
             await self._expect_frame(ws, wire.KIND_READY)
-        elif not self.outbound and not decider:
+        elif self.outbound and not decider:
             await self._send_frame(ws, wire.KIND_READY, b"")
         if decider:
             refusal = self.owner.promote(self, decider=True)

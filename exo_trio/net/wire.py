@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import msgspec
 
-# 2: encrypted data frames (ChaCha20-Poly1305); 3: a message frame carries a batch
-PROTOCOL_VERSION = 3
+# 2: encrypted data frames (ChaCha20-Poly1305); 3: a message frame carries a batch;
+# 4: ephemeral X25519 keys in the Hellos (forward secrecy), the dialer proves first
+PROTOCOL_VERSION = 4
 # The websocket resource a link asks for; anything else is refused before auth.
 LINK_RESOURCE = "/exo-trio/link/v2"
 
 NONCE_BYTES = 32
+EPHEMERAL_BYTES = 32  # an X25519 public key
 TAG_BYTES = 32  # HMAC-SHA256: handshake proofs and beacon tags
 FRAME_TAG_BYTES = 16  # Poly1305: data frames
 MAX_NODE_ID = 128
@@ -41,7 +43,7 @@ BATCH_HEADER_BYTES = 5
 KIND_MESSAGE = 0  # body: msgpack array of the caller's messages, in send order
 KIND_HEARTBEAT = 1  # body: empty; sent when nothing else was sent for a heartbeat interval
 KIND_ACTIVATE = 2  # body: empty; the deciding side (smaller node id) keeps this link
-KIND_READY = 3  # body: empty; acceptor to deciding dialer: "your proof checked out"
+KIND_READY = 3  # body: empty; dialer to deciding acceptor: "your proof checked out"
 FRAME_OVERHEAD = 1 + FRAME_TAG_BYTES
 # Bytes a peer may send before it has proved the secret: the HTTP upgrade, a Hello
 # and a Proof fit many times over. Caps what an unauthenticated peer can make us hold.
@@ -79,6 +81,8 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
 
     Both raw encodings go into the transcript that the proofs and session keys are
     derived from, so every field here is authenticated once the proofs check out.
+    `ephemeral` is this handshake's X25519 public key (auth.Ephemeral); its default
+    lets a Hello of an older version decode, so the version check can name it.
     """
 
     version: int
@@ -89,10 +93,12 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     nonce: bytes
     listen_port: int
     addresses: list[AdvertisedAddress]
+    ephemeral: bytes = b""
 
 
 class Proof(msgspec.Struct, tag="proof", frozen=True):
-    """HMAC proving knowledge of the cluster secret, bound to this transcript and role."""
+    """HMAC proving knowledge of the cluster secret, keyed by the handshake's master
+    key (secret, transcript and ephemeral exchange) and bound to a role."""
 
     proof: bytes
 
@@ -114,6 +120,8 @@ def check_hello(hello: Hello) -> str | None:
         return "bad node id"
     if len(hello.nonce) != NONCE_BYTES:
         return "bad nonce length"
+    if len(hello.ephemeral) != EPHEMERAL_BYTES:
+        return "bad ephemeral key length"
     if len(hello.addresses) > MAX_ADDRESSES or not 0 <= hello.listen_port <= 65535:
         return "bad address list"
     return None
