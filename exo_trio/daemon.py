@@ -43,6 +43,7 @@ from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
+from exo_trio.system import memory_available
 from exo_trio.terminal import ProgressBar
 from exo_trio.token_relay import TokenRelay
 
@@ -111,7 +112,7 @@ async def fetch_at_start(config: NodeConfig, ref: HubRef) -> Path:
     downloads = Downloads(HubClient(store.hub_cache))
     fits = always_fits
     if not config.peers:
-        fits = lambda name, size: memory_shortfall(name, size, [memory_free()])  # noqa: E731
+        fits = lambda name, size: memory_shortfall(name, size, [memory_available()])  # noqa: E731
     log.info("fetching %s into %s", ref.name, store.hub_cache)
     bar = ProgressBar(f"pulling {ref.name}")
     async with trio.open_nursery() as nursery:
@@ -180,13 +181,14 @@ def save_vote(data_dir: Path, vote: Vote) -> None:
 def reachable_host(config: NodeConfig, listen_host: str) -> str:
     """The address other nodes' runners connect to for this node's mx.distributed
     endpoint: --advertise-host, else the listen address, else (listening on every
-    interface) the first non-loopback interface address."""
+    interface) the first non-loopback IPv4 address (an IPv6 link-local one would
+    need the peer's own scope)."""
     if config.advertise_host:
         return config.advertise_host
     if listen_host not in WILDCARD_HOSTS:
         return listen_host
     for _, address in interface_addresses():
-        if not is_loopback(address):
+        if not is_loopback(address) and ":" not in address:
             return address
     return "127.0.0.1"
 
@@ -207,21 +209,10 @@ def free_ports(host: str, count: int = 4) -> tuple[int, ...]:
     return tuple(ports)
 
 
-def memory_free() -> int:
-    """Available memory in bytes (MemAvailable on Linux; total elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def cluster_memory(cluster: Cluster) -> list[int]:
     """Every node's free memory as the leader last reported it; this node's own
     now (and alone, before the first view)."""
-    mine = memory_free()
+    mine = memory_available()
     view = cluster.view
     if view is None:
         return [mine]
@@ -267,7 +258,7 @@ async def run_node(config: NodeConfig) -> None:
         serve=(model_id,),
         shards=shards,
         relay=relay,
-        memory_free=memory_free,
+        memory_free=memory_available,
         free_ports=lambda: free_ports(host),
         new_id=seams.new_id,
         settings=ClusterSettings(
