@@ -200,11 +200,11 @@ def test_exposure_needs_a_key_beyond_loopback() -> None:
 
 
 def test_the_api_key_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from exo_trio.cli import build_parser
+    from exo_trio.cli import parse_args
 
     monkeypatch.setenv("EXO_TRIO_API_KEY", "from-env")
-    assert build_parser().parse_args(["node"]).api_key == "from-env"
-    assert build_parser().parse_args(["node", "--api-key", "flag"]).api_key == "flag"
+    assert parse_args(["node"]).api_key == "from-env"
+    assert parse_args(["node", "--api-key", "flag"]).api_key == "flag"
     monkeypatch.delenv("EXO_TRIO_API_KEY")
-    args = build_parser().parse_args(["node"])
+    args = parse_args(["node"])
     assert args.api_key is None and args.cors_origin == [] and not args.insecure_no_api_key
