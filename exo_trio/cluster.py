@@ -716,7 +716,9 @@ class Cluster:
         mine = [s for s in self.view.instances if s.spec.model == model_id]
         if not mine:
             return f"model {model_id} is not placed on any instance yet"
-        states = ", ".join(f"{s.spec.instance_id}: {s.state}" for s in mine)
+        states = ", ".join(
+            f"{s.spec.instance_id}: {s.state}" + (f", {s.error}" if s.error else "") for s in mine
+        )
         return f"no ready instance of {model_id} ({states})"
 
     def state(self) -> dict[str, Any]:

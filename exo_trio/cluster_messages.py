@@ -77,6 +77,9 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     download_total: int = 0
     # Tokens this rank's runner generated per second lately (rank 0: the instance's).
     tokens_per_second: float = 0.0
+    # Failed for good: its runner could not load the model (worker.py's give-up
+    # rule). The leader neither tears it down nor places the model again.
+    gave_up: bool = False
 
 
 class NodeReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
@@ -107,6 +110,7 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     download_completed: int = 0
     download_total: int = 0
     tokens_per_second: float = 0.0
+    gave_up: bool = False  # a rank gave up loading: failed, kept, not placed again
 
 
 class ClusterView(msgspec.Struct, frozen=True, kw_only=True, tag="view"):

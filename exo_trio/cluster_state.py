@@ -197,7 +197,10 @@ def _status(
     for status in seen.values():
         if status.state == "failed":
             return InstanceStatus(
-                spec=spec, state="failed", error=f"rank {status.rank}: {status.error}"
+                spec=spec,
+                state="failed",
+                error=f"rank {status.rank}: {status.error}",
+                gave_up=status.gave_up,
             )
     if pending is None:
         # Placed earlier and no longer starting: a rank its node no longer reports
@@ -222,10 +225,12 @@ def _status(
 
 
 def teardown(statuses: Iterable[InstanceStatus], term: int) -> list[tuple[str, StopShard]]:
-    """Stop every surviving shard of every failed instance."""
+    """Stop every surviving shard of every failed instance, except those that gave
+    up loading: they hold no runner, and stay listed to say why the model is not
+    served (until a user deletes the instance or places the model again)."""
     actions = []
     for status in statuses:
-        if status.state != "failed":
+        if status.state != "failed" or status.gave_up:
             continue
         for shard in status.spec.shards:
             actions.append(
@@ -248,9 +253,10 @@ def start_actions(spec: InstanceSpec, term: int) -> list[tuple[str, StartShard]]
 def models_to_place(
     reports: Mapping[str, NodeReport], statuses: Iterable[InstanceStatus]
 ) -> list[str]:
-    """Models some node was started to serve that have no live instance."""
+    """Models some node was started to serve that have no live instance (a model
+    whose instance gave up loading is not placed again)."""
     wanted = sorted({m for r in reports.values() for m in r.serve})
-    covered = {s.spec.model for s in statuses if s.state != "failed"}
+    covered = {s.spec.model for s in statuses if s.state != "failed" or s.gave_up}
     return [m for m in wanted if m not in covered]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from exo_trio import console
 from exo_trio.affinity import CoreSplit
 from exo_trio.api.app import ApiSettings, create_app
 from exo_trio.api.auth import check_exposure
@@ -42,17 +42,14 @@ from exo_trio.prompts import HFPromptEncoder, context_length
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shard_manager import ShardManager
+from exo_trio.shutdown import graceful_stop
+from exo_trio.startup import default_data_dir
 from exo_trio.streams import StreamRegistry
 from exo_trio.system import memory_available
 from exo_trio.terminal import ProgressBar
 from exo_trio.token_relay import TokenRelay
 
 log = logging.getLogger("exo_trio")
-
-
-def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "exo-trio"
 
 
 @dataclass
@@ -80,6 +77,10 @@ class NodeConfig:
     settle: float = 10.0
     # How the node split the cores, if it pinned itself (affinity.py).
     cores: CoreSplit | None = None
+    # Accept a cluster secret under auth.MIN_SECRET_BYTES (--insecure-weak-secret).
+    allow_weak_secret: bool = False
+    # On SIGTERM/SIGINT: how long in-flight requests may take to finish (shutdown.py).
+    drain_timeout: float = 5.0
 
 
 async def resolve_model(config: NodeConfig) -> tuple[str, Path]:
@@ -281,6 +282,7 @@ async def run_node(config: NodeConfig) -> None:
         listen_host=listen_host,
         listen_port=config.listen_port,
         peers=config.peers,
+        allow_weak_secret=config.allow_weak_secret,
     )
     cluster.attach(links)
     store = ModelStore(config.data_dir)
@@ -303,23 +305,34 @@ async def run_node(config: NodeConfig) -> None:
     hconfig.graceful_timeout = 2.0
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+        # Ctrl-C or SIGTERM: drain, end what is left with error events, then stop.
+        nursery.start_soon(
+            graceful_stop,
+            nursery.cancel_scope,
+            node,
+            relay,
+            shards,
+            links,
+            config.drain_timeout,
+        )
         await nursery.start(downloads.run)
         await nursery.start(shards.run)
         await nursery.start(cluster.run)
-        log.info("links listening on %s:%s", listen_host, links.listen_port)
+        logging.getLogger("exo_trio.net").info(
+            "links listening on %s:%s", listen_host, links.listen_port
+        )
         # LAN discovery: off without a secret (links are loopback-only then).
         await nursery.start(Discovery(links, enabled=config.discovery).run)
         binds = await nursery.start(serve, app, hconfig)
-        for url in binds:
-            log.info("API listening on %s (OpenAI base URL %s/v1)", url, url)
+        log.debug("API bound to %s", ", ".join(binds))
+
+        def load_state() -> tuple[str, float, str] | None:
+            worker = node.local_worker()
+            if worker is None:
+                return None
+            return worker.state, worker.load_fraction, worker.load_phase
+
+        nursery.start_soon(
+            console.announce, model_id, binds, lambda: node.ready(model_id), load_state
+        )
     log.info("node stopped")
-
-
-async def stop_on_signal(scope: trio.CancelScope) -> None:
-    """Ctrl-C or SIGTERM: cancel everything; runners are stopped on the way out."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return

@@ -141,6 +141,11 @@ class Node:
         # clients gave them (X-Request-Id), another name to cancel them by.
         self._handles: dict[str, object] = {}
         self._client_ids: dict[str, str] = {}
+        # Shutting down (exo_trio/shutdown.py): new requests are refused with a 503,
+        # /health says so. `exchanges` counts the generation HTTP exchanges admitted
+        # and not yet ended (api/admission.py), which the drain waits for.
+        self.draining = False
+        self.exchanges = 0
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.metrics_snapshot)
         dispatcher.accept_cancels(self.cancel_request)
@@ -206,6 +211,16 @@ class Node:
         self.dispatcher.cancel(request_id, self._handles[request_id])
         return True
 
+    def end_all(self, message: str) -> int:
+        """End every open request now, each with a `shutting_down` failure (its
+        dialect's error event, or a 503), and stop its runner work. Returns how many."""
+        ended = 0
+        for request_id, handle in list(self._handles.items()):
+            if self.registry.cancel(request_id, message, kind="shutting_down"):
+                self.dispatcher.cancel(request_id, handle)
+                ended += 1
+        return ended
+
     async def cancel_anywhere(self, request_id: str) -> CancelOutcome:
         """cancel_request here, or else on the node of the cluster that owns it (a
         client may reach the cluster through any node)."""
@@ -218,6 +233,12 @@ class Node:
 
     def unavailable_reason(self, model_id: str) -> str:
         return self.dispatcher.unavailable_reason(model_id)
+
+    def model_failure(self, model_id: str) -> str | None:
+        """Why the model will not be served until someone acts (its runner here gave
+        up loading it), or None."""
+        worker = self.dispatcher.local_worker(model_id)
+        return worker.gave_up if worker is not None else None
 
     def local_worker(self) -> Worker | None:
         """The runner on this node serving the node's model, if there is one."""
@@ -240,11 +261,18 @@ class Node:
 
     def health(self) -> tuple[bool, dict[str, object]]:
         """Healthy when a request for the node's model can be served now."""
-        ok = self.ready(self.model.id)
+        ok = self.ready(self.model.id) and not self.draining
         worker = self.local_worker()
+        if self.draining:
+            status, reason = "draining", f"shutting down: {self.exchanges} request(s) in flight"
+        elif ok:
+            status, reason = "ok", None
+        else:
+            status = "unavailable"
+            reason = self.model_failure(self.model.id) or self.unavailable_reason(self.model.id)
         return ok, {
-            "status": "ok" if ok else "unavailable",
-            "reason": None if ok else self.unavailable_reason(self.model.id),
+            "status": status,
+            "reason": reason,
             "model": self.model.id,
             "runner": worker.health() if worker is not None else None,
             "open_streams": len(self.registry),

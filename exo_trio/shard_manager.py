@@ -53,6 +53,7 @@ class Shard:
             state=self.state,
             error=self.worker.last_error if self.state == "failed" else None,
             active_requests=len(self.worker.jobs),
+            gave_up=self.worker.gave_up is not None,
         )
 
 
@@ -68,6 +69,9 @@ class ShardManager:
         self._on_change = on_change
         self.shards: dict[str, Shard] = {}
         self._nursery: trio.Nursery | None = None
+        # Shutting down: the runners finish what they hold but take no new work
+        # (`worker` answers None, so other nodes' new requests are refused).
+        self.draining = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery the shards run in; on the way out every shard stops."""
@@ -120,7 +124,7 @@ class ShardManager:
 
     def worker(self, instance_id: str) -> Worker | None:
         shard = self.shards.get(instance_id)
-        return None if shard is None or shard.stopped else shard.worker
+        return None if shard is None or shard.stopped or self.draining else shard.worker
 
     def statuses(self) -> tuple[ShardStatus, ...]:
         return tuple(s.status() for s in self.shards.values())

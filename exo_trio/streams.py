@@ -23,6 +23,7 @@ import trio
 
 from exo_trio.types import (
     ChunkGenerated,
+    FailureKind,
     GenerationEvent,
     GenerationFailed,
     TerminalEvent,
@@ -194,18 +195,17 @@ class StreamRegistry:
             entry.send.close()
         return True
 
-    def cancel(self, request_id: str, message: str) -> bool:
-        """End an open request from the node's side (POST /v1/cancel): its consumer
-        reads what was already delivered, then a `cancelled` terminal event. Returns
+    def cancel(self, request_id: str, message: str, kind: FailureKind = "cancelled") -> bool:
+        """End an open request from the node's side (POST /v1/cancel, or a shutdown):
+        its consumer reads what was already delivered, then a failure of this `kind`
+        as its terminal event. Returns
         False if the request is not open or already has its terminal event. The
         caller must also stop the runner's work on it."""
         entry = self._entries.get(request_id)
         if entry is None or entry.ended:
             return False
         entry.cancelled = True
-        return self.deliver(
-            GenerationFailed(request_id=request_id, kind="cancelled", message=message)
-        )
+        return self.deliver(GenerationFailed(request_id=request_id, kind=kind, message=message))
 
     def close(self, request_id: str) -> None:
         """Unregister and close. Idempotent: called from `finally` blocks."""

@@ -22,6 +22,7 @@ FailureKind = Literal[
     "internal",  # an unexpected error inside the runner
     "peer_lost",  # the node running the request (or its link) was lost
     "timeout",  # a per-request time limit passed (api/timeouts.py)
+    "shutting_down",  # the node stopped before the request finished (its drain timed out)
 ]
 
 

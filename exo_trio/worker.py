@@ -66,7 +66,13 @@ class RunnerUnavailable(Exception):
 
 
 class RunnerDied(Exception):
-    pass
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# A runner that fails to load this many times in a row is not started again.
+MAX_LOAD_FAILURES = 3
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Worker:
         restart_backoff: float = 0.5,
         max_backoff: float = 10.0,
         restart: bool = True,
+        max_load_failures: int = MAX_LOAD_FAILURES,
     ) -> None:
         self._launch = launch
         self._deliver = deliver
@@ -103,6 +110,13 @@ class Worker:
         # A single-rank runner is restarted in place; a rank of a sharded instance is
         # not (its peers died with it): the leader tears the instance down instead.
         self._restart = restart
+        # The give-up rule: a runner that never became ready `max_load_failures`
+        # times in a row, or that reported a permanent load error, is not restarted
+        # (`gave_up` says why). One that crashes after a healthy run always is.
+        self._max_load_failures = max_load_failures
+        self._load_failures = 0
+        self._permanent = False
+        self.gave_up: str | None = None
         self._outbox: trio.MemorySendChannel[WorkerToRunner] | None = None
         self.state: RunnerState = "starting"
         self.load_fraction = 0.0
@@ -172,6 +186,7 @@ class Worker:
         try:
             while True:
                 self.state = "starting" if self.stats.restarts == 0 else "restarting"
+                ran_ready = False
                 try:
                     conn = await self._launch()
                 except OSError as exc:
@@ -180,8 +195,14 @@ class Worker:
                 else:
                     self.pid = conn.pid
                     ran_ready = await self._serve(conn)
-                    if ran_ready:
-                        backoff = self._restart_backoff
+                if ran_ready:
+                    backoff = self._restart_backoff
+                    self._load_failures = 0
+                else:
+                    self._load_failures += 1
+                if self._permanent or self._load_failures >= self._max_load_failures:
+                    self._give_up()
+                    return
                 if not self._restart:
                     self.state = "failed"
                     return
@@ -192,6 +213,17 @@ class Worker:
         finally:
             if self.state != "failed":
                 self.state = "stopped"
+
+    def _give_up(self) -> None:
+        tries = "once" if self._load_failures == 1 else f"{self._load_failures} times in a row"
+        kind = "a permanent error" if self._permanent else "no success"
+        self.gave_up = (
+            f"the model cannot be loaded ({kind}, tried {tries}): {self.last_error}; "
+            "not restarting it"
+        )
+        self.last_error = self.gave_up
+        self.state = "failed"
+        log.error("%s", self.gave_up)
 
     async def _serve(self, conn: RunnerConnection) -> bool:
         """Run one runner until it dies. Returns whether it ever became ready."""
@@ -209,6 +241,7 @@ class Worker:
                     self.last_error = "runner closed its output"
                 except (RunnerDied, FrameError, trio.BrokenResourceError) as exc:
                     self.last_error = str(exc) or type(exc).__name__
+                    self._permanent = not became_ready and getattr(exc, "permanent", False)
                 nursery.cancel_scope.cancel()
         finally:
             self._outbox = None
@@ -260,7 +293,7 @@ class Worker:
         self._progress_at = trio.current_time()
         if isinstance(message, Loading):
             self.load_fraction, self.load_phase = message.fraction, message.phase
-            log.info("loading model: %3.0f%% %s", message.fraction * 100, message.phase)
+            log.debug("loading model: %3.0f%% %s", message.fraction * 100, message.phase)
             return False
         if isinstance(message, Ready):
             self.ready_info = message
@@ -283,7 +316,7 @@ class Worker:
                 )
             return False
         if isinstance(message, RunnerError):
-            raise RunnerDied(f"runner error: {message.message}")
+            raise RunnerDied(f"runner error: {message.message}", permanent=message.permanent)
         # A generation event. Terminal events end the job; events of a cancelled job
         # still go to the registry, which counts them as late rather than dropping
         # them unseen.
@@ -314,5 +347,6 @@ class Worker:
             "stalled_for": round(self.stalled_for(), 3),
             "restarts": self.stats.restarts,
             "last_error": self.last_error,
+            "gave_up": self.gave_up is not None,
             "max_steps_after_cancel": self.stats.max_steps_after_cancel,
         }

@@ -269,7 +269,7 @@ def test_wrong_or_missing_secret_is_refused(
         "--node-id",
         "intruder",
         "--cluster-secret",
-        "not-the-secret",
+        "not-the-cluster-secret",
         "--peer",
         target,
     )
@@ -321,3 +321,29 @@ def test_a_cut_link_ends_streams_with_an_error_and_heals(
     finally:
         pair.stop_all()
         proxy.close()
+
+
+def test_sigterm_on_the_node_running_a_relayed_stream_ends_it_explicitly(
+    trio_cluster: Cluster, eos_ban: dict[str, int]
+) -> None:
+    """b runs the model, the client streams through a: when b is stopped, a's client
+    gets the stream's end or an explicit error through the link, never a cut."""
+    import signal
+
+    delete_all(trio_cluster, "a")
+    place(trio_cluster, "a", ["b"])
+    stream = trio_cluster.client("a").chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=1900, logit_bias=eos_ban, stream=True
+    )
+    outcome: object = "finished"
+    try:
+        for i, _ in enumerate(stream):
+            if i == 5:
+                trio_cluster.nodes["b"].process.send_signal(signal.SIGTERM)
+    except openai.APIError as exc:
+        outcome = exc
+    assert outcome == "finished" or (
+        not isinstance(outcome, openai.APIConnectionError) and "shutting down" in str(outcome)
+    ), repr(outcome)
+    assert trio_cluster.nodes["b"].process.wait(30) == 0
+    assert "Traceback" not in trio_cluster.nodes["b"].log()

@@ -152,3 +152,68 @@ async def test_submit_without_a_ready_runner_is_refused_and_leaves_nothing() -> 
         with node.open_generation(command("d", 5)):
             pass
     assert len(registry) == 0
+
+
+class FailingLoads:
+    """A launcher whose runners send RunnerError before Ready, `failures` times,
+    then behave (a FakeRunner); counts the launches."""
+
+    def __init__(self, nursery: trio.Nursery, failures: int, permanent: bool) -> None:
+        self.harness = Harness(nursery)
+        self.failures = failures
+        self.permanent = permanent
+        self.launches = 0
+
+    async def launch(self) -> FakeConnection:
+        from exo_trio.runner.framing import encode_frame
+        from exo_trio.runner.protocol import RunnerError
+
+        self.launches += 1
+        if self.launches > self.failures:
+            return await self.harness.launch()
+        ours, theirs = trio.testing.memory_stream_pair()
+        error = RunnerError(message="loading failed: ValueError: nope", permanent=self.permanent)
+        await theirs.send_all(encode_frame(error))
+        await theirs.aclose()
+        return FakeConnection(ours)
+
+
+async def run_worker(loads: FailingLoads, settle: float = 5.0) -> Worker:
+    worker = Worker(loads.launch, lambda event: None, restart_backoff=0.01, max_backoff=0.05)
+    with trio.move_on_after(settle):
+        await worker.run()
+    return worker
+
+
+@pytest.mark.parametrize(("failures", "permanent"), [(1, True), (100, False)])
+async def test_a_runner_that_cannot_load_is_given_up_on(
+    autojump_clock: trio.testing.MockClock, failures: int, permanent: bool
+) -> None:
+    async with trio.open_nursery() as nursery:
+        loads = FailingLoads(nursery, failures, permanent)
+        worker = await run_worker(loads)  # returns by itself: it gave up
+        nursery.cancel_scope.cancel()
+    assert loads.launches == (1 if permanent else 3)
+    assert worker.state == "failed" and worker.gave_up is not None
+    assert "cannot be loaded" in worker.gave_up and "nope" in worker.gave_up
+    assert worker.unavailable_reason().endswith("not restarting it")
+
+
+async def test_two_failed_loads_then_a_good_one_serve(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        loads = FailingLoads(nursery, 2, permanent=False)
+        worker = Worker(loads.launch, lambda event: None, restart_backoff=0.01)
+        nursery.start_soon(worker.run)
+        await worker.wait_ready()
+        assert loads.launches == 3 and worker.gave_up is None
+        # A crash after a healthy run restarts, however often it happens.
+        for _ in range(4):
+            loads.harness.scopes[-1].cancel()
+            while worker.state == "ready":
+                await trio.sleep(0.001)
+            while worker.state != "ready":
+                await trio.sleep(0.01)
+        assert worker.gave_up is None and worker.stats.restarts == 6
+        nursery.cancel_scope.cancel()

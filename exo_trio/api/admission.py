@@ -59,7 +59,11 @@ class Admission:
     def __init__(self, node: Node, max_queued: int) -> None:
         self.node = node
         self.max_queued = max_queued
-        self.in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        # Kept on the node, which a shutdown's drain waits on (exo_trio/shutdown.py).
+        return self.node.exchanges
 
     @property
     def limit(self) -> int:
@@ -77,7 +81,7 @@ class Admission:
                 type="overloaded_error",
                 code="server_overloaded",
             )
-        self.in_flight += 1
+        self.node.exchanges += 1
         self.node.metrics.in_flight.inc()
         released = False
 
@@ -85,7 +89,7 @@ class Admission:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight -= 1
+                self.node.exchanges -= 1
                 self.node.metrics.in_flight.dec()
 
         at_exchange_end(release)

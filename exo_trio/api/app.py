@@ -23,6 +23,7 @@ from exo_trio.api import (
     ops,
     responses,
 )
+from exo_trio.api.access_log import AccessLog
 from exo_trio.api.admission import Admission, ExchangeScope
 from exo_trio.api.auth import add_cors_headers, preflight, require_key
 from exo_trio.api.context import ApiContext
@@ -96,8 +97,9 @@ def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
     # Read by api/serving.serve: how long one write to a client may block.
     app.config[SEND_TIMEOUT_KEY] = settings.send_timeout
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    # Admission slots are released when the whole HTTP exchange ends.
-    app.asgi_app = ExchangeScope(app.asgi_app)  # type: ignore[method-assign]
+    # Admission slots are released when the whole HTTP exchange ends; the access
+    # line is written then too.
+    app.asgi_app = AccessLog(ExchangeScope(app.asgi_app))  # type: ignore[method-assign]
 
     @app.before_request
     async def guard() -> Response | None:
@@ -148,7 +150,7 @@ def bind(handler: Handler, ctx: ApiContext) -> Handler:
 
 
 async def list_models(ctx: ApiContext) -> dict[str, object]:
-    return {"object": "list", "data": [model_entry(m) for m in ctx.node.models()]}
+    return {"object": "list", "data": [model_entry(m, ctx) for m in ctx.node.models()]}
 
 
 async def get_model(ctx: ApiContext, model_id: str) -> dict[str, object]:
@@ -160,7 +162,7 @@ async def get_model(ctx: ApiContext, model_id: str) -> dict[str, object]:
             param="model",
             code="model_not_found",
         )
-    return model_entry(model)
+    return model_entry(model, ctx)
 
 
 async def health(ctx: ApiContext) -> tuple[dict[str, object], int]:
@@ -201,11 +203,17 @@ def wedged_reason(ctx: ApiContext) -> str | None:
     )
 
 
-def model_entry(model: ModelCard) -> dict[str, object]:
-    return {
+def model_entry(model: ModelCard, ctx: ApiContext) -> dict[str, object]:
+    entry: dict[str, object] = {
         "id": model.id,
         "object": "model",
         "created": model.created,
         "owned_by": model.owned_by,
         "context_length": model.context_length,
     }
+    failure = ctx.node.model_failure(model.id)
+    if failure is not None:
+        # An extension: a model that failed to load says so, and why.
+        entry["status"] = "failed"
+        entry["error"] = failure
+    return entry

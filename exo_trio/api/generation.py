@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import msgspec
 import trio
 from quart import Response, request
 
+from exo_trio.api.access_log import note_generation
 from exo_trio.api.errors import ApiError
 from exo_trio.api.sampling import MAX_TOKEN_ID
 from exo_trio.api.timeouts import RequestTimeouts, timed_out
@@ -121,6 +123,13 @@ def default_max_tokens(model: ModelCard, prompt_tokens: list[int]) -> int:
 def check_available(node: Node, model_id: str) -> None:
     """Refuse up front (503) when no runner can take work, so a streaming client
     gets a proper status instead of a 200 followed by an error event."""
+    if node.draining:
+        raise ApiError(
+            503,
+            "The node is shutting down; send the request to another node.",
+            type="server_error",
+            code="shutting_down",
+        )
     if not node.ready(model_id):
         raise ApiError(
             503,
@@ -218,6 +227,9 @@ async def events(
             yield event
     finally:
         generation.__exit__(None, None, None)
+        note_generation(
+            command, timing.started, timing.first_token, stream.chunks_received, stream.terminal
+        )
 
 
 def observe(node: Node, command: TextGeneration, timing: Timing, event: GenerationEvent) -> None:
@@ -246,21 +258,24 @@ async def complete(
     """Run a request to its end and return the whole text (non-streaming dialects)."""
     parts: list[str] = []
     timing = Timing()
-    async for event in events(node, command, timing=timing, timeouts=timeouts):
-        if isinstance(event, ChunkGenerated):
-            parts.append(event.text)
-        elif isinstance(event, GenerationFinished):
-            parts.append(event.text)
-            return Completion(
-                "".join(parts),
-                event.finish_reason,
-                event.prompt_tokens,
-                event.completion_tokens,
-                event.stop_sequence,
-                timing,
-            )
-        elif isinstance(event, GenerationFailed):
-            raise failure_error(event)
+    # aclosing: the request ends (its `with` block runs) here, not when the
+    # generator is collected, also when a failure raises out of the loop.
+    async with aclosing(events(node, command, timing=timing, timeouts=timeouts)) as stream:
+        async for event in stream:
+            if isinstance(event, ChunkGenerated):
+                parts.append(event.text)
+            elif isinstance(event, GenerationFinished):
+                parts.append(event.text)
+                return Completion(
+                    "".join(parts),
+                    event.finish_reason,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.stop_sequence,
+                    timing,
+                )
+            elif isinstance(event, GenerationFailed):
+                raise failure_error(event)
     raise AssertionError("a request stream ended without a terminal event")
 
 
@@ -296,6 +311,8 @@ def failure_error(event: GenerationFailed) -> ApiError:
         return ApiError(503, event.message, type="server_error", code="runner_unavailable")
     if event.kind == "cancelled":
         return ApiError(499, "The request was cancelled.", type="cancelled", code="cancelled")
+    if event.kind == "shutting_down":
+        return ApiError(503, event.message, type="server_error", code="shutting_down")
     if event.kind == "timeout":
         # The node gave up waiting on its own runner: a gateway timeout, not a 500.
         return ApiError(504, event.message, type="server_error", code="timeout")

@@ -128,10 +128,21 @@ def progress_to(writer: ProtocolWriter) -> Callable[[float, str], None]:
     return lambda fraction, phase: writer.send([Loading(fraction=fraction, phase=phase)])
 
 
+# Load failures that a restart would only repeat: what mlx-lm raises for an
+# unsupported architecture or a malformed config (ValueError, KeyError), missing
+# files, and code the model needs that is not installed.
+PERMANENT_LOAD_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, NotImplementedError)
+
+
 def report_load_failure(writer: ProtocolWriter, model: Path, exc: Exception) -> int:
     """Log and report a model that did not load; returns the exit status."""
-    log.error("loading %s failed", model, exc_info=exc)
-    writer.send([RunnerError(message=f"loading {model} failed: {exc}")])
+    permanent = isinstance(exc, PERMANENT_LOAD_ERRORS)
+    if permanent:
+        log.error("loading %s failed: %s: %s", model, type(exc).__name__, exc)
+    else:
+        log.error("loading %s failed", model, exc_info=exc)
+    message = f"loading {model} failed: {type(exc).__name__}: {exc}"
+    writer.send([RunnerError(message=message, permanent=permanent)])
     return 1
 
 

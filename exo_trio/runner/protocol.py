@@ -50,9 +50,12 @@ class CancelAck(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_ack"):
 
 
 class RunnerError(msgspec.Struct, frozen=True, kw_only=True, tag="runner_error"):
-    """The runner cannot continue (e.g. the model failed to load)."""
+    """The runner cannot continue (e.g. the model failed to load). `permanent`: the
+    same start would fail the same way (an unsupported architecture, missing or
+    malformed files, a bad setting), so the worker does not restart it."""
 
     message: str
+    permanent: bool = False
 
 
 WorkerToRunner = TextGeneration | Cancel | Shutdown
