@@ -36,6 +36,7 @@ __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
     "DEMO_CONFIG",
+    "DEMO_FORMAT",
     "DEMO_MODEL_ID",
     "EOS_TOKEN",
     "IM_END_TOKEN",
@@ -47,16 +48,42 @@ __all__ = [
 
 DEMO_MODEL_ID = "demo"
 
-# Special tokens are added first, so their ids are stable and small: 0..3.
+# Special tokens are added first, so their ids are stable and small: 0..3, then
+# the markers of thinking and tool calls, 4..9, as Qwen2.5/Qwen3 checkpoints have
+# them: added tokens that are not "special" (they decode as text, and mlx-lm's
+# tokenizer wrapper finds them: thinking by the <think> pair in the vocabulary,
+# the tool-call format "json_tools" by the chat template below).
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 IM_START_TOKEN = "<|im_start|>"
 IM_END_TOKEN = "<|im_end|>"
-SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
+THINK_START_TOKEN = "<think>"
+THINK_END_TOKEN = "</think>"
+TOOL_CALL_START_TOKEN = "<tool_call>"
+TOOL_CALL_END_TOKEN = "</tool_call>"
+TOOL_RESPONSE_START_TOKEN = "<tool_response>"
+TOOL_RESPONSE_END_TOKEN = "</tool_response>"
+CONTROL_TOKENS: tuple[str, ...] = (BOS_TOKEN, EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
+MARKER_TOKENS: tuple[str, ...] = (
+    THINK_START_TOKEN,
+    THINK_END_TOKEN,
+    TOOL_CALL_START_TOKEN,
+    TOOL_CALL_END_TOKEN,
+    TOOL_RESPONSE_START_TOKEN,
+    TOOL_RESPONSE_END_TOKEN,
+)
+SPECIAL_TOKENS: tuple[str, ...] = CONTROL_TOKENS + MARKER_TOKENS
 BOS_TOKEN_ID = 0
 EOS_TOKEN_ID = 1
 IM_START_TOKEN_ID = 2
 IM_END_TOKEN_ID = 3
+THINK_START_TOKEN_ID = 4
+THINK_END_TOKEN_ID = 5
+TOOL_CALL_START_TOKEN_ID = 6
+TOOL_CALL_END_TOKEN_ID = 7
+# Written into the built directory's completion marker: a data dir holding a demo
+# model of an older layout (other tokens, another template) is rebuilt.
+DEMO_FORMAT = "2"
 
 VOCAB_SIZE = 2048
 
@@ -102,21 +129,66 @@ MEDIUM_CONFIG: dict[str, Any] = {
 }
 SIZES: dict[str, dict[str, Any]] = {"demo": DEMO_CONFIG, "medium": MEDIUM_CONFIG}
 
-# ChatML. Content may be a plain string or an OpenAI-style list of parts, of
-# which only the "text" parts are rendered (this model has no other modality).
+# ChatML, with tools and thinking the way Qwen3's template does them, trimmed.
+# Content may be a plain string or an OpenAI-style list of parts, of which only
+# the "text" parts are rendered (this model has no other modality). With `tools`
+# the system turn lists their signatures; an assistant's `tool_calls` (OpenAI
+# shape: a `function` with `name` and `arguments`, a dict or a JSON string) are
+# rendered as <tool_call> blocks; `tool` messages as <tool_response> blocks in a
+# user turn. `enable_thinking=false` closes an empty thinking block after the
+# generation prompt, as Qwen3 does; otherwise the model may open one itself.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- elif message['content'] -%}"
-    "{%- for part in message['content'] -%}"
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content -%}"
+    "{%- for part in content -%}"
     "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- text(messages[0]['content']) + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call one or more functions. Their signatures:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each call, return a JSON object with the function name and"
+    " arguments within <tool_call></tool_call> tags:\\n<tool_call>\\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}'
+    "\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- if role == 'system' and tools and loop.first -%}"
+    "{%- elif role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
+    "{{- '<|im_start|>user' -}}"
+    "{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + text(message['content']) + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
     "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + role + '\\n' + text(message['content']) -}}"
+    "{%- if role == 'assistant' and message['tool_calls'] -%}"
+    "{%- for tool_call in message['tool_calls'] -%}"
+    "{%- set call = tool_call['function'] if tool_call['function'] is defined else tool_call -%}"
+    "{%- if not loop.first or message['content'] -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if call['arguments'] is string -%}{{- call['arguments'] -}}"
+    "{%- else -%}{{- call['arguments'] | tojson -}}{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
 )
 
 # Multiplier on the 1/sqrt(fan_in) std of every projection matrix. Random
@@ -207,9 +279,16 @@ def _train_tokenizer_json() -> str:
         )
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id
+    content = json.loads(tokenizer.to_str())
+    # The trainer adds every token it is given as "special"; the markers are
+    # ordinary added tokens, as in Qwen's checkpoints (grammar engines then treat
+    # them as text, "<tool_call>", like the rest of a call).
+    for added in content["added_tokens"]:
+        if added["content"] in MARKER_TOKENS:
+            added["special"] = False
     # Re-serialise with sorted keys so the file does not depend on dict
     # ordering inside the Rust library.
-    return json.dumps(json.loads(tokenizer.to_str()), indent=2, sort_keys=True, ensure_ascii=False)
+    return json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False)
 
 
 def _tokenizer_config() -> dict[str, Any]:
@@ -220,7 +299,7 @@ def _tokenizer_config() -> dict[str, Any]:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": True,
+            "special": tok in CONTROL_TOKENS,
         }
         for i, tok in enumerate(SPECIAL_TOKENS)
     }
@@ -239,6 +318,9 @@ def _tokenizer_config() -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": DEMO_CONFIG["max_position_embeddings"],
         "chat_template": CHAT_TEMPLATE,
+        # The tool-call format, declared (mlx-lm would also infer it from a
+        # Qwen-style template): <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+        "tool_parser_type": "json_tools",
     }
 
 
@@ -382,7 +464,12 @@ def build_demo_model(out_dir: Path, size: str = "demo") -> Path:
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / _COMPLETE_MARKER).is_file() and (path / "config.json").is_file()
+    """Built to the end, and in this version's layout (DEMO_FORMAT)."""
+    try:
+        marker = (path / _COMPLETE_MARKER).read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    return marker == f"ok {DEMO_FORMAT}" and (path / "config.json").is_file()
 
 
 def ensure_demo_model(data_dir: Path) -> Path:
@@ -400,13 +487,14 @@ def ensure_demo_model(data_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_ID}-build-", dir=models_dir))
     try:
         build_demo_model(tmp)
-        (tmp / _COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
+        (tmp / _COMPLETE_MARKER).write_text(f"ok {DEMO_FORMAT}\n", encoding="utf-8")
         # mkdtemp creates the directory 0700; make the result readable like
         # any other model directory.
         tmp.chmod(0o755)
         if target.exists() and not _is_complete(target):
-            # Leftover from an interrupted non-atomic copy or similar: the
-            # marker is missing, so the contents cannot be trusted.
+            # Leftover from an interrupted non-atomic copy or similar (the
+            # marker is missing, so the contents cannot be trusted), or a demo
+            # model of an older layout.
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(tmp, target)

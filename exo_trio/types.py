@@ -26,17 +26,47 @@ FailureKind = Literal[
 ]
 
 
+class ThinkingControl(msgspec.Struct, frozen=True, kw_only=True):
+    """The model's thinking markers (single token ids) for a request that may
+    think: the runner keeps a constrained request's grammar off inside the
+    thinking section, and ends the section after `budget` tokens."""
+
+    start: int
+    end: int
+    inside: bool = False  # the prompt opened the section (generation starts in it)
+    budget: int | None = None
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    """How to pick tokens. temperature == 0 means greedy (deterministic)."""
+    """How to pick tokens. temperature == 0 means greedy (deterministic).
+
+    Penalties and filters apply to the logits in this order: logit_bias, the
+    repeat penalty (over the last `repeat_last_n` tokens of prompt and output,
+    Ollama's), presence and frequency penalties (over the output, OpenAI's), the
+    grammar's mask; then the sampler filters (top_p, min_p, top_k) and draws at
+    `temperature`. Logprobs are read from the distribution the sampler is given
+    (after every processor, before its filters and temperature)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # sample from the k most likely tokens only; 0 = no limit
+    min_p: float = 0.0  # drop tokens below min_p times the top token's probability
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: dict[int, float] = {}
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # 1 = off
+    repeat_last_n: int = 64
+    # None: no logprobs; 0: each chunk carries its token's logprob; k: and the k
+    # most likely tokens'.
+    logprobs: int | None = None
+    # An llguidance grammar (built and checked by the node: api/structured.py)
+    # the output must match, or None.
+    grammar: str | None = None
+    thinking: ThinkingControl | None = None
 
 
 class TextGeneration(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -57,15 +87,28 @@ class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
     request_id: str
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """A token, its log-probability, and its bytes `raw` (a token may hold part of a
+    UTF-8 character, so the bytes are the exact form)."""
+
+    token: int
+    logprob: float
+    raw: bytes  # the token's exact bytes
+
+
 class ChunkGenerated(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
     """One generated token. `seq` counts 0, 1, 2, ... per request; `text` is the
     detokenized text this token completes (may be empty while a multi-byte
-    character or a possible stop string is held back)."""
+    character or a possible stop string is held back). With logprobs requested,
+    `logprob` is the token's and `top_logprobs` the most likely tokens', best
+    first."""
 
     request_id: str
     seq: int
     token: int
     text: str
+    logprob: TokenLogprob | None = None
+    top_logprobs: list[TokenLogprob] = []
 
 
 class GenerationFinished(msgspec.Struct, frozen=True, kw_only=True, tag="finished"):

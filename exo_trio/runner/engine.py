@@ -48,15 +48,18 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import (
-    apply_top_k,
-    apply_top_p,
-    greedy_sampler,
-    make_logits_processors,
-)
+from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from exo_trio.runner.guide import Guide, Verdict
 from exo_trio.runner.model_files import load_lazily
+from exo_trio.runner.sampling import (
+    MAX_TOP_LOGPROBS,
+    GrammarTokenizer,
+    TokenBytes,
+    request_sampling,
+    token_logprobs,
+)
 from exo_trio.runner.solo import SoloDecoder
 from exo_trio.runner.stop_strings import StopStringMatcher
 from exo_trio.types import (
@@ -66,7 +69,6 @@ from exo_trio.types import (
     GenerationEvent,
     GenerationFailed,
     GenerationFinished,
-    SamplingParams,
     TextGeneration,
 )
 
@@ -84,9 +86,6 @@ Sampler = Callable[[mx.array], mx.array]
 # How many new requests one step starts itself (Engine._can_start_directly).
 DIRECT_START_MAX = 2
 
-# mx.random.key takes a uint64 seed; larger or negative API seeds are folded in.
-_SEED_MASK = (1 << 64) - 1
-
 
 @dataclass
 class _Request:
@@ -100,52 +99,15 @@ class _Request:
     processors: list[Any]
     detokenizer: StreamingDetokenizer
     stops: StopStringMatcher
+    # The request's grammar / thinking state (runner/guide.py), if constrained.
+    guide: Guide | None = None
+    logprobs: int | None = None  # report logprobs: the token's and this many top ones
     uid: int | None = None  # the generator's id, once inserted
     seq: int = 0  # chunks emitted so far == next chunk's seq == completion tokens
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt)
-
-
-def _make_sampler(params: SamplingParams) -> Sampler:
-    """A sampler for one request (BatchGenerator calls it on that request's row only).
-
-    Greedy requests share mlx-lm's `greedy_sampler` object: when every request in
-    the batch is greedy, BatchGenerator then samples the whole batch in one call.
-    A seeded request owns a PRNG key that is split once per call, so its tokens
-    depend only on its seed and its own logits, not on what else is in the batch
-    or on the global MLX random state.
-    """
-    if params.temperature == 0:
-        return greedy_sampler
-    inv_temp = 1.0 / params.temperature
-    top_p = params.top_p
-    top_k = params.top_k
-
-    def scaled(logprobs: mx.array) -> mx.array:
-        if top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        # apply_top_k refuses k >= vocabulary size; such a k keeps every token anyway.
-        if 0 < top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, top_k)
-        return logprobs * inv_temp
-
-    if params.seed is None:
-
-        def unseeded(logprobs: mx.array) -> mx.array:
-            return mx.random.categorical(scaled(logprobs))
-
-        return unseeded
-
-    key = mx.random.key(params.seed & _SEED_MASK)
-
-    def seeded(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
-        return mx.random.categorical(scaled(logprobs), key=sub)
-
-    return seeded
 
 
 class Engine:
@@ -194,6 +156,10 @@ class Engine:
         self._solo: tuple[_Request, SoloDecoder] | None = None
         self._steps = 0
         self._generator = self._new_generator()
+        # Grammars and logprob bytes need llguidance's view of the vocabulary.
+        hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+        self.grammar_tokenizer = GrammarTokenizer(hf_tokenizer, vocab_size)
+        self.token_bytes = TokenBytes(self.grammar_tokenizer)
 
     # -- construction -------------------------------------------------------------
 
@@ -245,6 +211,9 @@ class Engine:
             recover_step_errors=recover_step_errors,
             adaptive_pipelining=adaptive_pipelining,
         )
+        # The grammar engine's view of the vocabulary, built now rather than on the
+        # first constrained request (about a second per 30k tokens).
+        engine.grammar_tokenizer.get()
         progress(1.0, "ready")
         return engine
 
@@ -292,17 +261,28 @@ class Engine:
         if problem is not None:
             return [GenerationFailed(request_id=cmd.request_id, kind="invalid", message=problem)]
         params = cmd.params
+        try:
+            sampling = request_sampling(
+                params,
+                vocab_size=self.vocab_size,
+                eos_ids=self.eos_token_ids,
+                grammar_tokenizer=self.grammar_tokenizer,
+            )
+        except ValueError as exc:
+            return [GenerationFailed(request_id=cmd.request_id, kind="invalid", message=str(exc))]
         request = _Request(
             request_id=cmd.request_id,
             prompt=list(cmd.prompt_tokens),
             max_tokens=params.max_tokens,
             ignore_eos=params.ignore_eos,
-            sampler=_make_sampler(params),
-            processors=make_logits_processors(logit_bias=params.logit_bias or None),
+            sampler=sampling.sampler,
+            processors=sampling.processors,
             # The wrapper's `detokenizer` property returns a fresh copy per access,
             # so each request streams through its own detokenizer state.
             detokenizer=self.tokenizer.detokenizer,
             stops=StopStringMatcher(params.stop),
+            guide=sampling.guide,
+            logprobs=sampling.logprobs,
         )
         self._requests[cmd.request_id] = request
         self._pending.append(request)
@@ -333,6 +313,18 @@ class Engine:
             return f"logit_bias token ids out of range [0, {self.vocab_size}): {bad_bias[:5]}"
         if any(math.isnan(v) for v in params.logit_bias.values()):
             return "logit_bias values must not be NaN"
+        if not 0 <= params.min_p <= 1:
+            return f"min_p must be in [0, 1], got {params.min_p}"
+        penalties = (params.presence_penalty, params.frequency_penalty, params.repeat_penalty)
+        if not all(math.isfinite(v) for v in penalties) or params.repeat_penalty < 0:
+            return "penalties must be finite numbers (repeat_penalty >= 0)"
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            return f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}"
+        thinking = params.thinking
+        if thinking is not None and not (
+            0 <= thinking.start < self.vocab_size and 0 <= thinking.end < self.vocab_size
+        ):
+            return "thinking marker ids out of range"
         return None
 
     def cancel(self, request_id: str) -> bool:
@@ -400,7 +392,11 @@ class Engine:
                 if request is None:  # not expected: cancel() removes synchronously
                     log.warning("token for unknown generator uid %d", response.uid)
                     continue
-                events.extend(self._on_token(request, response.token, response.finish_reason))
+                events.extend(
+                    self._on_token(
+                        request, response.token, response.finish_reason, response.logprobs
+                    )
+                )
         except Exception as exc:
             if not self.recover_step_errors:
                 raise
@@ -475,7 +471,9 @@ class Engine:
             return [
                 GenerationFailed(request_id=request.request_id, kind="internal", message=message)
             ]
-        events = self._on_token(request, token, self._finish_reason(request, token))
+        events = self._on_token(
+            request, token, self._finish_reason(request, token), decoder.logprobs
+        )
         if request.request_id in self._requests:  # still going
             if alone:
                 decoder.queue(token)
@@ -496,7 +494,9 @@ class Engine:
     def _solo_step(self, request: _Request, decoder: SoloDecoder) -> list[GenerationEvent]:
         last = request.seq + 1 >= request.max_tokens
         token = decoder.advance(queue_next=not last)
-        events = self._on_token(request, token, self._finish_reason(request, token))
+        events = self._on_token(
+            request, token, self._finish_reason(request, token), decoder.logprobs
+        )
         if request.request_id not in self._requests:
             self._solo = None
         return events
@@ -512,7 +512,9 @@ class Engine:
             self._insert_started(request, decoder, token)
             return []
         token = decoder.advance(queue_next=False)
-        events = self._on_token(request, token, self._finish_reason(request, token))
+        events = self._on_token(
+            request, token, self._finish_reason(request, token), decoder.logprobs
+        )
         if request.request_id in self._requests:
             self._insert_started(request, decoder, token)
         return events
@@ -533,28 +535,65 @@ class Engine:
         self._by_uid[uid] = request
 
     def _on_token(
-        self, request: _Request, token: int, finish_reason: str | None
+        self,
+        request: _Request,
+        token: int,
+        finish_reason: str | None,
+        logprobs: mx.array | None = None,
     ) -> list[GenerationEvent]:
         if finish_reason == "stop":
             # The token is an EOS id (the only stop sequences we install): it ends
             # the request but is neither emitted nor counted.
             return [self._finish(request, "stop")]
+        verdict = Verdict.CONTINUE
+        if request.guide is not None:
+            verdict = request.guide.accept(request.seq, token)
+            if verdict is not Verdict.CONTINUE and finish_reason is None:
+                self._drop_from_batch(request)  # it ends here, not at its length
+            if verdict is Verdict.EOS:  # the grammar's end (EOS under ignore_eos)
+                return [self._finish(request, "stop")]
+            if verdict is Verdict.REJECTED:
+                self._forget(request)
+                message = f"constrained decoding failed: {request.guide.error}"
+                failed = GenerationFailed(
+                    request_id=request.request_id, kind="internal", message=message
+                )
+                return [failed]
         request.detokenizer.add_token(token)
         text, stopped = request.stops.push(request.detokenizer.last_segment)
+        chosen, top = None, []
+        if request.logprobs is not None and logprobs is not None:
+            chosen, top = token_logprobs(logprobs, token, request.logprobs, self.token_bytes)
         events: list[GenerationEvent] = [
-            ChunkGenerated(request_id=request.request_id, seq=request.seq, token=token, text=text)
+            ChunkGenerated(
+                request_id=request.request_id,
+                seq=request.seq,
+                token=token,
+                text=text,
+                logprob=chosen,
+                top_logprobs=top,
+            )
         ]
         request.seq += 1
+        if verdict is Verdict.DONE and not stopped:
+            events.append(self._finish(request, "stop"))
+            return events
         if stopped:
             # A stop string completed: end now. Unless this was also the request's
             # last token (then next() already dropped it), take it out of the batch.
-            if finish_reason is None and request.uid is not None:
-                self._generator.remove([request.uid])
+            if finish_reason is None and verdict is Verdict.CONTINUE:
+                self._drop_from_batch(request)
             events.append(self._finished_event(request, "stop", ""))
             self._forget(request)
         elif finish_reason == "length":
             events.append(self._finish(request, "length"))
         return events
+
+    def _drop_from_batch(self, request: _Request) -> None:
+        """Take a request that ends early out of the generator (if it is there:
+        a lone or just-started request is not)."""
+        if request.uid is not None and request.uid in self._by_uid:
+            self._generator.remove([request.uid])
 
     def _finish(self, request: _Request, reason: FinishReason) -> GenerationFinished:
         """Terminal event for a request the generator has already dropped."""

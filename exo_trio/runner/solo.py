@@ -72,6 +72,10 @@ class SoloDecoder:
         self.cached: list[int] = []  # the tokens in the cache, in order
         self._context: mx.array | None = None  # processors' view: cached + input
         self._next: mx.array | None = None  # sampled, not yet read back
+        self._next_logprobs: mx.array | None = None  # the distribution it was drawn from
+        # The distribution the token prefill() or advance() last returned was
+        # drawn from (what the sampler saw), for requests that report logprobs.
+        self.logprobs: mx.array | None = None
         self._input: int | None = None  # emitted, to be fed in by the next advance()
         self.pipelined = True
         self.adaptive = adaptive  # False: always pipeline (sharded ranks must agree)
@@ -103,7 +107,7 @@ class SoloDecoder:
                 mx.clear_cache()
             if self.processors:
                 self._context = mx.array(head, dtype=mx.int32)
-            sampled = self._forward(mx.array(last))
+            sampled, self.logprobs = self._forward(mx.array(last))
             mx.eval(sampled)
         self.cached = list(prompt)
         return int(sampled.item())
@@ -122,6 +126,7 @@ class SoloDecoder:
             self._feed_input()
         current = self._next
         assert current is not None
+        self.logprobs = self._next_logprobs
         self._next = None
         ahead = queue_next and self.pipelined
         if ahead:
@@ -150,7 +155,7 @@ class SoloDecoder:
 
     def _launch(self, tokens: mx.array) -> None:
         with mx.stream(self.stream):
-            self._next = self._forward(tokens)
+            self._next, self._next_logprobs = self._forward(tokens)
             mx.async_eval(self._next)
 
     def _observe(self, ahead: bool) -> None:
@@ -176,9 +181,10 @@ class SoloDecoder:
         self._was_ahead = ahead
         self._returned = now
 
-    def _forward(self, tokens: mx.array) -> mx.array:
+    def _forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """One forward pass on `tokens` (shape (n,)), the last position's logits
-        sampled: the next token, lazily."""
+        sampled: the next token and the log-probabilities it was drawn from,
+        lazily."""
         logits = self.model(tokens[None], cache=self.cache)[:, -1, :]
         if self.processors:
             assert self._context is not None
@@ -186,4 +192,4 @@ class SoloDecoder:
             for processor in self.processors:
                 logits = processor(self._context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs)
+        return self.sampler(logprobs), logprobs
