@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from exo_trio.chat_output import ChatFormat
 
 
 class PromptEncoder(Protocol):
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def chat_tokens(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        thinking: bool | None = None,
+    ) -> list[int]:
+        """The prompt for a conversation: `tools` (OpenAI function format) go to
+        the chat template, `thinking` switches the template's thinking on or off
+        (None: the template's default)."""
+        ...
 
     def text_tokens(self, text: str) -> list[int]: ...
 
     @property
     def eos_token_ids(self) -> list[int]: ...
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """The model's thinking markers and tool-call format."""
+        ...
 
 
 class HFPromptEncoder:
@@ -31,10 +47,21 @@ class HFPromptEncoder:
 
         eos = load_config(model_path).get("eos_token_id")
         self._tokenizer = load_tokenizer(model_path, eos_token_ids=eos)
+        self._format = chat_format_of(self._tokenizer)
 
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_tokens(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        thinking: bool | None = None,
+    ) -> list[int]:
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = tools
+        if thinking is not None:
+            extra["enable_thinking"] = thinking
         tokens = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
+            messages, add_generation_prompt=True, tokenize=True, **extra
         )
         # transformers 5 may hand back a BatchEncoding-like mapping.
         if isinstance(tokens, dict) or hasattr(tokens, "input_ids"):
@@ -47,6 +74,34 @@ class HFPromptEncoder:
     @property
     def eos_token_ids(self) -> list[int]:
         return sorted(int(t) for t in self._tokenizer.eos_token_ids)
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        return self._format
+
+
+def chat_format_of(tokenizer: Any) -> ChatFormat:
+    """What mlx-lm's TokenizerWrapper declares: thinking markers (and their ids
+    when single tokens) and the tool-call format with its parser."""
+
+    def single(tokens: Any) -> int | None:
+        return int(tokens[0]) if tokens is not None and len(tokens) == 1 else None
+
+    tool_format = None
+    if tokenizer.has_tool_calling:
+        tool_format = getattr(tokenizer, "init_kwargs", {}).get("tool_parser_type")
+    return ChatFormat(
+        think_start=tokenizer.think_start,
+        think_end=tokenizer.think_end,
+        think_start_id=single(tokenizer.think_start_tokens),
+        think_end_id=single(tokenizer.think_end_tokens),
+        tool_call_start=tokenizer.tool_call_start,
+        tool_call_end=tokenizer.tool_call_end or None,
+        tool_call_start_id=single(tokenizer.tool_call_start_tokens),
+        tool_call_end_id=single(tokenizer.tool_call_end_tokens),
+        tool_format=tool_format,
+        tool_parser=tokenizer.tool_parser,
+    )
 
 
 def context_length(model_path: Path, default: int = 4096) -> int:

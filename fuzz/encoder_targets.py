@@ -15,12 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from exo_trio.api.anthropic import AnthropicEvents
+from exo_trio.api.chat_plan import ChatSetup
 from exo_trio.api.completions import CompletionChunks
 from exo_trio.api.generation import Timing
 from exo_trio.api.ollama import OllamaLines
 from exo_trio.api.openai_chat import ChatChunks
 from exo_trio.api.responses import ResponseEvents, ResponseShape, ResponsesRequest
 from exo_trio.api.stream_response import StreamEncoder
+from exo_trio.chat_output import ChatFormat
 from exo_trio.seams import Seams
 from exo_trio.types import GenerationFailed, GenerationFinished, SamplingParams, TextGeneration
 from fuzz.checks import PropertyViolation, load_json, parse_ndjson, parse_sse
@@ -36,16 +38,20 @@ class StubNode:
 
 def encoder_for(dialect: str, command: TextGeneration, usage: bool) -> StreamEncoder:
     node: Any = StubNode()
+    # A model without markers: every piece is answer text (chat_output.py's
+    # splitting of thinking and calls has its own property test).
+    setup = ChatSetup(ChatFormat(), None, False, lambda: "call-1")
     if dialect == "chat":
-        return ChatChunks(command, 0, usage)
+        return ChatChunks(command, 0, usage, setup)
     if dialect == "completions":
         return CompletionChunks(command, 0, usage, "")
     if dialect == "responses":
         body = ResponsesRequest(model="demo", input="x")
-        return ResponseEvents(ResponseShape(node, command, body))
+        return ResponseEvents(ResponseShape(node, command, body, setup))
     if dialect == "anthropic":
-        return AnthropicEvents(command)
-    return OllamaLines(node, "demo", "chat" if dialect == "ollama_chat" else "generate")
+        return AnthropicEvents(command, setup)
+    kind = "chat" if dialect == "ollama_chat" else "generate"
+    return OllamaLines(node, "demo", kind, setup)
 
 
 def read_back(dialect: str, body: bytes) -> tuple[str, str]:

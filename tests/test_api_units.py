@@ -9,13 +9,13 @@ import trio
 from exo_trio.api.auth import check_exposure, is_loopback
 from exo_trio.api.errors import ApiError, decode_body, dialect_for_path, render_error
 from exo_trio.api.generation import Timing
-from exo_trio.api.ollama import OllamaOptions, ollama_params
+from exo_trio.api.ollama import ChatRequest, OllamaOptions, ollama_params
 from exo_trio.api.sampling import BAN, build_params
 from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard
 from exo_trio.runner.stop_strings import StopStringMatcher
 from exo_trio.streams import StreamRegistry
-from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished
+from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -125,14 +125,18 @@ def test_build_params_checks_ranges_in_the_dialects_names() -> None:
 def test_ollama_num_predict_is_capped_at_the_context() -> None:
     model = ModelCard(id="m", context_length=100, created=0)
     prompt = [5] * 40
-    assert ollama_params(None, model, prompt).max_tokens == 60
-    assert ollama_params(OllamaOptions(num_predict=-2), model, prompt).max_tokens == 60
-    assert ollama_params(OllamaOptions(num_predict=10), model, prompt).max_tokens == 10
-    assert ollama_params(OllamaOptions(num_predict=500), model, prompt).max_tokens == 60
-    defaults = ollama_params(None, model, prompt)
+
+    def params(options: OllamaOptions | None) -> SamplingParams:
+        return ollama_params(ChatRequest(model="m", options=options), model, prompt)
+
+    assert params(None).max_tokens == 60
+    assert params(OllamaOptions(num_predict=-2)).max_tokens == 60
+    assert params(OllamaOptions(num_predict=10)).max_tokens == 10
+    assert params(OllamaOptions(num_predict=500)).max_tokens == 60
+    defaults = params(None)
     assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.8, 0.9, 40)
     with pytest.raises(ApiError):
-        ollama_params(OllamaOptions(num_predict=0), model, prompt)
+        params(OllamaOptions(num_predict=0))
 
 
 def test_the_stop_matcher_reports_which_stop_ended_the_text() -> None:

@@ -113,7 +113,7 @@ def test_constrained_requests_in_a_batch_each_follow_their_own_grammar(engine: E
     for event in reversed(early):
         results[event.request_id].insert(0, event)
     for rid in ("g1", "b0", "b1", "b2"):
-        text, final = text_of(results[rid])
+        text, _final = text_of(results[rid])
         jsonschema.validate(json.loads(text), SCHEMA)
     text, _ = text_of(results["g2"])
     jsonschema.validate(json.loads(text), other)
@@ -148,7 +148,7 @@ def test_a_rejected_token_ends_the_request_with_an_error() -> None:
 
 def test_a_thinking_budget_closes_the_thinking_section(engine: Engine) -> None:
     # The prompt opened the section; after 5 tokens the budget forces its end.
-    prompt = chat_prompt(engine, "think") + [THINK_START_TOKEN_ID]
+    prompt = [*chat_prompt(engine, "think"), THINK_START_TOKEN_ID]
     thinking = ThinkingControl(
         start=THINK_START_TOKEN_ID, end=THINK_END_TOKEN_ID, inside=True, budget=5
     )
@@ -263,9 +263,9 @@ def test_a_penalty_changes_greedy_output(engine: Engine, penalty: dict[str, floa
 def test_penalties_in_a_batch_apply_per_request(engine: Engine) -> None:
     prompt = chat_prompt(engine, "same prompt")
     plain = check_stream(alone(engine, request(engine, "a", prompt, 30)))[0]
-    penalised = check_stream(
-        alone(engine, request(engine, "b", prompt, 30, presence_penalty=2.0))
-    )[0]
+    penalised = check_stream(alone(engine, request(engine, "b", prompt, 30, presence_penalty=2.0)))[
+        0
+    ]
     engine.submit(request(engine, "x", prompt, 30))
     engine.submit(request(engine, "y", prompt, 30, presence_penalty=2.0))
     results = run_until_done(engine)

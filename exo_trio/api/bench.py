@@ -33,12 +33,12 @@ def generation_stats(result: Completion) -> dict[str, object]:
 
 
 async def bench_chat_completions(ctx: ApiContext) -> Response:
-    body, command = parse_chat_request(ctx.node, await ctx.body())
+    body, command, setup = parse_chat_request(ctx.node, await ctx.body())
     if body.stream:
         raise ApiError(400, "The bench endpoint does not stream.", param="stream")
     ctx.begin(command)
     created = int(ctx.node.seams.wall_clock())
     result = await ctx.complete(command)
-    payload = chat_completion(command, created, result)
+    payload = chat_completion(command, created, result, setup)
     payload["generation_stats"] = generation_stats(result)
     return json_response(payload, command)

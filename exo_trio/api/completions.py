@@ -11,21 +11,28 @@ from quart import Response
 
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
+from exo_trio.api.fields import OPENAI_COMPLETIONS, refuse_present
 from exo_trio.api.generation import (
     client_request_id,
     find_model,
     json_response,
     plan_generation,
 )
-from exo_trio.api.openai_common import OpenAIChunks, OpenAISampling, openai_params, usage
+from exo_trio.api.openai_common import (
+    OpenAIChunks,
+    OpenAISampling,
+    openai_params,
+    token_text,
+    usage,
+)
 from exo_trio.node import Node
-from exo_trio.types import TextGeneration
+from exo_trio.types import ChunkGenerated, TextGeneration
 
 # OpenAI's default for this endpoint (chat completions default to "until done").
 DEFAULT_MAX_TOKENS = 16
 
 
-class CompletionRequest(OpenAISampling, kw_only=True):
+class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=True):
     model: str
     # msgspec allows one array type in a union: a list of token ids or of one
     # string both arrive here and are told apart below.
@@ -54,17 +61,13 @@ def prompt_tokens(node: Node, body: CompletionRequest) -> list[int]:
 
 def parse_completion_request(node: Node, raw: bytes) -> tuple[CompletionRequest, TextGeneration]:
     body = decode_body(raw, CompletionRequest)
-    for name, unsupported in (
-        ("suffix", body.suffix),
-        ("logprobs", body.logprobs),
-        ("best_of", body.best_of not in (None, 1)),
-    ):
-        if unsupported:
-            raise ApiError(400, f"`{name}` is not supported.", param=name)
+    refuse_present(body, OPENAI_COMPLETIONS)
+    if body.best_of not in (None, 1):
+        raise ApiError(400, "Only best_of=1 is supported.", param="best_of")
     model = find_model(node, body.model)
     tokens = prompt_tokens(node, body)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    params = openai_params(body, max_tokens)
+    params = openai_params(body, max_tokens, body.logprobs)
     request_id = node.seams.new_id("cmpl")
     return body, plan_generation(
         node, model, tokens, params, request_id, "prompt", client_request_id()
@@ -78,6 +81,20 @@ def echoed(body: CompletionRequest) -> str:
     return body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])
 
 
+def completion_logprobs(chunks: list[ChunkGenerated], offset: int) -> dict[str, object]:
+    """The legacy logprobs object for these tokens; `offset` is where the first
+    one's text starts in the choice's text."""
+    tokens, values, top, offsets = [], [], [], []
+    for chunk in chunks:
+        assert chunk.logprob is not None
+        tokens.append(token_text(chunk.logprob.raw))
+        values.append(chunk.logprob.logprob)
+        top.append({token_text(t.raw): t.logprob for t in chunk.top_logprobs})
+        offsets.append(offset)
+        offset += len(chunk.text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
+
+
 class CompletionChunks(OpenAIChunks):
     object = "text_completion"
 
@@ -86,12 +103,33 @@ class CompletionChunks(OpenAIChunks):
     ) -> None:
         super().__init__(command, created, include_usage)
         self.echo = echo
+        self.offset = 0  # characters of text sent so far
 
     def start(self) -> list[bytes]:
         return self.text(self.echo) if self.echo else []
 
-    def choice(self, text: str | None, finish_reason: str | None) -> dict[str, object]:
-        return {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def choice(
+        self, text: str | None, finish_reason: str | None, logprobs: object = None
+    ) -> dict[str, object]:
+        return {
+            "text": text or "",
+            "index": 0,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
+
+    def token(self, event: ChunkGenerated) -> list[bytes]:
+        if event.logprob is None:
+            return self.text(event.text) if event.text else []
+        # Every token gets its chunk (with its logprobs), even one whose text is
+        # held back, so each token's logprob is reported once.
+        logprobs = completion_logprobs([event], self.offset)
+        self.offset += len(event.text)
+        return [self.chunk([self.choice(event.text, None, logprobs)])]
+
+    def text(self, text: str) -> list[bytes]:
+        self.offset += len(text)
+        return super().text(text)
 
 
 async def completions(ctx: ApiContext) -> Response:
@@ -112,7 +150,9 @@ async def completions(ctx: ApiContext) -> Response:
             {
                 "text": echoed(body) + result.text,
                 "index": 0,
-                "logprobs": None,
+                "logprobs": None
+                if body.logprobs is None
+                else completion_logprobs(result.chunks, len(echoed(body))),
                 "finish_reason": result.finish_reason,
             }
         ],

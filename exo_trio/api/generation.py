@@ -250,6 +250,7 @@ class Completion:
     completion_tokens: int
     stop_sequence: str | None
     timing: Timing
+    chunks: list[ChunkGenerated] = field(default_factory=list)  # for their logprobs
 
 
 async def complete(
@@ -257,6 +258,7 @@ async def complete(
 ) -> Completion:
     """Run a request to its end and return the whole text (non-streaming dialects)."""
     parts: list[str] = []
+    chunks: list[ChunkGenerated] = []
     timing = Timing()
     # aclosing: the request ends (its `with` block runs) here, not when the
     # generator is collected, also when a failure raises out of the loop.
@@ -264,6 +266,7 @@ async def complete(
         async for event in stream:
             if isinstance(event, ChunkGenerated):
                 parts.append(event.text)
+                chunks.append(event)
             elif isinstance(event, GenerationFinished):
                 parts.append(event.text)
                 return Completion(
@@ -273,6 +276,7 @@ async def complete(
                     event.completion_tokens,
                     event.stop_sequence,
                     timing,
+                    chunks,
                 )
             elif isinstance(event, GenerationFailed):
                 raise failure_error(event)

@@ -10,36 +10,51 @@ from exo_trio.api.generation import Timing, failure_error
 from exo_trio.api.sampling import build_params
 from exo_trio.api.sse import DONE, KEEPALIVE, sse_data
 from exo_trio.api.stream_response import StreamEncoder
-from exo_trio.types import GenerationFailed, GenerationFinished, SamplingParams, TextGeneration
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+    TokenLogprob,
+)
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # no obfuscation padding is ever sent
 
 
-class OpenAISampling(msgspec.Struct, kw_only=True):
-    """Fields chat completions and completions take alike."""
+class OpenAISampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields chat completions and completions take alike. Unknown fields are a
+    400 naming them, as OpenAI's API answers (api/fields.py)."""
 
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
-    stream: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None
     user: str | None = None
     # Extensions (as in vLLM): keep generating past EOS for exact-length
-    # benchmarks, and top-k sampling.
+    # benchmarks, top-k and min-p sampling, a repeat penalty.
     ignore_eos: bool = False
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def openai_params(body: OpenAISampling, max_tokens: int) -> SamplingParams:
+def openai_params(
+    body: OpenAISampling, max_tokens: int, logprobs: int | None = None
+) -> SamplingParams:
     if body.n not in (None, 1):
         raise ApiError(400, "Only n=1 is supported.", param="n")
     return build_params(
@@ -51,7 +66,29 @@ def openai_params(body: OpenAISampling, max_tokens: int) -> SamplingParams:
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         logit_bias=body.logit_bias,
         ignore_eos=body.ignore_eos,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=body.repetition_penalty,
+        repeat_last_n=-1 if body.repetition_penalty is not None else None,
+        logprobs=logprobs,
+        names={"logprobs": "top_logprobs"},
     )
+
+
+def token_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def logprob_entry(chunk: ChunkGenerated) -> dict[str, object]:
+    """One token's entry in OpenAI chat's `logprobs.content` (and Responses')."""
+    chosen = chunk.logprob
+    assert chosen is not None
+
+    def entry(t: TokenLogprob) -> dict[str, object]:
+        return {"token": token_text(t.raw), "logprob": t.logprob, "bytes": list(t.raw)}
+
+    return {**entry(chosen), "top_logprobs": [entry(t) for t in chunk.top_logprobs]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

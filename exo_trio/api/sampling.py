@@ -20,6 +20,8 @@ BAN = -1e9
 # node down (found by fuzz/), so every client-chosen integer is checked here.
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 MAX_TOKEN_ID = 2**31 - 1
+# OpenAI's limit on top_logprobs; every dialect's logprobs are held to it.
+MAX_TOP_LOGPROBS = 20
 
 
 def parse_logit_bias(raw: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
@@ -55,6 +57,12 @@ def build_params(
     max_stops: int | None = 4,
     names: dict[str, str] | None = None,
     defaults: tuple[float, float] = (1.0, 1.0),
+    min_p: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repeat_penalty: float | None = None,
+    repeat_last_n: int | None = None,
+    logprobs: int | None = None,
 ) -> SamplingParams:
     """Validate and build SamplingParams. A None temperature or top_p takes the
     dialect's `defaults` (temperature, top_p). `names` maps our field names onto
@@ -82,6 +90,24 @@ def build_params(
         raise ApiError(400, f"top_k must be in [0, {MAX_TOKEN_ID}].", param=name("top_k"))
     if seed is not None and not INT64_MIN <= seed <= UINT64_MAX:
         raise ApiError(400, "seed must be a 64-bit integer.", param=name("seed"))
+    if min_p is not None and not (math.isfinite(min_p) and 0.0 <= min_p <= 1.0):
+        raise ApiError(400, "min_p must be between 0 and 1.", param=name("min_p"))
+    for field, value in (
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+    ):
+        if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            raise ApiError(400, f"{name(field)} must be between -2 and 2.", param=name(field))
+    if repeat_penalty is not None and not (math.isfinite(repeat_penalty) and repeat_penalty >= 0):
+        raise ApiError(400, "repeat_penalty must be a number >= 0.", param=name("repeat_penalty"))
+    if repeat_last_n is not None and not -1 <= repeat_last_n <= MAX_TOKEN_ID:
+        raise ApiError(400, "repeat_last_n must be -1 or more.", param=name("repeat_last_n"))
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(
+            400,
+            f"{name('logprobs')} must be between 0 and {MAX_TOP_LOGPROBS}.",
+            param=name("logprobs"),
+        )
     stops = stop or []
     if (max_stops is not None and len(stops) > max_stops) or any(not s for s in stops):
         limit = f"at most {max_stops} " if max_stops is not None else ""
@@ -95,4 +121,10 @@ def build_params(
         stop=tuple(stops),
         logit_bias=parse_logit_bias(logit_bias, name("logit_bias")),
         ignore_eos=ignore_eos,
+        min_p=min_p or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        repeat_penalty=1.0 if repeat_penalty is None else repeat_penalty,
+        repeat_last_n=64 if repeat_last_n is None else repeat_last_n,
+        logprobs=logprobs,
     )

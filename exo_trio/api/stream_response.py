@@ -26,6 +26,11 @@ class StreamEncoder:
     def keepalive(self) -> list[bytes]:
         return []
 
+    def token(self, event: ChunkGenerated) -> list[bytes]:
+        """A generated token; by default its text (dialects with logprobs look at
+        the whole chunk)."""
+        return self.text(event.text) if event.text else []
+
     def text(self, text: str) -> list[bytes]:
         raise NotImplementedError
 
@@ -54,7 +59,7 @@ async def stream_response(
         if event is None:
             out = encoder.keepalive()
         elif isinstance(event, ChunkGenerated):
-            out = encoder.text(event.text) if event.text else []
+            out = encoder.token(event)
         elif isinstance(event, GenerationFinished):
             out = (encoder.text(event.text) if event.text else []) + encoder.finish(event, timing)
         else:
