@@ -45,6 +45,7 @@ from exo_trio.types import (
     GenerationFailed,
     GenerationFinished,
     TextGeneration,
+    TokenLogprob,
 )
 
 
@@ -54,6 +55,18 @@ def fake_token(request_id: str, seq: int) -> int:
 
 def fake_text(token: int) -> str:
     return f"t{token} "
+
+
+def fake_logprobs(
+    token: int, text: str, top: int | None
+) -> tuple[TokenLogprob | None, list[TokenLogprob]]:
+    """A deterministic logprob for a token (when asked): the token is the most
+    likely, its alternatives follow (as greedy decoding gives)."""
+    if top is None:
+        return None, []
+    chosen = TokenLogprob(token, -0.5, text.encode())
+    others = [TokenLogprob(token + i, -0.5 - i, f"t{token + i} ".encode()) for i in range(1, top)]
+    return chosen, [chosen, *others][:top]
 
 
 class RunnerObserver(Protocol):
@@ -312,9 +325,16 @@ class FakeRunner:
             del self.active[rid]
             return [self._finished(rid, job, "stop", prompt)]
         token = fake_token(rid, job.emitted)
+        text = self.text_of(job.emitted, token)
+        logprob, top = fake_logprobs(token, text, params.logprobs)
         events: list[GenerationEvent] = [
             ChunkGenerated(
-                request_id=rid, seq=job.emitted, token=token, text=self.text_of(job.emitted, token)
+                request_id=rid,
+                seq=job.emitted,
+                token=token,
+                text=text,
+                logprob=logprob,
+                top_logprobs=top,
             )
         ]
         job.emitted += 1

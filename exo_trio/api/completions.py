@@ -86,7 +86,8 @@ def completion_logprobs(chunks: list[ChunkGenerated], offset: int) -> dict[str, 
     one's text starts in the choice's text."""
     tokens, values, top, offsets = [], [], [], []
     for chunk in chunks:
-        assert chunk.logprob is not None
+        if chunk.logprob is None:
+            continue
         tokens.append(token_text(chunk.logprob.raw))
         values.append(chunk.logprob.logprob)
         top.append({token_text(t.raw): t.logprob for t in chunk.top_logprobs})

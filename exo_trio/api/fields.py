@@ -15,7 +15,17 @@ from typing import Any, Literal
 
 from exo_trio.api.errors import ApiError
 
-__all__ = ["FIELDS", "refuse_present"]
+__all__ = [
+    "ANTHROPIC",
+    "FIELDS",
+    "OLLAMA_CHAT",
+    "OLLAMA_GENERATE",
+    "OLLAMA_OPTIONS",
+    "OPENAI_CHAT",
+    "OPENAI_COMPLETIONS",
+    "RESPONSES",
+    "refuse_present",
+]
 
 Status = Literal["honoured", "no effect", "refused"]
 Table = dict[str, tuple[Status, str]]
@@ -218,6 +228,11 @@ OLLAMA_OPTIONS: Table = {
     "num_keep": ("no effect", "the context is never shifted"),
     "numa": ("no effect", "performance"),
     "low_vram": ("no effect", "performance"),
+    "use_mlock": ("no effect", "performance"),
+    "f16_kv": ("no effect", "performance"),
+    "vocab_only": ("no effect", "loading"),
+    "embedding_only": ("no effect", "loading"),
+    "logits_all": ("no effect", "logprobs are asked for with logprobs"),
     "typical_p": ("refused", "no typical sampling"),
     "tfs_z": ("refused", "no tail-free sampling"),
     "mirostat": ("refused", "0 only"),

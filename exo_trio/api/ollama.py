@@ -80,6 +80,11 @@ class OllamaOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     num_keep: int | None = None
     numa: bool | None = None
     low_vram: bool | None = None
+    use_mlock: bool | None = None
+    f16_kv: bool | None = None
+    vocab_only: bool | None = None
+    embedding_only: bool | None = None
+    logits_all: bool | None = None
     typical_p: float | None = None
     tfs_z: float | None = None
     mirostat: int | None = None
