@@ -96,12 +96,13 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     raw: bytes  # the token's exact bytes
 
 
-class ChunkGenerated(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
+class ChunkGenerated(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", omit_defaults=True):
     """One generated token. `seq` counts 0, 1, 2, ... per request; `text` is the
     detokenized text this token completes (may be empty while a multi-byte
     character or a possible stop string is held back). With logprobs requested,
     `logprob` is the token's and `top_logprobs` the most likely tokens', best
-    first."""
+    first. Defaults are left off the wire: a chunk without logprobs is framed as
+    it was before they existed (it is the one message sent per token)."""
 
     request_id: str
     seq: int

@@ -15,6 +15,14 @@ from pathlib import Path
 from fuzz.targets import TARGETS
 
 EOS_BAN = {"1": -100, "3": -100}
+# Tools, calls in the history and schemas (issue 15): each dialect's own shapes.
+PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city"],
+}
+FUNCTION = {"name": "get_weather", "description": "Weather.", "parameters": PARAMS}
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
 
 def api_seed(route: int, body: dict[str, object], flags: int = 0, q: int = 0, ct: int = 0) -> bytes:
@@ -45,6 +53,43 @@ def chat_bodies() -> list[dict[str, object]]:
         {
             "model": "demo",
             "messages": [{"role": "assistant", "content": None}, {"role": "user", "content": "x"}],
+        },
+        {
+            "model": "demo",
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "x"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            ],
+            "tools": [{"type": "function", "function": FUNCTION}],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 30,
+            "stream": True,
+        },
+        {
+            "model": "demo",
+            "messages": messages,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": SCHEMA},
+            },
+            "logprobs": True,
+            "top_logprobs": 2,
+            "presence_penalty": 0.5,
+            "frequency_penalty": 0.5,
+            "reasoning_effort": "none",
+            "max_tokens": 8,
         },
     ]
 
@@ -79,6 +124,9 @@ def api_seeds(name: str) -> dict[str, bytes]:
             },
         )
         seeds["list"] = api_seed(0, {"model": "demo", "prompt": ["one"], "stop": "x"})
+        seeds["logprobs"] = api_seed(
+            0, {"model": "demo", "prompt": "x", "logprobs": 3, "stream": True, "max_tokens": 3}
+        )
     elif name == "api_responses":
         seeds["string"] = api_seed(0, {"model": "demo", "input": "hi", "max_output_tokens": 4})
         seeds["items-stream"] = api_seed(
@@ -100,6 +148,38 @@ def api_seeds(name: str) -> dict[str, bytes]:
                 "metadata": {"k": "v"},
                 "store": False,
                 "seed": 3,
+            },
+        )
+        seeds["tools-stream"] = api_seed(
+            0,
+            {
+                "model": "demo",
+                "input": [
+                    {"role": "user", "content": "weather?"},
+                    {
+                        "type": "function_call",
+                        "call_id": "c1",
+                        "name": "get_weather",
+                        "arguments": '{"city": "x"}',
+                    },
+                    {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                ],
+                "tools": [{"type": "function", **FUNCTION}],
+                "tool_choice": {"type": "function", "name": "get_weather"},
+                "stream": True,
+                "max_output_tokens": 30,
+            },
+        )
+        seeds["schema"] = api_seed(
+            0,
+            {
+                "model": "demo",
+                "input": "json",
+                "text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}},
+                "top_logprobs": 2,
+                "include": ["message.output_text.logprobs"],
+                "reasoning": {"effort": "none"},
+                "max_output_tokens": 8,
             },
         )
     elif name == "api_anthropic":
@@ -131,6 +211,45 @@ def api_seeds(name: str) -> dict[str, bytes]:
             },
         )
         seeds["count"] = api_seed(1, {"model": "demo", "messages": base["messages"], "system": "s"})
+        tool = {"name": "get_weather", "input_schema": PARAMS}
+        seeds["tools-stream"] = api_seed(
+            0,
+            {
+                **base,
+                "max_tokens": 30,
+                "stream": True,
+                "tools": [tool],
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "thinking", "thinking": "hm", "signature": ""},
+                            {
+                                "type": "tool_use",
+                                "id": "t1",
+                                "name": "get_weather",
+                                "input": {"city": "x"},
+                            },
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}],
+                    },
+                ],
+            },
+        )
+        seeds["schema-thinking"] = api_seed(
+            0,
+            {
+                **base,
+                "max_tokens": 20,
+                "thinking": {"type": "enabled", "budget_tokens": 4},
+                "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}},
+            },
+        )
     elif name == "api_ollama":
         msgs = [{"role": "user", "content": "hi"}]
         opts = {
@@ -167,6 +286,45 @@ def api_seeds(name: str) -> dict[str, bytes]:
                 "raw": True,
                 "stream": False,
                 "options": {"num_predict": -1},
+            },
+        )
+        seeds["tools"] = api_seed(
+            0,
+            {
+                "model": "demo",
+                "messages": [
+                    *msgs,
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "thinking": "hm",
+                        "tool_calls": [
+                            {"function": {"name": "get_weather", "arguments": {"city": "x"}}}
+                        ],
+                    },
+                    {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+                ],
+                "tools": [{"type": "function", "function": FUNCTION}],
+                "options": {
+                    "num_predict": 30,
+                    "tool_choice": "required",
+                    "parallel_tool_calls": False,
+                    "repeat_penalty": 1.1,
+                    "min_p": 0.1,
+                },
+                "think": False,
+            },
+        )
+        seeds["format"] = api_seed(
+            1,
+            {
+                "model": "demo",
+                "prompt": "hi",
+                "format": SCHEMA,
+                "logprobs": True,
+                "top_logprobs": 2,
+                "stream": False,
+                "options": {"num_predict": 8},
             },
         )
         seeds["load"] = api_seed(2, {"model": "demo"})

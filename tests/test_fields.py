@@ -277,3 +277,13 @@ async def test_an_unknown_field_is_a_400_naming_it(
         nursery.cancel_scope.cancel()
     assert response.status == 400
     assert "invented" in response.body.decode()
+
+
+def test_docs_list_every_field_as_the_code_does() -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    for endpoint, table in FIELDS.items():
+        section = docs.split(f"#### {endpoint}\n", 1)[1].split("\n#### ", 1)[0]
+        for field, (status, _) in table.items():
+            assert f"| `{field}` | {status} |" in section, f"docs/api.md: {endpoint} {field}"

@@ -1,0 +1,120 @@
+"""Per-token cost of constrained decoding against unconstrained, in one run.
+
+    python -m bench.constrained [--size medium|demo | --model DIR] [--tokens 64] [--repeats 5]
+
+The runner's Engine decodes 1 stream, then 8 streams together, each first free
+and then under a JSON-schema grammar (runner/guide.py: an llguidance matcher per
+request, its mask applied as a logits processor inside the batch), alternating
+free and constrained runs, greedy with EOS banned so every run has the same
+length. The schema is an open-ended array of small objects, so the grammar never
+ends early and keeps the mask busy (keys, punctuation, enums, bounded strings and
+integers) rather than sitting inside one long string. The figure is decode time
+per token per stream (first token excluded), best of the repeats; the goal is
+constrained <= 1.10x free. OpenBLAS is preloaded when present, as in
+bench.node_vs_mlx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import llguidance
+
+from bench.node_vs_mlx import add_model_arguments, preload_blas
+from exo_trio.demo_model import build_demo_model
+from exo_trio.runner.engine import Engine
+from exo_trio.types import ChunkGenerated, SamplingParams, TextGeneration
+
+SCHEMA = {
+    "type": "array",
+    "minItems": 1000,  # never complete within a run: every stream runs its length
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9999},
+            "kind": {"enum": ["alpha", "beta", "gamma"]},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["name", "count", "kind", "ok"],
+        "additionalProperties": False,
+    },
+}
+
+
+def grammar() -> str:
+    return llguidance.LLMatcher.grammar_from_json_schema(
+        SCHEMA,
+        overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    )
+
+
+def decode_seconds_per_token(
+    engine: Engine, streams: int, tokens: int, constrained: bool, tag: str
+) -> float:
+    ban = {t: -1e9 for t in engine.eos_token_ids}
+    g = grammar() if constrained else None
+    for i in range(streams):
+        prompt = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"List some things, please ({tag} {i})."}],
+            add_generation_prompt=True,
+        )
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, logit_bias=ban, grammar=g)
+        cmd = TextGeneration(
+            request_id=f"{tag}-{i}", model="m", prompt_tokens=list(prompt), params=params
+        )
+        assert engine.submit(cmd) == []
+    started: set[str] = set()
+    t0 = 0.0
+    done = 0
+    while engine.has_work:
+        for event in engine.step():
+            if isinstance(event, ChunkGenerated) and event.seq == 0:
+                started.add(event.request_id)
+                if len(started) == streams:
+                    t0 = time.perf_counter()
+            elif not isinstance(event, ChunkGenerated):
+                done += 1
+    elapsed = time.perf_counter() - t0
+    assert done == streams
+    return elapsed / (tokens - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(size="medium")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--blas", default="auto", help="auto, none, or a libopenblas path")
+    args = parser.parse_args()
+    blas = preload_blas(args.blas, "bench.constrained")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_demo_model(Path(tmp) / "bench", args.size)
+        engine = Engine.load(model_dir, "m", max_batch=8)
+        print(f"model {model_dir.name} ({args.size}), BLAS {blas}, {args.tokens} tokens/stream")
+        decode_seconds_per_token(engine, 1, 8, True, "warm")  # first-use costs
+        for streams in (1, 8):
+            runs: dict[bool, list[float]] = {False: [], True: []}
+            for r in range(args.repeats):
+                for constrained in (False, True):
+                    tag = f"{streams}-{r}-{constrained}"
+                    runs[constrained].append(
+                        decode_seconds_per_token(engine, streams, args.tokens, constrained, tag)
+                    )
+            free, bound = min(runs[False]), min(runs[True])
+            print(
+                f"{streams} stream(s): free {free * 1e3:.2f} ms/token, constrained "
+                f"{bound * 1e3:.2f} ms/token: constrained / free = {bound / free:.3f} "
+                f"(medians: {median(runs[True]) / median(runs[False]):.3f})"
+            )
+
+
+if __name__ == "__main__":
+    main()
