@@ -294,3 +294,11 @@ def test_out_of_range_sampling_parameters_are_refused(engine: Engine) -> None:
         )
         (failed,) = engine.submit(cmd)
         assert isinstance(failed, GenerationFailed) and failed.kind == "invalid"
+
+
+def test_a_tokenizer_llguidance_cannot_read_leaves_the_runner_without_grammars() -> None:
+    from exo_trio.runner.sampling import GrammarTokenizer
+
+    broken = GrammarTokenizer(object(), 16)  # not a Hugging Face fast tokenizer
+    with pytest.raises(ValueError, match="cannot be used for grammars"):
+        broken.matcher(schema_grammar())

@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import jsonschema
+import llguidance
 import pytest
 import trio
+from mlx_lm.utils import load_tokenizer
 
 from exo_trio.runner.framing import encode_frame
 from exo_trio.runner.protocol import (
@@ -41,6 +44,15 @@ PROMPTS = {
 }
 SPLITS = {"pipeline": ("0:2", "2:4"), "tensor": ("0:4", "0:4")}
 LONG = 1000  # tokens of the requests that are cancelled or cut short
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "k": {"enum": ["x", "y"]},
+    },
+    "required": ["n", "k"],
+    "additionalProperties": False,
+}
 
 
 def free_hostfile(directory: Path, ranks: int) -> Path:
@@ -202,6 +214,30 @@ async def test_sharded_matches_single_runner(
             await leader.send(sampled)
             tokens, final = await collect(leader, "s1")
             assert isinstance(final, GenerationFinished) and len(tokens) == 20
+
+            # A constrained request with logprobs and a penalty: every rank applies
+            # the same grammar mask and processors to the same logits, so they stay
+            # in step, and the output matches its schema.
+            constrained = TextGeneration(
+                request_id="g1",
+                model="demo",
+                prompt_tokens=PROMPTS["a"],
+                params=SamplingParams(
+                    max_tokens=80,
+                    temperature=1.0,
+                    logit_bias=BANNED_EOS,
+                    grammar=llguidance.LLMatcher.grammar_from_json_schema(
+                        SCHEMA, overrides={"whitespace_flexible": False}
+                    ),
+                    logprobs=2,
+                    presence_penalty=0.5,
+                ),
+            )
+            await leader.send(constrained)
+            tokens, final = await collect(leader, "g1")
+            assert isinstance(final, GenerationFinished) and final.finish_reason == "stop", final
+            text = load_tokenizer(demo_model_dir).decode(tokens)
+            jsonschema.validate(json.loads(text), SCHEMA)
 
             # Other ranks take no requests.
             await follower.send(generation("a4", 5))

@@ -159,7 +159,7 @@ class Engine:
         # Grammars and logprob bytes need llguidance's view of the vocabulary.
         hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
         self.grammar_tokenizer = GrammarTokenizer(hf_tokenizer, vocab_size)
-        self.token_bytes = TokenBytes(self.grammar_tokenizer)
+        self.token_bytes = TokenBytes(self.grammar_tokenizer, hf_tokenizer)
 
     # -- construction -------------------------------------------------------------
 
@@ -213,7 +213,10 @@ class Engine:
         )
         # The grammar engine's view of the vocabulary, built now rather than on the
         # first constrained request (about a second per 30k tokens).
-        engine.grammar_tokenizer.get()
+        try:
+            engine.grammar_tokenizer.get()
+        except ValueError as exc:
+            log.warning("%s; constrained requests will be refused", exc)
         progress(1.0, "ready")
         return engine
 

@@ -121,18 +121,27 @@ def repeat_penalty(penalty: float, last_n: int) -> Processor:
 
 class GrammarTokenizer:
     """The runner's llguidance tokenizer, built once on first use (a fraction of
-    a second for the demo vocabulary, about a second per 30k tokens)."""
+    a second for the demo vocabulary, about a second per 30k tokens). A tokenizer
+    llguidance cannot read (it takes Hugging Face "fast" tokenizers) leaves the
+    runner without grammars: constrained requests are refused, the rest works."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
         self._hf = hf_tokenizer
         self.vocab_size = vocab_size
         self._tokenizer: Any | None = None
+        self._error: str | None = None
 
     def get(self) -> Any:
-        if self._tokenizer is None:
+        """The LLTokenizer; ValueError if this model's tokenizer cannot have one."""
+        if self._tokenizer is None and self._error is None:
             import llguidance.hf
 
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+            try:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+            except Exception as exc:  # any failure means: no grammars for this model
+                self._error = f"this model's tokenizer cannot be used for grammars: {exc!r}"
+        if self._tokenizer is None:
+            raise ValueError(self._error)
         return self._tokenizer
 
     def matcher(self, grammar: str) -> Any:
@@ -147,16 +156,21 @@ class GrammarTokenizer:
 
 class TokenBytes:
     """Each token's exact bytes (for logprobs), looked up through the grammar
-    tokenizer, which knows them for byte-level and SentencePiece vocabularies."""
+    tokenizer, which knows them for byte-level and SentencePiece vocabularies
+    (else the token's decoded text)."""
 
-    def __init__(self, grammar_tokenizer: GrammarTokenizer) -> None:
+    def __init__(self, grammar_tokenizer: GrammarTokenizer, hf_tokenizer: Any) -> None:
         self._grammar_tokenizer = grammar_tokenizer
+        self._hf = hf_tokenizer
         self._cache: dict[int, bytes] = {}
 
     def __call__(self, token: int) -> bytes:
         found = self._cache.get(token)
         if found is None:
-            found = bytes(self._grammar_tokenizer.get().decode_bytes([token]))
+            try:
+                found = bytes(self._grammar_tokenizer.get().decode_bytes([token]))
+            except ValueError:
+                found = str(self._hf.decode([token])).encode()
             self._cache[token] = found
         return found
 
