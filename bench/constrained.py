@@ -8,8 +8,10 @@ request, its mask applied as a logits processor inside the batch), alternating
 free and constrained runs, greedy with EOS banned so every run has the same
 length. The schema is an open-ended array of small objects, so the grammar never
 ends early and keeps the mask busy (keys, punctuation, enums, bounded strings and
-integers) rather than sitting inside one long string. The figure is decode time
-per token per stream (first token excluded), best of the repeats; the goal is
+integers) rather than sitting inside one long string. The figures are the decode
+time per token per stream (first token excluded) in wall time and in this
+process's CPU time (all its threads: what the step costs, less disturbed by other
+work on a shared machine), best and median of the repeats; the goal is
 constrained <= 1.10x free. OpenBLAS is preloaded when present, as in
 bench.node_vs_mlx.
 """
@@ -55,7 +57,8 @@ def grammar() -> str:
 
 def decode_seconds_per_token(
     engine: Engine, streams: int, tokens: int, constrained: bool, tag: str
-) -> float:
+) -> tuple[float, float]:
+    """(wall, CPU) seconds per decode step of the streams."""
     ban = {t: -1e9 for t in engine.eos_token_ids}
     g = grammar() if constrained else None
     for i in range(streams):
@@ -69,19 +72,19 @@ def decode_seconds_per_token(
         )
         assert engine.submit(cmd) == []
     started: set[str] = set()
-    t0 = 0.0
+    t0 = c0 = 0.0
     done = 0
     while engine.has_work:
         for event in engine.step():
             if isinstance(event, ChunkGenerated) and event.seq == 0:
                 started.add(event.request_id)
                 if len(started) == streams:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
             elif not isinstance(event, ChunkGenerated):
                 done += 1
-    elapsed = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert done == streams
-    return elapsed / (tokens - 1)
+    return wall / (tokens - 1), cpu / (tokens - 1)
 
 
 def main() -> None:
@@ -101,19 +104,21 @@ def main() -> None:
         print(f"model {model_dir.name} ({args.size}), BLAS {blas}, {args.tokens} tokens/stream")
         decode_seconds_per_token(engine, 1, 8, True, "warm")  # first-use costs
         for streams in (1, 8):
-            runs: dict[bool, list[float]] = {False: [], True: []}
+            runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
             for r in range(args.repeats):
                 for constrained in (False, True):
                     tag = f"{streams}-{r}-{constrained}"
                     runs[constrained].append(
                         decode_seconds_per_token(engine, streams, args.tokens, constrained, tag)
                     )
-            free, bound = min(runs[False]), min(runs[True])
-            print(
-                f"{streams} stream(s): free {free * 1e3:.2f} ms/token, constrained "
-                f"{bound * 1e3:.2f} ms/token: constrained / free = {bound / free:.3f} "
-                f"(medians: {median(runs[True]) / median(runs[False]):.3f})"
-            )
+            for i, kind in ((0, "wall"), (1, "CPU")):
+                free = [run[i] for run in runs[False]]
+                bound = [run[i] for run in runs[True]]
+                print(
+                    f"{streams} stream(s), {kind}: free {min(free) * 1e3:.2f} ms/token, "
+                    f"constrained {min(bound) * 1e3:.2f} ms/token: constrained / free = "
+                    f"{min(bound) / min(free):.3f} best, {median(bound) / median(free):.3f} median"
+                )
 
 
 if __name__ == "__main__":
