@@ -10,6 +10,7 @@ dialect whose endpoint the app actually serves.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -86,6 +87,23 @@ def _user(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
+# Requests with tools (issue 15): the fake runner answers them with one call
+# (sim/fake_runner.py); the readers rebuild the call's text from what the dialect
+# sends, so the ledger compares it with what the runner produced.
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {}}}},
+    }
+]
+
+
+def call_text(name: str, arguments: Any) -> Text:
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    return Text("<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>")
+
+
 def _error_detail(payload: Any, status: int) -> str:
     if isinstance(payload, dict):
         error = payload.get("error")
@@ -126,11 +144,35 @@ def openai_chat_stream(event: str | None, payload: Any, status: int) -> Iterable
     if not choices:
         return  # the usage chunk
     choice = choices[0]
-    content = (choice.get("delta") or {}).get("content")
+    delta = choice.get("delta") or {}
+    content = delta.get("content")
     if content:
         yield Text(content)
+    for call in delta.get("tool_calls") or ():
+        yield call_text(call["function"]["name"], call["function"]["arguments"])
     if choice.get("finish_reason") is not None:
         yield Finish(choice["finish_reason"])
+
+
+@dialect(
+    "openai_chat_tools_stream",
+    "/v1/chat/completions",
+    "sse",
+    lambda prompt, n: {
+        "model": MODEL,
+        "messages": _user(prompt),
+        "max_tokens": n,
+        "stream": True,
+        "tools": TOOLS,
+        # A forced call is a grammar: the node compiles it, the runner gets it.
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "logprobs": True,
+        "top_logprobs": 2,
+    },
+)
+def openai_chat_tools_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return openai_chat_stream(event, payload, status)
 
 
 @dialect(
@@ -222,12 +264,31 @@ def openai_responses_stream(event: str | None, payload: Any, status: int) -> Ite
         yield Bad(f"event {event!r} carries type {kind!r}")
     if kind == "response.output_text.delta":
         yield Text(payload["delta"])
+    elif kind == "response.function_call_arguments.done":
+        yield call_text(payload["name"], payload["arguments"])
     elif kind in ("response.completed", "response.incomplete"):
         yield Finish(_RESPONSE_FINISH[payload["response"]["status"]])
     elif kind == "response.failed":
         yield Error(f"response.failed: {payload['response'].get('error')}")
     elif kind == "error":
         yield Error(f"error event: {payload}")
+
+
+@dialect(
+    "openai_responses_tools_stream",
+    "/v1/responses",
+    "sse",
+    lambda prompt, n: {
+        "model": MODEL,
+        "input": prompt,
+        "max_output_tokens": n,
+        "stream": True,
+        "tools": [{"type": "function", **TOOLS[0]["function"]}],
+        "tool_choice": {"type": "function", "name": "f"},
+    },
+)
+def openai_responses_tools_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return openai_responses_stream(event, payload, status)
 
 
 @dialect(
@@ -315,6 +376,27 @@ def _ollama(payload: Any, status: int, key: str) -> Iterable[Signal]:
         yield Text(text)
     if payload.get("done"):
         yield Finish(payload.get("done_reason") or "stop")
+
+
+def _ollama_tools(payload: Any, status: int) -> Iterable[Signal]:
+    yield from _ollama(payload, status, "message")
+    message = payload.get("message") if isinstance(payload, dict) else None
+    for call in (message or {}).get("tool_calls") or ():
+        yield call_text(call["function"]["name"], call["function"]["arguments"])
+
+
+@dialect(
+    "ollama_chat_tools_stream",
+    "/api/chat",
+    "ndjson",
+    lambda prompt, n: {
+        **_ollama_body("chat", True)(prompt, n),
+        "tools": TOOLS,
+        "format": {"type": "object"},
+    },
+)
+def ollama_chat_tools_stream(event: str | None, payload: Any, status: int) -> Iterable[Signal]:
+    return _ollama_tools(payload, status)
 
 
 @dialect("ollama_chat_stream", "/api/chat", "ndjson", _ollama_body("chat", True))

@@ -57,6 +57,23 @@ def fake_text(token: int) -> str:
     return f"t{token} "
 
 
+# A request with tools (its prompt has the simulator encoder's "tools:" line) is
+# answered with one tool call in the json_tools format wrapped around its
+# tokens' text: opened by the first token, closed by the last one max_tokens
+# allows, so a request cut short (cancelled, EOS, a fault) leaves an unclosed
+# call, which the node gives back as text. Clients rebuild this text from the
+# call they receive, so the exactly-once check covers calls too.
+TOOL_CALL_OPEN = '<tool_call>{"name": "f", "arguments": {"a": "'
+TOOL_CALL_CLOSE = '"}}</tool_call>'
+
+
+def wants_tools(command: TextGeneration) -> bool:
+    try:
+        return "tools: " in "".join(map(chr, command.prompt_tokens))
+    except (ValueError, OverflowError):
+        return False
+
+
 def fake_logprobs(
     token: int, text: str, top: int | None
 ) -> tuple[TokenLogprob | None, list[TokenLogprob]]:
@@ -326,6 +343,11 @@ class FakeRunner:
             return [self._finished(rid, job, "stop", prompt)]
         token = fake_token(rid, job.emitted)
         text = self.text_of(job.emitted, token)
+        if wants_tools(job.command):
+            if job.emitted == 0:
+                text = TOOL_CALL_OPEN + text
+            if job.emitted == params.max_tokens - 1:
+                text += TOOL_CALL_CLOSE
         logprob, top = fake_logprobs(token, text, params.logprobs)
         events: list[GenerationEvent] = [
             ChunkGenerated(

@@ -152,3 +152,24 @@ def _part(kind: str, value: object) -> Part:
         name, arguments = value  # type: ignore[misc]
         return Part("tool", call=ToolCall("x", name, arguments))
     return Part(kind, str(value))  # type: ignore[arg-type]
+
+
+def test_a_stream_that_fails_first_delivers_what_it_held_back() -> None:
+    # Found by the simulator: a call that never closed was held back and lost
+    # when the stream ended in an error. Everything generated reaches the client
+    # before the error (the unclosed call as text).
+    from exo_trio.api.chat_plan import ChatSetup
+    from exo_trio.api.generation import Timing
+    from exo_trio.api.openai_chat import ChatChunks
+    from exo_trio.types import GenerationFailed, SamplingParams, TextGeneration
+
+    command = TextGeneration(
+        request_id="r", model="m", prompt_tokens=[1], params=SamplingParams(max_tokens=4)
+    )
+    encoder = ChatChunks(command, 0, False, ChatSetup(FMT, TOOLS, False, lambda: "c"))
+    held = encoder.text('<tool_call>{"name": "f", "argu')
+    assert held == []
+    failed = GenerationFailed(request_id="r", kind="runner_died", message="gone")
+    out = b"".join(encoder.fail(failed, Timing(started=0.0, ended=1.0)))
+    assert b"\\u003ctool_call\\u003e" in out or b"<tool_call>" in out
+    assert out.index(b"argu") < out.index(b"error")

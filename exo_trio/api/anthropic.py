@@ -421,8 +421,11 @@ class AnthropicEvents(StreamEncoder):
         ]
 
     def fail(self, event: GenerationFailed, timing: Timing) -> list[bytes]:
-        # The anthropic client raises on an `error` event mid-stream.
-        return [sse_event("error", anthropic_error_body(failure_error(event)))]
+        # Everything generated reaches the client first (text held back; a call
+        # that never closed comes back as text). The anthropic client raises on
+        # an `error` event mid-stream.
+        out = self.parts(self.splitter.finish())
+        return [*out, sse_event("error", anthropic_error_body(failure_error(event)))]
 
 
 def content_blocks(setup: ChatSetup, text: str) -> tuple[list[dict[str, object]], int]:

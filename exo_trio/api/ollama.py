@@ -392,8 +392,10 @@ class OllamaLines(StreamEncoder):
         return [*out, self.line(self.final(event, timing, logprobs=logprobs))]
 
     def fail(self, event: GenerationFailed, timing: Timing) -> list[bytes]:
-        # The ollama client raises ResponseError on a line with an `error` key.
-        return [self.line({"error": failure_error(event).message})]
+        # Everything generated first (a call that never closed comes back as
+        # text). The ollama client raises ResponseError on a line with `error`.
+        out = self.parts(self.splitter.finish()) if self.splitter else []
+        return [*out, self.line({"error": failure_error(event).message})]
 
 
 async def respond(

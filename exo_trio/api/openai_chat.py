@@ -39,7 +39,13 @@ from exo_trio.api.sse import DONE
 from exo_trio.api.structured import ToolChoice
 from exo_trio.chat_output import OutputSplitter, Part, ToolCall
 from exo_trio.node import Node
-from exo_trio.types import ChunkGenerated, GenerationFinished, SamplingParams, TextGeneration
+from exo_trio.types import (
+    ChunkGenerated,
+    GenerationFailed,
+    GenerationFinished,
+    SamplingParams,
+    TextGeneration,
+)
 
 CONTENT_PARTS = ("text", "refusal")
 
@@ -276,6 +282,11 @@ class ChatChunks(OpenAIChunks):
 
     def text(self, text: str) -> list[bytes]:
         return self.parts(self.splitter.push(text))
+
+    def fail(self, event: GenerationFailed, timing: Timing) -> list[bytes]:
+        # Everything generated reaches the client before the error: text held
+        # back (a call that never closed comes back as text).
+        return self.parts(self.splitter.finish()) + super().fail(event, timing)
 
     def finish(self, event: GenerationFinished, timing: Timing) -> list[bytes]:
         out = self.parts(self.splitter.finish())

@@ -543,7 +543,8 @@ class ResponseEvents(StreamEncoder):
 
     def fail(self, event: GenerationFailed, timing: Timing) -> list[bytes]:
         error = failure_error(event)
-        out = self._close()
+        # Everything generated first (a call that never closed comes back as text).
+        out = self.parts(self.splitter.finish()) + self._close()
         failed = self.shape.response(
             "failed", self.items, error={"code": error.code or error.type, "message": error.message}
         )
