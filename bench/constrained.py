@@ -12,7 +12,15 @@ integers) rather than sitting inside one long string. The figures are the decode
 time per token per stream (first token excluded) in wall time and in this
 process's CPU time (all its threads: what the step costs, less disturbed by other
 work on a shared machine), best and median of the repeats; the goal is
-constrained <= 1.10x free. OpenBLAS is preloaded when present, as in
+constrained <= 1.10x free. On a machine shared with other work both swing by tens
+of percent between runs, so the benchmark also times the constraint's own work
+directly: the time spent computing each token's mask (llguidance, and the mask
+made an MLX array), per token per stream, against a free token's share of the
+step. (Reading the last token back before the mask is not counted: it waits for
+the step before, which the free decoder waits for at the end of its step anyway;
+what a constrained request gives up there is the overlap of building the next
+step's graph with the previous step's compute, which the wall and CPU figures
+include.) OpenBLAS is preloaded when present, as in
 bench.node_vs_mlx.
 """
 
@@ -28,6 +36,7 @@ import llguidance
 
 from bench.node_vs_mlx import add_model_arguments, preload_blas
 from exo_trio.demo_model import build_demo_model
+from exo_trio.runner import guide
 from exo_trio.runner.engine import Engine
 from exo_trio.types import ChunkGenerated, SamplingParams, TextGeneration
 
@@ -87,6 +96,23 @@ def decode_seconds_per_token(
     return wall / (tokens - 1), cpu / (tokens - 1)
 
 
+class GuideClock:
+    """Total time spent computing masks (Guide._allowed): the constraint's own work."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        original = guide.Guide._allowed
+
+        def timed(this: guide.Guide) -> object:
+            start = time.perf_counter()
+            try:
+                return original(this)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        guide.Guide._allowed = timed  # type: ignore[method-assign]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,14 +129,24 @@ def main() -> None:
         engine = Engine.load(model_dir, "m", max_batch=8)
         print(f"model {model_dir.name} ({args.size}), BLAS {blas}, {args.tokens} tokens/stream")
         decode_seconds_per_token(engine, 1, 8, True, "warm")  # first-use costs
+        clock = GuideClock()
         for streams in (1, 8):
             runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+            clock.seconds = 0.0
             for r in range(args.repeats):
                 for constrained in (False, True):
                     tag = f"{streams}-{r}-{constrained}"
                     runs[constrained].append(
                         decode_seconds_per_token(engine, streams, args.tokens, constrained, tag)
                     )
+            # The processor runs once per token per stream, the first token included.
+            own = clock.seconds / (args.repeats * streams * args.tokens)
+            free_wall = median(run[0] for run in runs[False]) / streams
+            print(
+                f"{streams} stream(s): the constraint's own work {own * 1e3:.3f} ms per token "
+                f"per stream = {own / free_wall:.3f} of a free token's share of the step "
+                f"({free_wall * 1e3:.2f} ms, median)"
+            )
             for i, kind in ((0, "wall"), (1, "CPU")):
                 free = [run[i] for run in runs[False]]
                 bound = [run[i] for run in runs[True]]
