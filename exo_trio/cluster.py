@@ -1,13 +1,16 @@
-"""The node's part in the cluster: membership, the leader's loop, shard commands,
-and the handlers for every node-to-node message.
+"""The node's part in the cluster: membership and leadership.
+
+Membership: which peers are linked, and which are lost (down past the grace).
+Leadership: every node runs the same loop; only the node that `elect` names acts
+as leader: it asks its members to grant it a term, then rebuilds the instance
+table from the nodes' reports, tears down failed instances, places models that
+have none, and broadcasts its view; the others report to it and obey its shard
+commands (fenced by term). Placement requests (/v1/instances) go to the leader.
 
 The decisions live in cluster_state.py and placement.py (pure functions); this is
-the imperative shell around them. Every node runs the same loop; only the node
-that `elect` names acts as leader: it asks its members to grant it a term, then
-rebuilds the instance table from the nodes' reports, tears down failed instances,
-places models that have none, and broadcasts its view. Requests never pass
-through the leader: a node dispatches to the entry node (rank 0) of a ready
-instance, locally or through the TokenRelay.
+the imperative shell around them. Requests never pass through here: the Router
+(router.py) takes them to an instance, and the cluster tells it only what routing
+needs, through the `Routing` interface (peers up, down and lost; the view).
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import trio
 
 from exo_trio import cluster_state as decide
 from exo_trio.cluster_messages import (
-    CancelReply,
-    CancelRequest,
     ClusterMessage,
     ClusterView,
     InstanceSpec,
@@ -31,30 +32,41 @@ from exo_trio.cluster_messages import (
     NodeReport,
     PlaceReply,
     PlaceRequest,
-    RemoteAck,
-    RemoteCancel,
-    RemoteEvents,
-    RemoteGenerate,
-    RemoteResume,
     StartShard,
     StopShard,
     VoteReply,
     VoteRequest,
 )
-from exo_trio.node import CancelOutcome
+from exo_trio.observer import Observer
 from exo_trio.placement import PlacementError, place
 from exo_trio.shard_manager import ShardManager
-from exo_trio.token_relay import TokenRelay
-from exo_trio.types import GenerationFailed, TextGeneration
-from exo_trio.worker import RunnerUnavailable, Worker
 
 log = logging.getLogger(__name__)
 
+Send = Callable[[str, ClusterMessage], bool]
 
-class Links(Protocol):
-    def send(self, peer_id: str, message: Any) -> bool: ...
 
-    async def run(self, *, task_status: trio.TaskStatus[Any] = ...) -> None: ...
+class Routing(Protocol):
+    """What the cluster tells the router (router.py) about membership and
+    leadership, and all it asks of it."""
+
+    def peer_up(self, peer: str) -> None:
+        """Linked (again); called before anything else can be sent on the link."""
+        ...
+
+    def peer_down(self, peer: str) -> None:
+        """Link down; the peer may come back within the grace."""
+        ...
+
+    def peer_lost(self, peer: str) -> None:
+        """Down past the grace: gone for good."""
+        ...
+
+    def view_changed(self, view: ClusterView) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        """Routing's counters, for GET /state."""
+        ...
 
 
 @dataclass
@@ -78,20 +90,6 @@ class _Call:
     reply: PlaceReply | None = None
 
 
-@dataclass
-class _CancelCall:
-    """A cancel asked of the peers: done at the first yes, or when all said no."""
-
-    waiting: set[str]
-    done: trio.Event = field(default_factory=trio.Event)
-    cancelled: bool = False
-
-
-# How long POST /v1/cancel waits for the other nodes to say whether a request is
-# theirs; a peer silent for that long leaves the answer "unknown" (a 503).
-CANCEL_PATIENCE = 2.0
-
-
 class Cluster:
     def __init__(
         self,
@@ -101,25 +99,28 @@ class Cluster:
         models: dict[str, ModelInfo],
         serve: tuple[str, ...],
         shards: ShardManager,
-        relay: TokenRelay,
+        router: Routing,
+        send: Send,
         memory_free: Callable[[], int],
         free_ports: Callable[[], tuple[int, ...]],
         new_id: Callable[[str], str],
         settings: ClusterSettings | None = None,
         remembered_vote: decide.Vote | None = None,
         remember_vote: Callable[[decide.Vote], None] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.node_id = node_id
         self.host = host
         self.models = models
         self.serve = serve
         self.shards = shards
-        self.relay = relay
+        self.router = router
+        self.send = send  # to a peer's link outbox, or to this node itself
         self._memory_free = memory_free
         self._free_ports = free_ports
         self._new_id = new_id
         self.settings = settings or ClusterSettings()
-        self.links: Links | None = None
+        self._observer = observer or Observer()
         self.members: set[str] = {node_id}
         # The highest term this node knows of (its fence: shard commands of a lower
         # term are refused), and the term it granted last and to whom. The grant
@@ -140,8 +141,6 @@ class Cluster:
         self.pending: dict[str, decide.Pending] = {}
         self.suppressed: set[str] = set()  # models whose instance a user deleted
         self._calls: dict[str, _Call] = {}
-        self._cancel_calls: dict[str, _CancelCall] = {}
-        self._cancel_owned: Callable[[str], bool] = lambda request_id: False
         self._down_since: dict[str, float] = {}
         self._wake = trio.Event()
         self._started_at = 0.0
@@ -149,29 +148,14 @@ class Cluster:
         # Automatic placement that keeps failing is retried with backoff.
         self._auto_attempts: dict[str, tuple[int, float]] = {}
 
-    # ---- wiring ----
-
-    def attach(self, links: Links) -> None:
-        self.links = links
-
-    def send(self, node_id: str, message: ClusterMessage) -> bool:
-        if node_id == self.node_id:
-            self.on_message(node_id, message)
-            return True
-        return self.links is not None and self.links.send(node_id, message)
-
     def changed(self) -> None:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The loop every node runs: a tick every `settings.tick`, or at once when
+        something changed."""
         self._started_at = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            if self.links is not None:
-                await nursery.start(self.links.run)
-            nursery.start_soon(self._loop)
-            task_status.started()
-
-    async def _loop(self) -> None:
+        task_status.started()
         while True:
             self._tick()
             with trio.move_on_after(self.settings.tick):
@@ -182,13 +166,15 @@ class Cluster:
 
     def on_peer_up(self, peer_id: str) -> None:
         log.info("peer %s up", peer_id)
+        self._observer.peer_up(peer_id)
         self.members.add(peer_id)
         self._down_since.pop(peer_id, None)
-        self.relay.on_peer_up(peer_id)
+        self.router.peer_up(peer_id)
         self.changed()
 
     def on_peer_down(self, peer_id: str, reason: str) -> None:
         log.warning("peer %s down: %s", peer_id, reason)
+        self._observer.peer_down(peer_id, reason)
         self.members.discard(peer_id)
         self.reports.pop(peer_id, None)
         # If it comes back (perhaps restarted), it is asked again, for a new term.
@@ -196,6 +182,7 @@ class Cluster:
         self._granted.discard(peer_id)
         now = trio.current_time()
         self._down_since.setdefault(peer_id, now)
+        self.router.peer_down(peer_id)
         # A placement still starting on that peer gives up now: the peer that comes
         # back may be a restarted process that never got (or lost) its shard.
         for instance_id, item in list(self.pending.items()):
@@ -204,17 +191,13 @@ class Cluster:
         self.changed()
 
     def _expire_lost_peers(self, now: float) -> None:
-        """Peers down longer than the grace period are gone for good: their
-        requests end with an explicit error, and their requests here stop."""
+        """Peers down longer than the grace period are gone for good (the router
+        ends their requests)."""
         for peer_id, since in list(self._down_since.items()):
             if now - since < self.settings.peer_grace:
                 continue
             del self._down_since[peer_id]
-            failed = self.relay.fail_routes(peer_id, f"node {peer_id} was lost")
-            for request_id in self.relay.drop_origin(peer_id):
-                self._cancel_local(request_id)
-            if failed:
-                log.warning("node %s lost: failed %d request(s)", peer_id, failed)
+            self.router.peer_lost(peer_id)
 
     # ---- the loop every node runs ----
 
@@ -222,6 +205,7 @@ class Cluster:
         now = trio.current_time()
         self._expire_lost_peers(now)
         self._settle(now)
+        before = self.leader
         leader = decide.elect(self.members)
         if leader != self.leader:
             log.info("leader is now %s", leader)
@@ -237,6 +221,9 @@ class Cluster:
             self._lead(now)
         else:
             self.send(self.leader, self.report())
+        if self.leader != before:
+            # Published once the tick is done (a new leader has asked for its term).
+            self._observer.leader_changed(before, self.leader, self.term)
 
     # ---- terms: granted by votes ----
 
@@ -338,7 +325,7 @@ class Cluster:
             nodes=decide.summaries(reports),
             instances=tuple(decide.instance_statuses(reports, self.pending, now)),
         )
-        self.view = view
+        self._adopt(view)
         for member in sorted(self.members - {self.node_id}):
             self._command(member, view)
 
@@ -506,7 +493,12 @@ class Cluster:
         if decide.Vote(view.term, view.leader) != self.vote:
             log.debug("ignoring view of term %d from %s: not granted", view.term, peer)
             return
+        self._adopt(view)
+
+    def _adopt(self, view: ClusterView) -> None:
         self.view = view
+        self.router.view_changed(view)
+        self._observer.view_changed(view)
 
     def _fenced(self, term: int, what: str, peer: str) -> bool:
         if term < self.term:
@@ -532,85 +524,11 @@ class Cluster:
             answer = self._answer_place(request)
         self.send(peer, answer)
 
-    # ---- cancel by id, from any node (POST /v1/cancel) ----
-
-    def accept_cancels(self, cancel: Callable[[str], bool]) -> None:
-        self._cancel_owned = cancel
-
-    async def cancel_elsewhere(
-        self, request_id: str, patience: float = CANCEL_PATIENCE
-    ) -> CancelOutcome:
-        """Ask every linked peer to cancel `request_id` if it owns it (its client is
-        connected there). "cancelled" as soon as one did; "absent" when every peer
-        this node knows of said no; "unknown" when one could not be asked (its link
-        is down) or did not answer in time."""
-        call_id = self._new_id("cancel")
-        # Peers down within their grace period still hold their requests.
-        peers = sorted((self.members | set(self._down_since)) - {self.node_id})
-        asked = {
-            peer
-            for peer in peers
-            if self.send(peer, CancelRequest(call_id=call_id, request_id=request_id))
-        }
-        call = _CancelCall(waiting=set(asked))
-        if asked:
-            self._cancel_calls[call_id] = call
-            try:
-                with trio.move_on_after(patience):
-                    await call.done.wait()
-            finally:
-                self._cancel_calls.pop(call_id, None)
-        if call.cancelled:
-            return "cancelled"
-        return "unknown" if call.waiting or len(asked) < len(peers) else "absent"
-
-    def _on_cancel_request(self, peer: str, request: CancelRequest) -> None:
-        cancelled = self._cancel_owned(request.request_id)
-        self.send(peer, CancelReply(call_id=request.call_id, cancelled=cancelled))
-
-    def _on_cancel_reply(self, peer: str, reply: CancelReply) -> None:
-        call = self._cancel_calls.get(reply.call_id)
-        if call is None:
-            return  # answered after the caller gave up
-        call.waiting.discard(peer)
-        call.cancelled = call.cancelled or reply.cancelled
-        if call.cancelled or not call.waiting:
-            call.done.set()
-
     def _on_place_reply(self, peer: str, reply: PlaceReply) -> None:
         call = self._calls.get(reply.call_id)
         if call is not None:
             call.reply = reply
             call.done.set()
-
-    def _on_remote_generate(self, peer: str, message: RemoteGenerate) -> None:
-        self.relay.accept(peer, message)
-        worker = self.shards.worker(message.instance_id)
-        try:
-            if worker is None:
-                raise RunnerUnavailable(f"instance {message.instance_id} is not running here")
-            worker.submit(message.command)
-        except RunnerUnavailable as exc:
-            self.relay.route_event(
-                GenerationFailed(
-                    request_id=message.command.request_id,
-                    kind="runner_unavailable",
-                    message=str(exc),
-                )
-            )
-
-    def _on_remote_events(self, peer: str, message: RemoteEvents) -> None:
-        self.relay.on_events(peer, message)
-
-    def _on_remote_ack(self, peer: str, message: RemoteAck) -> None:
-        self.relay.on_ack(peer, message)
-
-    def _on_remote_resume(self, peer: str, message: RemoteResume) -> None:
-        self.relay.on_resume(peer, message)
-
-    def _on_remote_cancel(self, peer: str, message: RemoteCancel) -> None:
-        if self.relay.on_cancel(peer, message):
-            self._cancel_local(message.request_id)
 
     _handlers: dict[type, Callable[[Cluster, str, Any], None]] = {
         NodeReport: _on_report,
@@ -621,105 +539,7 @@ class Cluster:
         VoteReply: _on_vote_reply,
         PlaceRequest: _on_place,
         PlaceReply: _on_place_reply,
-        RemoteGenerate: _on_remote_generate,
-        RemoteEvents: _on_remote_events,
-        RemoteAck: _on_remote_ack,
-        RemoteResume: _on_remote_resume,
-        RemoteCancel: _on_remote_cancel,
-        CancelRequest: _on_cancel_request,
-        CancelReply: _on_cancel_reply,
     }
-
-    # ---- the data path ----
-
-    def ready_instances(self, model_id: str) -> list[InstanceStatus]:
-        if self.view is None:
-            return []
-        return [
-            s
-            for s in self.view.instances
-            if s.spec.model == model_id
-            and s.state == "ready"
-            and s.spec.entry_node in self.members
-            and self._entry_alive(s.spec)
-        ]
-
-    def _entry_alive(self, spec: InstanceSpec) -> bool:
-        """The view lags by a tick; for an instance whose entry is here, ask the
-        runner itself, so a dead runner is noticed at once."""
-        if spec.entry_node != self.node_id:
-            return True
-        worker = self.shards.worker(spec.instance_id)
-        return worker is not None and worker.ready
-
-    def choose_instance(self, model_id: str) -> InstanceSpec | None:
-        """A ready instance of the model: one whose entry is this node first (no hop),
-        then the one with the fewest requests this node has routed to it."""
-        ready = self.ready_instances(model_id)
-        if not ready:
-            return None
-        load: dict[str, int] = {}
-        for route in self.relay.routes.values():
-            load[route.entry_node] = load.get(route.entry_node, 0) + 1
-        best = min(
-            ready,
-            key=lambda s: (
-                s.spec.entry_node != self.node_id,
-                load.get(s.spec.entry_node, 0),
-                s.spec.instance_id,
-            ),
-        )
-        return best.spec
-
-    def dispatch(self, command: TextGeneration) -> InstanceSpec:
-        """Send a registered request to an instance. Synchronous; raises
-        RunnerUnavailable when no ready instance can take it."""
-        spec = self.choose_instance(command.model)
-        if spec is None:
-            raise RunnerUnavailable(self.unavailable_reason(command.model))
-        if spec.entry_node == self.node_id:
-            worker = self.shards.worker(spec.instance_id)
-            if worker is None:
-                raise RunnerUnavailable(f"instance {spec.instance_id} is not running here")
-            worker.submit(command)
-        else:
-            self.relay.dispatch(spec.entry_node, spec.instance_id, command)
-        return spec
-
-    def ready(self, model_id: str) -> bool:
-        return bool(self.ready_instances(model_id))
-
-    def local_worker(self, model_id: str) -> Worker | None:
-        """This node's rank-0 runner of a ready instance of the model, else any
-        local runner of it (for health and metrics)."""
-        candidates = [s for s in self.shards.shards.values() if s.spec.model == model_id]
-        candidates.sort(key=lambda s: (s.rank != 0, s.state != "ready", s.spec.instance_id))
-        return candidates[0].worker if candidates else None
-
-    def cancel(self, request_id: str, spec: InstanceSpec) -> None:
-        if spec.entry_node == self.node_id:
-            self._cancel_local(request_id)
-        else:
-            self.relay.cancel(request_id)
-
-    def finished(self, request_id: str) -> None:
-        self.relay.forget(request_id)
-
-    def _cancel_local(self, request_id: str) -> None:
-        for shard in self.shards.shards.values():
-            if request_id in shard.worker.jobs:
-                shard.worker.cancel(request_id)
-
-    def unavailable_reason(self, model_id: str) -> str:
-        if self.view is None:
-            return "the cluster has no view yet (starting)"
-        mine = [s for s in self.view.instances if s.spec.model == model_id]
-        if not mine:
-            return f"model {model_id} is not placed on any instance yet"
-        states = ", ".join(
-            f"{s.spec.instance_id}: {s.state}" + (f", {s.error}" if s.error else "") for s in mine
-        )
-        return f"no ready instance of {model_id} ({states})"
 
     def state(self) -> dict[str, Any]:
         view = self.view
@@ -740,7 +560,7 @@ class Cluster:
                 }
                 for s in self.shards.statuses()
             ],
-            "relay": _plain(self.relay.stats),
+            "relay": self.router.summary(),
         }
 
 

@@ -1,4 +1,8 @@
-"""Assembling and running one node: model, shards, links to peers, HTTP API.
+"""Running one node on this machine: its model, its data directory, its real effects.
+
+The node itself is assembled by assembly.build_node (as the simulator and the
+fuzzers assemble theirs); this module gives it the real world: the model on disk,
+runner processes, TCP sockets, the vote on disk, signals.
 
 Every node runs the cluster code, alone or not: on its own it is the leader of a
 one-node cluster and places its model on itself, so the single-node path and the
@@ -20,11 +24,10 @@ from hypercorn.config import Config as HypercornConfig
 
 from exo_trio import console
 from exo_trio.affinity import CoreSplit
-from exo_trio.api.app import ApiSettings, create_app
 from exo_trio.api.auth import check_exposure
-from exo_trio.api.serving import serve  # hypercorn's, with --send-timeout on writes
+from exo_trio.api.settings import ApiSettings
+from exo_trio.assembly import AssembledNode, LinkSetup, NodeEffects, NodeSetup, build_node
 from exo_trio.cluster import Cluster, ClusterSettings
-from exo_trio.cluster_messages import ClusterMessage
 from exo_trio.cluster_state import Vote
 from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model
 from exo_trio.downloads import Downloads, always_fits
@@ -35,19 +38,15 @@ from exo_trio.model_info import describe_model_dir, model_info
 from exo_trio.model_store import ModelStore, name_for_path
 from exo_trio.net.discovery import Discovery
 from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
-from exo_trio.net.links import PeerLinks
-from exo_trio.node import ModelCard, Node
+from exo_trio.node import ModelCard
 from exo_trio.placement import memory_shortfall
 from exo_trio.prompts import HFPromptEncoder, context_length
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
-from exo_trio.shard_manager import ShardManager
 from exo_trio.shutdown import graceful_stop
 from exo_trio.startup import default_data_dir
-from exo_trio.streams import StreamRegistry
 from exo_trio.system import memory_available
 from exo_trio.terminal import ProgressBar
-from exo_trio.token_relay import TokenRelay
 
 log = logging.getLogger("exo_trio")
 
@@ -228,7 +227,6 @@ async def run_node(config: NodeConfig) -> None:
     log.info("loading tokenizer")
     encoder = HFPromptEncoder(model_path)
     seams = Seams()
-    registry = StreamRegistry()
     facts = describe_model_dir(model_path)
     card = ModelCard(
         id=model_id,
@@ -241,68 +239,58 @@ async def run_node(config: NodeConfig) -> None:
     )
     listen_host = config.listen_host or ("0.0.0.0" if config.cluster_secret else "127.0.0.1")
     host = reachable_host(config, listen_host)
-    cluster: Cluster
-    relay = TokenRelay(node_id, lambda peer, msg: cluster.send(peer, msg), registry.deliver)
-    shards = ShardManager(
-        shard_launcher_factory(
-            {model_id: model_path},
-            config.max_batch,
-            config.data_dir / "run",
-            config.cores,
-        ),
-        relay.route_event,
-    )
-    cluster = Cluster(
-        node_id=node_id,
-        host=host,
-        models={model_id: model_info(model_path, model_id)},
-        serve=(model_id,),
-        shards=shards,
-        relay=relay,
-        memory_free=memory_available,
-        free_ports=lambda: free_ports(host),
-        new_id=seams.new_id,
-        settings=ClusterSettings(
-            auto_place=config.auto_place,
-            expected_peers=len(config.peers),
-            # Peers can come only from --peer, or from discovery, which needs a secret.
-            settle=config.settle if (config.peers or discovers(config)) else 0.0,
-        ),
-        remembered_vote=load_vote(config.data_dir),
-        remember_vote=lambda vote: save_vote(config.data_dir, vote),
-    )
-    links: PeerLinks[ClusterMessage] = PeerLinks(
-        node_id,
-        config.cluster_id,
-        config.cluster_secret,
-        ClusterMessage,
-        cluster.on_message,
-        lambda info: cluster.on_peer_up(info.node_id),
-        cluster.on_peer_down,
-        listen_host=listen_host,
-        listen_port=config.listen_port,
-        peers=config.peers,
-        allow_weak_secret=config.allow_weak_secret,
-    )
-    cluster.attach(links)
     store = ModelStore(config.data_dir)
     downloads = Downloads(HubClient(store.hub_cache))
-    node = Node(
-        model=card,
-        encoder=encoder,
-        worker=None,
-        registry=registry,
-        seams=seams,
-        dispatcher=cluster,
-        catalog=ModelCatalog(store, downloads, lambda: cluster_memory(cluster)),
-    )
-    app = create_app(node, config.api)
+    parts: AssembledNode
+    catalog = ModelCatalog(store, downloads, lambda: cluster_memory(parts.cluster))
 
-    hconfig = HypercornConfig()
-    hconfig.bind = [bind_address(config.api_host, config.api_port)]
-    hconfig.accesslog = None
-    hconfig.errorlog = logging.getLogger("hypercorn.error")
-    hconfig.graceful_timeout = 2.0
+    http = HypercornConfig()
+    http.bind = [bind_address(config.api_host, config.api_port)]
+    http.accesslog = None
+    http.errorlog = logging.getLogger("hypercorn.error")
+    http.graceful_timeout = 2.0
+
+    parts = build_node(
+        NodeSetup(
+            node_id=node_id,
+            host=host,
+            card=card,
+            encoder=encoder,
+            models={model_id: model_info(model_path, model_id)},
+            serve=(model_id,),
+            api=config.api,
+            cluster=ClusterSettings(
+                auto_place=config.auto_place,
+                expected_peers=len(config.peers),
+                # Peers can come only from --peer, or from discovery, which needs a secret.
+                settle=config.settle if (config.peers or discovers(config)) else 0.0,
+            ),
+            links=LinkSetup(
+                cluster_id=config.cluster_id,
+                secret=config.cluster_secret,
+                listen_host=listen_host,
+                listen_port=config.listen_port,
+                peers=config.peers,
+                allow_weak_secret=config.allow_weak_secret,
+            ),
+            http=http,
+            catalog=catalog,
+        ),
+        NodeEffects(
+            launcher_for=shard_launcher_factory(
+                {model_id: model_path},
+                config.max_batch,
+                config.data_dir / "run",
+                config.cores,
+            ),
+            seams=seams,
+            memory_free=memory_available,
+            free_ports=lambda: free_ports(host),
+            remembered_vote=load_vote(config.data_dir),
+            remember_vote=lambda vote: save_vote(config.data_dir, vote),
+        ),
+    )
+    node = parts.node
 
     async with trio.open_nursery() as nursery:
         # Ctrl-C or SIGTERM: drain, end what is left with error events, then stop.
@@ -310,20 +298,18 @@ async def run_node(config: NodeConfig) -> None:
             graceful_stop,
             nursery.cancel_scope,
             node,
-            relay,
-            shards,
-            links,
+            parts.router,
+            parts.shards,
+            parts.links,
             config.drain_timeout,
         )
         await nursery.start(downloads.run)
-        await nursery.start(shards.run)
-        await nursery.start(cluster.run)
+        binds = await nursery.start(parts.run)
         logging.getLogger("exo_trio.net").info(
-            "links listening on %s:%s", listen_host, links.listen_port
+            "links listening on %s:%s", listen_host, parts.links.listen_port
         )
         # LAN discovery: off without a secret (links are loopback-only then).
-        await nursery.start(Discovery(links, enabled=config.discovery).run)
-        binds = await nursery.start(serve, app, hconfig)
+        await nursery.start(Discovery(parts.links, enabled=config.discovery).run)
         log.debug("API bound to %s", ", ".join(binds))
 
         def load_state() -> tuple[str, float, str] | None:

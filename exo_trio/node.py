@@ -49,7 +49,8 @@ CancelOutcome = Literal["cancelled", "absent", "unknown"]
 
 
 class Dispatcher(Protocol):
-    """Where registered requests go: one local worker, or the cluster."""
+    """Where registered requests go: the node's Router (router.py), or in unit
+    tests one local worker (WorkerDispatcher)."""
 
     def dispatch(self, command: TextGeneration) -> object:
         """Hand the command to a runner (synchronously). Returns a handle for
@@ -123,8 +124,8 @@ class Node:
         metrics: Metrics | None = None,
         catalog: ModelCatalog | None = None,
     ) -> None:
-        """Give either one local `worker` (a node on its own, as the unit tests and
-        the single-node simulator build it) or a `dispatcher` (the cluster). The
+        """Give either a `dispatcher` (the Router, as assembly.py builds every
+        node) or one local `worker` (unit tests of the request lifecycle). The
         `catalog` (the model store and downloads) is optional: without it the
         model-management endpoints answer 404."""
         if dispatcher is None:
@@ -247,13 +248,13 @@ class Node:
     def metrics_snapshot(self) -> NodeSnapshot:
         worker = self.local_worker()
         info = worker.ready_info if worker is not None else None
-        stats = self.registry.stats
+        stats = self.registry.statistics()
         return NodeSnapshot(
             runner_ready=self.ready(self.model.id),
             runner_active=len(worker.jobs) if worker is not None else 0,
             max_batch=info.max_batch if info is not None else 0,
             runner_restarts=worker.stats.restarts if worker is not None else 0,
-            open_streams=len(self.registry),
+            open_streams=len(stats.open_ids),
             unknown_events=stats.unknown_events,
             late_events=stats.late_events,
             after_terminal_events=stats.after_terminal,
@@ -270,12 +271,13 @@ class Node:
         else:
             status = "unavailable"
             reason = self.model_failure(self.model.id) or self.unavailable_reason(self.model.id)
+        stats = self.registry.statistics()
         return ok, {
             "status": status,
             "reason": reason,
             "model": self.model.id,
             "runner": worker.health() if worker is not None else None,
-            "open_streams": len(self.registry),
-            "late_events": self.registry.stats.late_events,
-            "unknown_events": self.registry.stats.unknown_events,
+            "open_streams": len(stats.open_ids),
+            "late_events": stats.late_events,
+            "unknown_events": stats.unknown_events,
         }

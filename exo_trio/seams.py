@@ -6,6 +6,8 @@
 - faults: named fault points where real latency lives. No-ops in production; the
   simulator injects seeded delays and errors there, which is what opens the windows
   in which races like exo's register-after-dispatch bug live.
+- observer: what the node publishes about itself as it runs (observer.py). A
+  no-op in production; the simulator and tests watch the node through it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from exo_trio.observer import Observer
 
 
 class FaultPoints:
@@ -32,3 +36,4 @@ class Seams:
     wall_clock: Callable[[], float] = time.time
     new_id: Callable[[str], str] = random_id
     faults: FaultPoints = field(default_factory=FaultPoints)
+    observer: Observer = field(default_factory=Observer)

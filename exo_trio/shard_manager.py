@@ -5,6 +5,9 @@ Workers and reports their state back (ShardStatus) for the leader to rebuild its
 instance table from. A single-rank instance's runner is restarted in place when it
 dies; a rank of a multi-node instance is not (its group broke with it), it is
 reported failed and the leader tears the instance down.
+
+Every runner's events go up to `events`: the Router, which sets itself there when
+it is built (router.py), so a Worker's `deliver` is the router's.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 import trio
 
 from exo_trio.cluster_messages import InstanceSpec, ShardState, ShardStatus
-from exo_trio.types import GenerationEvent
-from exo_trio.worker import Launcher, Worker
+from exo_trio.observer import Observer
+from exo_trio.worker import EventSink, Launcher, Worker
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,16 @@ class ShardManager:
     def __init__(
         self,
         launcher_for: LauncherFactory,
-        deliver: Callable[[GenerationEvent], object],
-        on_change: Callable[[], None] = lambda: None,
+        *,
+        events: EventSink | None = None,
+        observer: Observer | None = None,
+        restart_backoff: float = 0.5,
     ) -> None:
         self._launcher_for = launcher_for
-        self._deliver = deliver
-        self._on_change = on_change
+        # Where the runners' events go up (the Router sets itself here).
+        self.events = events
+        self._observer = observer or Observer()
+        self._restart_backoff = restart_backoff
         self.shards: dict[str, Shard] = {}
         self._nursery: trio.Nursery | None = None
         # Shutting down: the runners finish what they hold but take no new work
@@ -85,9 +92,19 @@ class ShardManager:
         was already running."""
         if spec.instance_id in self.shards or self._nursery is None:
             return False
-        worker = Worker(self._launcher_for(spec, rank), self._deliver, restart=spec.world_size == 1)
+        if self.events is None:
+            raise RuntimeError("no router takes this node's runner events (ShardManager.events)")
+        worker = Worker(
+            self._launcher_for(spec, rank),
+            self.events,
+            restart=spec.world_size == 1,
+            restart_backoff=self._restart_backoff,
+            name=spec.instance_id,
+            observer=self._observer,
+        )
         shard = Shard(spec, rank, worker, trio.CancelScope())
         self.shards[spec.instance_id] = shard
+        self._observer.shard_started(spec, rank)
         self._nursery.start_soon(self._supervise, shard)
         log.info(
             "starting rank %d/%d of instance %s (%s, layers %d:%d)",
@@ -98,7 +115,6 @@ class ShardManager:
             spec.shards[rank].start_layer,
             spec.shards[rank].end_layer,
         )
-        self._on_change()
         return True
 
     async def _supervise(self, shard: Shard) -> None:
@@ -107,7 +123,6 @@ class ShardManager:
         # A failed shard stays listed (so the leader learns of it) until stopped.
         if shard.stopped:
             self.shards.pop(shard.spec.instance_id, None)
-        self._on_change()
 
     def stop(self, instance_id: str, reason: str) -> bool:
         shard = self.shards.get(instance_id)
@@ -119,7 +134,7 @@ class ShardManager:
         if shard.worker.state == "failed":
             # Its task already ended: nothing will remove it but us.
             self.shards.pop(instance_id, None)
-        self._on_change()
+        self._observer.shard_stopped(instance_id, reason)
         return True
 
     def worker(self, instance_id: str) -> Worker | None:
@@ -128,3 +143,8 @@ class ShardManager:
 
     def statuses(self) -> tuple[ShardStatus, ...]:
         return tuple(s.status() for s in self.shards.values())
+
+    def workers(self) -> list[Worker]:
+        """The runners of every shard this node holds (stopped ones on their way out
+        included: their requests are still this node's)."""
+        return [shard.worker for shard in self.shards.values()]

@@ -28,9 +28,8 @@ import trio
 
 from exo_trio.net.links import PeerLinks
 from exo_trio.node import Node
+from exo_trio.router import Router
 from exo_trio.shard_manager import ShardManager
-from exo_trio.token_relay import TokenRelay
-from exo_trio.types import GenerationFailed
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,6 @@ FLUSH_GRACE = 2.0
 POLL = 0.02
 
 
-def remote_running(relay: TokenRelay) -> list[str]:
-    """Requests of other nodes running on this node's runners, not yet finished."""
-    return [rid for rid, out in relay.outgoing.items() if not out.finished]
-
-
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await trio.sleep(POLL)
@@ -53,7 +47,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 async def drain(
     node: Node,
-    relay: TokenRelay,
+    router: Router,
     shards: ShardManager,
     links: PeerLinks[object] | None,
     drain_timeout: float,
@@ -65,24 +59,18 @@ async def drain(
         "draining: %d request(s) here, %d from other nodes; up to %gs "
         "(a second signal stops at once)",
         node.exchanges,
-        len(remote_running(relay)),
+        len(router.peers_requests()),
         drain_timeout,
     )
     with trio.move_on_after(drain_timeout):
-        await until(lambda: node.exchanges == 0 and not remote_running(relay))
+        await until(lambda: node.exchanges == 0 and not router.peers_requests())
     ended = node.end_all(SHUTDOWN_MESSAGE)
-    remote = remote_running(relay)
-    for request_id in remote:
-        relay.route_event(
-            GenerationFailed(request_id=request_id, kind="shutting_down", message=SHUTDOWN_MESSAGE)
-        )
-        for shard in shards.shards.values():
-            shard.worker.cancel(request_id)
+    remote = router.end_peers_requests("shutting_down", SHUTDOWN_MESSAGE)
     if ended or remote:
         log.warning(
             "drain timeout: ended %d request(s) here and %d from other nodes with an error",
             ended,
-            len(remote),
+            remote,
         )
     with trio.move_on_after(FLUSH_GRACE):
         await until(lambda: node.exchanges == 0)
@@ -94,7 +82,7 @@ async def drain(
 async def graceful_stop(
     scope: trio.CancelScope,
     node: Node,
-    relay: TokenRelay,
+    router: Router,
     shards: ShardManager,
     links: PeerLinks[object] | None,
     drain_timeout: float,
@@ -114,6 +102,6 @@ async def graceful_stop(
                     return
 
             nursery.start_soon(second_signal)
-            await drain(node, relay, shards, links, drain_timeout)
+            await drain(node, router, shards, links, drain_timeout)
             nursery.cancel_scope.cancel()
         scope.cancel()

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
+from exo_trio.observer import Observer
 from exo_trio.types import (
     ChunkGenerated,
     FailureKind,
@@ -55,6 +56,11 @@ class RequestStream:
     @property
     def finished(self) -> bool:
         return self.terminal is not None
+
+    @property
+    def reader_waiting(self) -> bool:
+        """Is a task waiting on this stream right now?"""
+        return self._receive.statistics().tasks_waiting_receive > 0
 
     async def receive(self) -> GenerationEvent:
         if self.terminal is not None:
@@ -112,6 +118,9 @@ class _Entry:
 
 @dataclass
 class RegistryStats:
+    """The registry's counters; `statistics()` hands out a snapshot with the open
+    ids, as Trio's channels do."""
+
     opened: int = 0
     closed: int = 0
     delivered: int = 0
@@ -120,6 +129,7 @@ class RegistryStats:
     overflows: int = 0
     after_terminal: int = 0
     late_by_kind: dict[str, int] = field(default_factory=dict)
+    open_ids: tuple[str, ...] = ()
 
 
 class StreamRegistry:
@@ -127,10 +137,11 @@ class StreamRegistry:
     opening, delivering and closing never yield to the scheduler, so no other task
     can run between "registered" and "dispatched"."""
 
-    def __init__(self) -> None:
+    def __init__(self, observer: Observer | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
         self._recently_closed: OrderedDict[str, None] = OrderedDict()
-        self.stats = RegistryStats()
+        self._stats = RegistryStats()
+        self._observer = observer or Observer()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -146,7 +157,7 @@ class StreamRegistry:
         send, receive = trio.open_memory_channel[GenerationEvent](capacity)
         stream = RequestStream(request_id, receive)
         self._entries[request_id] = _Entry(send, stream, capacity)
-        self.stats.opened += 1
+        self._stats.opened += 1
         return stream
 
     def deliver(self, event: GenerationEvent) -> bool:
@@ -156,6 +167,8 @@ class StreamRegistry:
         if entry is None:
             self._count_orphan(event)
             return False
+        if isinstance(event, ChunkGenerated) and event.seq == 0:
+            self._observer.first_chunk(event.request_id, entry.stream.reader_waiting)
         try:
             entry.send.send_nowait(event)
         except trio.WouldBlock:
@@ -164,21 +177,21 @@ class StreamRegistry:
             # Impossible by construction; if it happens, this one request is broken:
             # its consumer reads what was delivered, then a StreamViolation. Raising
             # here instead would take the delivering worker, and the node, down.
-            self.stats.overflows += 1
+            self._stats.overflows += 1
             log.error("request %s: channel full (capacity %d)", event.request_id, entry.capacity)
             entry.broken = True
             entry.send.close()
             return False
         except trio.ClosedResourceError:
             if entry.broken:
-                self.stats.overflows += 1
+                self._stats.overflows += 1
                 return False
             if entry.cancelled:
                 self._count_late(event)
                 return False
             # The request already had its terminal event: anything after it is a
             # protocol violation upstream (a duplicate terminal or a stray chunk).
-            self.stats.after_terminal += 1
+            self._stats.after_terminal += 1
             log.error("%s after the terminal event of %s", type(event).__name__, event.request_id)
             return False
         except trio.BrokenResourceError:
@@ -187,7 +200,7 @@ class StreamRegistry:
             self._count_orphan(event)
             return False
         entry.delivered += 1
-        self.stats.delivered += 1
+        self._stats.delivered += 1
         if is_terminal(event):
             # Nothing may follow a terminal event: close the send side now, so a
             # second terminal or a stray chunk shows up as late, not as data.
@@ -214,7 +227,7 @@ class StreamRegistry:
             return
         entry.send.close()
         entry.stream._receive.close()
-        self.stats.closed += 1
+        self._stats.closed += 1
         self._recently_closed[request_id] = None
         if len(self._recently_closed) > RECENTLY_CLOSED:
             self._recently_closed.popitem(last=False)
@@ -222,10 +235,16 @@ class StreamRegistry:
     def open_ids(self) -> list[str]:
         return list(self._entries)
 
+    def statistics(self) -> RegistryStats:
+        """A snapshot of the counters and of the requests open now."""
+        return replace(
+            self._stats, late_by_kind=dict(self._stats.late_by_kind), open_ids=tuple(self._entries)
+        )
+
     def _count_late(self, event: GenerationEvent) -> None:
         kind = type(event).__name__
-        self.stats.late_events += 1
-        self.stats.late_by_kind[kind] = self.stats.late_by_kind.get(kind, 0) + 1
+        self._stats.late_events += 1
+        self._stats.late_by_kind[kind] = self._stats.late_by_kind.get(kind, 0) + 1
         log.debug("late %s for ended request %s", kind, event.request_id)
 
     def _count_orphan(self, event: GenerationEvent) -> None:
@@ -233,5 +252,5 @@ class StreamRegistry:
         if event.request_id in self._recently_closed:
             self._count_late(event)
         else:
-            self.stats.unknown_events += 1
+            self._stats.unknown_events += 1
             log.warning("%s for unknown request %s", kind, event.request_id)

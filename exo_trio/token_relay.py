@@ -26,6 +26,9 @@ lives; across a reconnect some may be lost or repeated. So:
 
 Everything here is synchronous and does no I/O of its own: `send` puts a message
 in a link's outbox. That keeps "registered before dispatched" true across nodes too.
+Events for this node's own requests are not delivered from here: the methods that
+produce them return them, in order, and the Router (router.py) hands them to the
+streams registry, so the path back up reads in the Router's calls.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from exo_trio.cluster_messages import (
     ClusterMessage,
@@ -88,12 +91,19 @@ class _Outgoing:
 
 @dataclass
 class RelayStats:
+    """The relay's counters; `statistics()` hands out a snapshot with the requests
+    it holds."""
+
     sent: int = 0
     resent: int = 0
     duplicates: int = 0
     gaps: int = 0
     overflows: int = 0
     late: int = 0
+    acks: int = 0  # acknowledgements sent (owner side), the terminal's included
+    trims: int = 0  # acknowledgements that freed buffered events (entry side)
+    routes: tuple[str, ...] = ()  # owner side: our requests running elsewhere
+    outgoing: tuple[str, ...] = ()  # entry side: others' requests running here
 
 
 class TokenRelay:
@@ -101,20 +111,21 @@ class TokenRelay:
         self,
         node_id: str,
         send: Callable[[str, ClusterMessage], bool],
-        deliver: Callable[[GenerationEvent], object],
         *,
         buffer_limit: int = BUFFER_LIMIT,
         ack_every: int = ACK_EVERY,
     ) -> None:
         self.node_id = node_id
         self._send = send
-        self._deliver = deliver
         self._buffer_limit = buffer_limit
         self._ack_every = ack_every
         self.routes: dict[str, _Route] = {}
         self.outgoing: dict[str, _Outgoing] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self.stats = RelayStats()
+        self._stats = RelayStats()
+
+    def statistics(self) -> RelayStats:
+        return replace(self._stats, routes=tuple(self.routes), outgoing=tuple(self.outgoing))
 
     # ---- owner side ----
 
@@ -136,37 +147,45 @@ class TokenRelay:
         """The owner's request ended normally: no more events are expected."""
         self.routes.pop(request_id, None)
 
-    def on_events(self, peer: str, message: RemoteEvents) -> None:
+    def on_events(self, peer: str, message: RemoteEvents) -> list[GenerationEvent]:
+        """Events of one of our requests from its entry node: returns the ones to
+        deliver, in order (duplicates dropped; a gap ends the request instead)."""
         route = self.routes.get(message.request_id)
         if route is None or route.entry_node != peer:
-            self.stats.late += len(message.events)
+            self._stats.late += len(message.events)
             if route is None:
                 # Nobody here waits for it: our cancel or last ack may have been lost
                 # with a link, or it is our previous incarnation's. Let the entry
                 # node stop and forget it.
                 self._send(peer, RemoteCancel(request_id=message.request_id))
-            return
+            return []
+        deliver: list[GenerationEvent] = []
         for event in message.events:
             number = event_number(event)
             expected = route.next_event
             if number is not None and number < expected:
-                self.stats.duplicates += 1
+                self._stats.duplicates += 1
                 continue
             if number is not None and number > expected:
                 # Cannot happen while the entry node re-sends from our next number;
                 # if it does, the stream is broken: end it loudly.
-                self.stats.gaps += 1
-                self._fail(message.request_id, f"lost events {expected}..{number - 1}")
-                return
-            self._deliver(event)
+                self._stats.gaps += 1
+                deliver.append(
+                    self._fail(message.request_id, f"lost events {expected}..{number - 1}")
+                )
+                return deliver
+            deliver.append(event)
             if is_terminal(event):
                 self.routes.pop(message.request_id, None)
+                self._stats.acks += 1
                 self._send(peer, RemoteAck(request_id=message.request_id, upto=expected + 1))
-                return
+                return deliver
             route.next_event += 1
             if route.next_event - route.acked >= self._ack_every:
                 route.acked = route.next_event
+                self._stats.acks += 1
                 self._send(peer, RemoteAck(request_id=message.request_id, upto=route.acked))
+        return deliver
 
     def on_peer_up(self, peer: str) -> None:
         """A link came (back) up. Called before anything else can be sent on it."""
@@ -174,23 +193,22 @@ class TokenRelay:
         # new event (the owner drops what it already has).
         for request_id, out in self.outgoing.items():
             if out.origin == peer and out.events:
-                self.stats.resent += len(out.events)
+                self._stats.resent += len(out.events)
                 self._send(peer, RemoteEvents(request_id=request_id, events=tuple(out.events)))
         # Owner side: ask for whatever may have been lost while it was down.
         for request_id, route in self.routes.items():
             if route.entry_node == peer:
                 self._send(peer, RemoteResume(request_id=request_id, next_event=route.next_event))
 
-    def fail_routes(self, peer: str, reason: str) -> int:
-        """The entry node is gone for good: end every request routed to it."""
+    def fail_routes(self, peer: str, reason: str) -> list[GenerationFailed]:
+        """The entry node is gone for good: end every request routed to it (returns
+        their failures, to deliver)."""
         lost = [rid for rid, route in self.routes.items() if route.entry_node == peer]
-        for request_id in lost:
-            self._fail(request_id, reason)
-        return len(lost)
+        return [self._fail(request_id, reason) for request_id in lost]
 
-    def _fail(self, request_id: str, reason: str) -> None:
+    def _fail(self, request_id: str, reason: str) -> GenerationFailed:
         self.routes.pop(request_id, None)
-        self._deliver(GenerationFailed(request_id=request_id, kind="peer_lost", message=reason))
+        return GenerationFailed(request_id=request_id, kind="peer_lost", message=reason)
 
     # ---- entry side ----
 
@@ -199,21 +217,21 @@ class TokenRelay:
         find their way back."""
         self.outgoing[message.command.request_id] = _Outgoing(origin=peer)
 
-    def route_event(self, event: GenerationEvent) -> None:
-        """Every event of a local runner goes through here: remote requests'
-        events are relayed, local ones delivered."""
+    def relay_event(self, event: GenerationEvent) -> bool:
+        """An event of a local runner: relayed to its owner if it belongs to another
+        node's request (or counted late if that request was given up). False when
+        it is this node's own request's: the caller delivers it here."""
         out = self.outgoing.get(event.request_id)
         if out is None:
             if event.request_id in self._cancelled:
-                self.stats.late += 1
-                return
-            self._deliver(event)
-            return
+                self._stats.late += 1
+                return True
+            return False
         if out.finished:
-            self.stats.late += 1
-            return
+            self._stats.late += 1
+            return True
         if len(out.events) >= self._buffer_limit and not is_terminal(event):
-            self.stats.overflows += 1
+            self._stats.overflows += 1
             event = GenerationFailed(
                 request_id=event.request_id,
                 kind="peer_lost",
@@ -221,14 +239,17 @@ class TokenRelay:
             )
         out.events.append(event)
         out.finished = is_terminal(event)
-        self.stats.sent += 1
+        self._stats.sent += 1
         self._send(out.origin, RemoteEvents(request_id=event.request_id, events=(event,)))
+        return True
 
     def on_ack(self, peer: str, message: RemoteAck) -> None:
         out = self.outgoing.get(message.request_id)
         if out is None or out.origin != peer:
             return
         drop = min(max(0, message.upto - out.base), len(out.events))
+        if drop:
+            self._stats.trims += 1
         del out.events[:drop]
         out.base += drop
         if out.finished and not out.events:
@@ -259,7 +280,7 @@ class TokenRelay:
             )
         events = tuple(out.events[start:])
         if events:
-            self.stats.resent += len(events)
+            self._stats.resent += len(events)
             self._send(peer, RemoteEvents(request_id=message.request_id, events=events))
 
     def on_cancel(self, peer: str, message: RemoteCancel) -> bool:

@@ -6,6 +6,10 @@ in the simulator. Everything the API calls (`submit`, `cancel`) is synchronous: 
 puts a command in the outbox of the current runner, so a request can be registered
 and dispatched with no scheduling point in between.
 
+Every event the runner sends goes up to `events.deliver`: in a node that is the
+Router (router.py), which relays it to the node that owns the request or hands
+it to this node's streams registry; a unit test may give the registry itself.
+
 When the runner dies (its pipe ends, it sends garbage, or it exits), every request
 it held gets an explicit GenerationFailed at once, health turns bad, and the
 runner is started again with backoff.
@@ -16,11 +20,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import trio
 
+from exo_trio.observer import Observer
 from exo_trio.runner.framing import FrameError, encode_frame, read_frames
 from exo_trio.runner.protocol import (
     CancelAck,
@@ -57,6 +62,13 @@ class RunnerConnection(Protocol):
 Launcher = Callable[[], Awaitable[RunnerConnection]]
 
 
+class EventSink(Protocol):
+    """Where a runner's events go up: the node's Router (router.py), or in a unit
+    test the streams registry itself. Synchronous: it never blocks."""
+
+    def deliver(self, event: GenerationEvent) -> object: ...
+
+
 # After the runner's input breaks, how long its output may still be read.
 DRAIN_GRACE = 1.0
 
@@ -90,21 +102,27 @@ class WorkerStats:
     max_steps_after_cancel: int = 0
     failed_by_death: int = 0
     last_steps_after_cancel: dict[str, int] = field(default_factory=dict)
+    jobs: tuple[str, ...] = ()  # in a snapshot: the requests the runner holds
 
 
 class Worker:
     def __init__(
         self,
         launch: Launcher,
-        deliver: Callable[[GenerationEvent], object],
+        events: EventSink,
         *,
         restart_backoff: float = 0.5,
         max_backoff: float = 10.0,
         restart: bool = True,
         max_load_failures: int = MAX_LOAD_FAILURES,
+        name: str = "",
+        observer: Observer | None = None,
     ) -> None:
         self._launch = launch
-        self._deliver = deliver
+        self._events = events
+        # Which runner this is (the instance id), for the observer.
+        self.name = name
+        self._observer = observer or Observer()
         self._restart_backoff = restart_backoff
         self._max_backoff = max_backoff
         # A single-rank runner is restarted in place; a rank of a sharded instance is
@@ -118,7 +136,7 @@ class Worker:
         self._permanent = False
         self.gave_up: str | None = None
         self._outbox: trio.MemorySendChannel[WorkerToRunner] | None = None
-        self.state: RunnerState = "starting"
+        self._state: RunnerState = "starting"
         self.load_fraction = 0.0
         self.load_phase = "starting"
         self.ready_info: Ready | None = None
@@ -131,6 +149,25 @@ class Worker:
         # it, or work arriving at an idle runner. A runner with work and no progress
         # for long is wedged (`stalled_for`, reported by /health).
         self._progress_at: float | None = None
+
+    @property
+    def state(self) -> RunnerState:
+        return self._state
+
+    @state.setter
+    def state(self, state: RunnerState) -> None:
+        if state != self._state:
+            self._state = state
+            self._observer.runner_state(self.name, state)
+
+    def statistics(self) -> WorkerStats:
+        """A snapshot of the counters, with the requests the runner holds now."""
+        stats = self.stats
+        return replace(
+            stats,
+            last_steps_after_cancel=dict(stats.last_steps_after_cancel),
+            jobs=tuple(self.jobs),
+        )
 
     # ---- what the node calls (synchronous: no scheduling point) ----
 
@@ -284,7 +321,7 @@ class Worker:
         log.error("%s", reason)
         request_id = getattr(command, "request_id", None)
         if isinstance(command, TextGeneration) and self.jobs.pop(request_id, None) is not None:
-            self._deliver(
+            self._events.deliver(
                 GenerationFailed(request_id=command.request_id, kind="invalid", message=reason)
             )
 
@@ -322,14 +359,14 @@ class Worker:
         # them unseen.
         if is_terminal(message):
             self.jobs.pop(message.request_id, None)
-        self._deliver(message)
+        self._events.deliver(message)
         return False
 
     def _fail_all(self, reason: str) -> None:
         jobs, self.jobs = self.jobs, {}
         for job in jobs.values():
             self.stats.failed_by_death += 1
-            self._deliver(
+            self._events.deliver(
                 GenerationFailed(
                     request_id=job.request_id,
                     kind="runner_died",

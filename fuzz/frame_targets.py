@@ -131,7 +131,7 @@ async def drive_worker(data: bytes, step: int) -> None:
     async def launch() -> FakeConnection:
         return FakeConnection(pipe)
 
-    worker = Worker(launch, registry.deliver, restart=False)
+    worker = Worker(launch, registry, restart=False)
     node = Node(
         model=ModelCard(id="fuzz", context_length=64, created=0),
         encoder=None,  # type: ignore[arg-type]

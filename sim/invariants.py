@@ -43,6 +43,7 @@ KINDS = (
     "worker_job_leak",
     "relay_leak",
     "shard_leak",
+    "connection_leak",
     "not_serving",
     "leftover_tasks",
     "garbled",
@@ -360,6 +361,14 @@ def check_end_state(world: World) -> list[Violation]:
             out.append(
                 Violation(
                     "shard_leak", f"node {node}: shard {shard} is not part of a live instance"
+                )
+            )
+    for node, count in state.connections.items():
+        if count:
+            out.append(
+                Violation(
+                    "connection_leak",
+                    f"node {node}: {count} HTTP connection(s) still open after the drain",
                 )
             )
     if not state.serving:

@@ -289,11 +289,11 @@ def unknown_events_ignored() -> AbstractContextManager[None]:
     entry node keeps the request's buffer (and its runner work) forever."""
     real = TokenRelay.on_events
 
-    def on_events(self: TokenRelay, peer: str, message: Any) -> None:
+    def on_events(self: TokenRelay, peer: str, message: Any) -> list[Any]:
         if message.request_id not in self.routes:
-            self.stats.late += len(message.events)
-            return
-        real(self, peer, message)
+            self._stats.late += len(message.events)
+            return []
+        return real(self, peer, message)
 
     return patched(TokenRelay, "on_events", on_events)
 

@@ -1,8 +1,8 @@
 """What the simulator observes about the cluster, for the invariants and coverage.
 
-The SimNodes report here what passes through the seams they own (the links'
-callbacks, the cluster's `send` and `dispatch`, the shard manager's `stop`, the
-relay's delivery callback) and the World reports the faults it injects. Nothing
+Each node's observer (sim/observe.py) reports here what the node publishes
+(messages sent, received and handled, requests dispatched and failed, shards
+stopped, links up and down) and the World reports the faults it injects. Nothing
 here changes what the production code does; it only watches.
 
 - Leader claims: every ClusterView, StartShard and StopShard that reaches another
@@ -22,7 +22,7 @@ here changes what the production code does; it only watches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -180,11 +180,14 @@ class ClusterWatch:
             )
         )
 
-    def fence(self, node: SimNode, peer: str, message: object, term_before: int) -> None:
-        """After a shard command was handled: one from a stale term changed nothing."""
+    def fence(
+        self, node: SimNode, peer: str, message: object, term_before: int, before: dict[str, Any]
+    ) -> None:
+        """After a shard command was handled: one from a stale term changed nothing
+        (`before`: the node's live shards before it)."""
         if not isinstance(message, StartShard | StopShard) or message.term >= term_before:
             return
-        shards, before = node.shards.shards, node.shards_before
+        shards = node.shards.shards
         if isinstance(message, StartShard):
             instance_id = message.instance.instance_id
             # A new shard object: it was started now.

@@ -1,12 +1,14 @@
 """The simulated cluster: real nodes, fake runners, simulated connections, clients.
 
-Each SimNode is the production stack as `exo_trio/daemon.py::run_node` assembles
-it: a StreamRegistry, a TokenRelay, a ShardManager, the Cluster (the Node's
-dispatcher), PeerLinks to every other node, the Node, and the Quart-Trio app
-under hypercorn's trio TCPServer. Only the effects are the simulator's: the
-links' listener and connector (sim/net.py), the shard launchers (fake runners on
-in-memory pipes, one per rank, joined in a RunnerGroup), seeded ids, nonces,
-jitter and wall clock, seeded fault points, and a trivial prompt encoder.
+Each SimNode is built by `exo_trio/assembly.py::build_node`, as the daemon builds
+its node: StreamRegistry, Router (with its TokenRelay), ShardManager, Cluster,
+PeerMessages, PeerLinks to every other node, the Node, and the Quart-Trio app
+served by api/serving.py (hypercorn, with the send timeout). Only the effects are
+the simulator's: the links' listener and connector (sim/net.py), the API's
+listener (in-memory connections), the shard launchers (fake runners on in-memory
+pipes, one per rank, joined in a RunnerGroup), seeded ids, nonces, jitter and wall
+clock, seeded fault points, a trivial prompt encoder, and the observer
+(sim/observe.py) through which the simulator watches the node.
 
 The World owns the nodes (one per index; a crashed node is replaced by a fresh
 incarnation with the same id when it restarts), the network, the clients, the
@@ -27,31 +29,18 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
-from hypercorn.utils import wrap_app
 
-from exo_trio.api.app import ApiSettings, create_app
-from exo_trio.cluster import Cluster, ClusterSettings
-from exo_trio.cluster_messages import (
-    ClusterMessage,
-    InstanceSpec,
-    ModelInfo,
-    StartShard,
-)
+from exo_trio.api.serving import Bound
+from exo_trio.api.settings import ApiSettings
+from exo_trio.assembly import LinkSetup, NodeEffects, NodeSetup, build_node
+from exo_trio.cluster import ClusterSettings
+from exo_trio.cluster_messages import ClusterMessage, InstanceSpec, ModelInfo
 from exo_trio.cluster_state import Vote
-from exo_trio.net.links import PeerInfo, PeerLinks
 from exo_trio.net.wire import AdvertisedAddress
-from exo_trio.node import ModelCard, Node
+from exo_trio.node import ModelCard
 from exo_trio.runner.framing import encode_frame
 from exo_trio.runner.protocol import Loading
 from exo_trio.seams import Seams
-from exo_trio.shard_manager import ShardManager
-from exo_trio.streams import StreamRegistry
-from exo_trio.token_relay import TokenRelay
-from exo_trio.types import ChunkGenerated, GenerationEvent, GenerationFailed, TextGeneration
 from exo_trio.worker import Launcher
 from sim.choices import Choices
 from sim.clients import Client, ClientResult
@@ -59,7 +48,8 @@ from sim.encoder import SimEncoder
 from sim.fake_runner import FakeRunner, RunnerGroup
 from sim.faults import SimFaultPoints, Window, link_shaper
 from sim.ledger import Ledger
-from sim.net import LINK_PORT, SimNetwork, host_of
+from sim.net import LINK_PORT, SimListener, SimNetwork, host_of
+from sim.observe import SimObserver
 from sim.pipes import PipeEnd, pipe_pair
 from sim.scenario import ClientPlan, ClusterFault, Plan
 from sim.trace import Trace
@@ -134,7 +124,8 @@ class SimConnection:
 
 
 class SimNode:
-    """One node, assembled as the daemon does, with the simulator's effects."""
+    """One node, built by `assembly.build_node` as the daemon builds it, with the
+    simulator's effects."""
 
     def __init__(self, world: World, index: int, incarnation: int) -> None:
         self.world = world
@@ -145,69 +136,66 @@ class SimNode:
         scenario = plan.scenario
         n = scenario.nodes
         host = host_of(index)
-        self.registry = StreamRegistry()
-        self.relay = TokenRelay(
-            self.node_id, lambda peer, msg: self.cluster.send(peer, msg), self._deliver
-        )
-        self.shards = ShardManager(self._launcher_for, self.relay.route_event)
         self._ids = 0
         self._tokens = 0
-        self.cluster = Cluster(
-            node_id=self.node_id,
-            host=host,
-            models={MODEL: MODEL_INFO},
-            serve=(MODEL,) if plan.cluster.serve[index] else (),
-            shards=self.shards,
-            relay=self.relay,
-            memory_free=lambda: MEMORY,
-            free_ports=lambda: FREE_PORTS,
-            new_id=self._new_id,
-            settings=ClusterSettings(auto_place=True, expected_peers=n - 1, settle=10.0),
-            # The node's disk: its last grant survives a crash, as the daemon's
-            # vote.json does.
-            remembered_vote=world.votes.get(self.node_id),
-            remember_vote=lambda vote: world.votes.__setitem__(self.node_id, vote),
-        )
-        self.links: PeerLinks[ClusterMessage] = PeerLinks(
-            self.node_id,
-            CLUSTER_ID,
-            SECRET,
-            ClusterMessage,
-            self._on_message,
-            self._on_peer_up,
-            self._on_peer_down,
-            listen_host=host,
-            listen_port=LINK_PORT,
-            peers=[(host_of(j), LINK_PORT) for j in range(n) if j != index],
-            advertise=[AdvertisedAddress(host, LINK_PORT, "sim0", "private")],
-            connector=world.net.connector_for(index),
-            listener=world.net.listener_for(index),
-            token_bytes=self._token_bytes,
-            rng=ChoiceRandom(world.choices),
-        )
-        self.cluster.attach(self.links)
-        self._watch_cluster()
-        seams = Seams(wall_clock=world.wall_clock, new_id=self._new_id, faults=world.faults)
-        self.node = Node(
-            model=ModelCard(id=MODEL, context_length=scenario.context_length, created=int(EPOCH)),
-            encoder=SimEncoder(),
-            registry=self.registry,
-            seams=seams,
-            dispatcher=self.cluster,
-        )
-        settings = ApiSettings(keepalive_interval=plan.keepalive, max_queued=plan.max_queued)
-        self.app = create_app(self.node, settings)
-        self.config = hypercorn_config()
-        self.asgi = wrap_app(self.app, self.config.wsgi_max_body_size, None)
-        self.context = WorkerContext(None)
-        self.lifespan_state: dict[str, Any] = {}
         self.connections = 0
         self.server_ends: list[PipeEnd] = []
         self.scope = trio.CancelScope()
         self.crashed = False
         self.crashed_at: float | None = None
-        self.shards_before: dict[str, Any] = {}  # live shards before a command
         self._nursery: trio.Nursery | None = None
+        self._incoming: trio.MemorySendChannel[trio.abc.Stream] | None = None
+        self.observer = SimObserver(world, self)
+        self.parts = build_node(
+            NodeSetup(
+                node_id=self.node_id,
+                host=host,
+                card=ModelCard(
+                    id=MODEL, context_length=scenario.context_length, created=int(EPOCH)
+                ),
+                encoder=SimEncoder(),
+                models={MODEL: MODEL_INFO},
+                serve=(MODEL,) if plan.cluster.serve[index] else (),
+                api=ApiSettings(keepalive_interval=plan.keepalive, max_queued=plan.max_queued),
+                cluster=ClusterSettings(auto_place=True, expected_peers=n - 1, settle=10.0),
+                links=LinkSetup(
+                    cluster_id=CLUSTER_ID,
+                    secret=SECRET,
+                    listen_host=host,
+                    listen_port=LINK_PORT,
+                    peers=[(host_of(j), LINK_PORT) for j in range(n) if j != index],
+                    advertise=[AdvertisedAddress(host, LINK_PORT, "sim0", "private")],
+                ),
+                http=hypercorn_config(),
+            ),
+            NodeEffects(
+                launcher_for=self._launcher_for,
+                seams=Seams(
+                    wall_clock=world.wall_clock,
+                    new_id=self._new_id,
+                    faults=world.faults,
+                    observer=self.observer,
+                ),
+                listen_api=self._listen_api,
+                link_connector=world.net.connector_for(index),
+                link_listener=world.net.listener_for(index),
+                token_bytes=self._token_bytes,
+                rng=ChoiceRandom(world.choices),
+                memory_free=lambda: MEMORY,
+                free_ports=lambda: FREE_PORTS,
+                # The node's disk: its last grant survives a crash, as the daemon's
+                # vote.json does.
+                remembered_vote=world.votes.get(self.node_id),
+                remember_vote=lambda vote: world.votes.__setitem__(self.node_id, vote),
+            ),
+        )
+        self.registry = self.parts.registry
+        self.router = self.parts.router
+        self.shards = self.parts.shards
+        self.cluster = self.parts.cluster
+        self.links = self.parts.links
+        self.node = self.parts.node
+        self.app = self.parts.app
 
     # ---- seams ----
 
@@ -221,81 +209,16 @@ class SimNode:
         seed = f"{self.node_id}/{self.incarnation}/{self._tokens}".encode()
         return hashlib.shake_128(seed).digest(n)
 
-    def _deliver(self, event: GenerationEvent) -> object:
-        """The relay's delivery callback: the registry's, plus a look at whether a
-        first chunk arrives before anyone waits on its channel (the window in
-        which exo lost tokens), and at requests failed as lost to a peer."""
-        if isinstance(event, ChunkGenerated) and event.seq == 0:
-            entry = getattr(self.registry, "_entries", {}).get(event.request_id)
-            receive = getattr(getattr(entry, "stream", None), "_receive", None)
-            if receive is not None and receive.statistics().tasks_waiting_receive == 0:
-                self.world.coverage["chunk_before_consumer_read"] += 1
-        elif isinstance(event, GenerationFailed) and event.kind == "peer_lost":
-            self.world.watch.lost_peer(self, event.request_id)
-        return self.registry.deliver(event)
+    async def _listen_api(self, config: object) -> list[Bound]:
+        """The API's listener: accepts the connections `connect` makes."""
+        send, receive = trio.open_memory_channel[trio.abc.Stream](math.inf)
+        self._incoming = send
+        await trio.lowlevel.checkpoint()
+        return [(SimListener(receive), f"http://{host_of(self.index)}:52415")]
 
-    def _watch_cluster(self) -> None:
-        """Observe what the cluster sends, dispatches, stops and decides (instance
-        attributes over the class's methods: the production code runs unchanged)."""
-        cluster, watch, world = self.cluster, self.world.watch, self.world
-        send, dispatch, tick, stop = cluster.send, cluster.dispatch, cluster._tick, self.shards.stop
-
-        def watched_send(peer: str, message: ClusterMessage) -> bool:
-            watch.sent(self, peer, message)
-            if isinstance(message, StartShard):
-                world.specs.setdefault(message.instance.instance_id, message.instance)
-            return send(peer, message)
-
-        def watched_dispatch(command: TextGeneration) -> InstanceSpec:
-            spec = dispatch(command)
-            watch.dispatched(self, command.request_id, spec)
-            return spec
-
-        def watched_tick() -> None:
-            leader = cluster.leader
-            tick()
-            if cluster.leader != leader and leader:
-                world.leader_changed(self, leader, cluster.leader)
-
-        def watched_stop(instance_id: str, reason: str) -> bool:
-            stopped = stop(instance_id, reason)
-            if stopped:
-                watch.instance_stopped(instance_id)
-            return stopped
-
-        cluster.send = watched_send  # type: ignore[method-assign]
-        cluster.dispatch = watched_dispatch  # type: ignore[method-assign]
-        cluster._tick = watched_tick  # type: ignore[method-assign]
-        self.shards.stop = watched_stop  # type: ignore[method-assign]
-
-    # ---- the links' callbacks (the daemon's, plus observation) ----
-
-    def _on_message(self, peer: str, message: ClusterMessage) -> None:
-        world = self.world
-        world.watch.received(self, peer, message)
-        term = self.cluster.term
-        self._handle(peer, message)
-        if self.cluster.term > term:
-            world.maybe_stale_command(self)
-
-    def _handle(self, peer: str, message: ClusterMessage) -> None:
-        """Hand a message to the cluster, checking that a stale shard command
-        changes nothing."""
-        term = self.cluster.term
-        self.shards_before = {
-            i: shard for i, shard in self.shards.shards.items() if not shard.stopped
-        }
-        self.cluster.on_message(peer, message)
-        self.world.watch.fence(self, peer, message, term)
-
-    def _on_peer_up(self, info: PeerInfo) -> None:
-        self.world.trace.add("link-up", self.node_id, info.node_id)
-        self.cluster.on_peer_up(info.node_id)
-
-    def _on_peer_down(self, peer: str, reason: str) -> None:
-        self.world.trace.add("link-down", self.node_id, peer, reason[:40])
-        self.world.watch.link_down(self, peer, reason)
-        self.cluster.on_peer_down(peer, reason)
+    def inject(self, sender: str, message: ClusterMessage) -> None:
+        """A message arrives as if from `sender` (a delayed one the network held)."""
+        self.parts.messages.receive(sender, message)
 
     def routes(self, method: str | None = None) -> list[str]:
         return [
@@ -310,11 +233,7 @@ class SimNode:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                lifespan = Lifespan(self.asgi, self.config, self.lifespan_state)
-                await nursery.start(lifespan.handle_lifespan)
-                await lifespan.wait_for_startup()
-                await nursery.start(self.shards.run)
-                await nursery.start(self.cluster.run)
+                await nursery.start(self.parts.run)
                 self.world.trace.add("node-up", self.node_id, self.incarnation)
                 task_status.started()
 
@@ -397,7 +316,7 @@ class SimNode:
     # ---- HTTP ----
 
     def connect(self, client: ClientPlan) -> PipeEnd:
-        """A new HTTP connection to this node; hypercorn serves the far end."""
+        """A new HTTP connection to this node's API (api/serving.py serves it)."""
         world = self.world
         faults = world.plan.faults
         delay = world.plan.scenario.http_delay_max
@@ -413,19 +332,16 @@ class SimNode:
             address_a=("10.1.0.2", 40000 + self.connections),
             address_b=(host_of(self.index), 52415),
         )
-        if self.crashed or self._nursery is None:
+        if self.crashed or self._incoming is None:
             server_end.close()  # nothing listens: the connection is refused
             return client_end
         self.server_ends.append(server_end)
-        server = TCPServer(
-            self.asgi,
-            self.config,
-            self.context,
-            ConnectionState(self.lifespan_state.copy()),
-            server_end,  # type: ignore[arg-type]
-        )
-        self._nursery.start_soon(server.run)
+        self._incoming.send_nowait(server_end)
         return client_end
+
+    def open_connections(self) -> int:
+        """HTTP connections the server has not closed yet."""
+        return sum(1 for end in self.server_ends if not end.closed)
 
 
 def hypercorn_config() -> HypercornConfig:
@@ -447,6 +363,7 @@ class EndState:
     relay_routes: dict[int, list[str]] = field(default_factory=dict)
     relay_outgoing: dict[int, list[str]] = field(default_factory=dict)
     shards: dict[int, list[str]] = field(default_factory=dict)
+    connections: dict[int, int] = field(default_factory=dict)  # HTTP, still open
     serving: bool = True
     tasks: list[str] = field(default_factory=list)
     stats: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -461,6 +378,7 @@ class EndState:
             self.relay_routes,
             self.relay_outgoing,
             self.shards,
+            self.connections,
         )
         if any(any(v for v in part.values()) for part in leftovers) or self.tasks:
             return False
@@ -591,7 +509,7 @@ class World:
 
     def _serves(self, node: SimNode) -> bool:
         """The node sees a ready instance that really is alive (a view can lag)."""
-        return any(self.instance_alive(s.spec) for s in node.cluster.ready_instances(MODEL))
+        return any(self.instance_alive(s.spec) for s in node.router.ready_instances(MODEL))
 
     def instance_alive(self, spec: InstanceSpec) -> bool:
         """Ground truth: every rank runs, on the current incarnation of its node, in
@@ -613,19 +531,21 @@ class World:
         live = [node for node in self.nodes if not node.crashed]
         for node in live:
             i = node.index
+            registry = node.registry.statistics()
+            relay = node.router.statistics().relay
             # The registry's channels, and the node's handles and client ids.
-            state.registry_open[i] = sorted({*node.registry.open_ids(), *node.node.open_ids()})
-            jobs = [rid for shard in node.shards.shards.values() for rid in shard.worker.jobs]
+            state.registry_open[i] = sorted({*registry.open_ids, *node.node.open_ids()})
+            jobs = [rid for worker in node.shards.workers() for rid in worker.statistics().jobs]
             state.worker_jobs[i] = sorted(jobs)
-            state.relay_routes[i] = sorted(node.relay.routes)
-            state.relay_outgoing[i] = sorted(node.relay.outgoing)
+            state.relay_routes[i] = sorted(relay.routes)
+            state.relay_outgoing[i] = sorted(relay.outgoing)
             state.shards[i] = self._stray_shards(node)
-            stats = node.registry.stats
+            state.connections[i] = node.open_connections()
             state.stats[i] = {
-                "unknown_events": stats.unknown_events,
-                "after_terminal": stats.after_terminal,
-                "overflows": stats.overflows,
-                "late_events": stats.late_events,
+                "unknown_events": registry.unknown_events,
+                "after_terminal": registry.after_terminal,
+                "overflows": registry.overflows,
+                "late_events": registry.late_events,
             }
         for handle in self.runners:
             if not handle.done and handle.runner.active:
@@ -640,13 +560,14 @@ class World:
     def _count_end(self) -> None:
         live = [node for node in self.nodes if not node.crashed]
         for node in [*self.retired, *live]:
-            self.coverage["late_events"] += node.registry.stats.late_events
+            self.coverage["late_events"] += node.registry.statistics().late_events
             self.coverage["server_backpressure"] += sum(
                 1 for end in node.server_ends if end.sent_stats.blocked_writes
             )
-            self.relay_stats.append((f"{node.node_id}i{node.incarnation}", node.relay.stats))
-            self.coverage["relay_resent"] += node.relay.stats.resent
-            self.coverage["relay_duplicates"] += node.relay.stats.duplicates
+            relay = node.router.statistics().relay
+            self.relay_stats.append((f"{node.node_id}i{node.incarnation}", relay))
+            self.coverage["relay_resent"] += relay.resent
+            self.coverage["relay_duplicates"] += relay.duplicates
 
     def _stray_shards(self, node: SimNode) -> list[str]:
         """Shards a surviving node still holds that are not part of a ready
@@ -762,7 +683,7 @@ class World:
         self.watch.stale_injected += 1
         self.coverage["stale_command_injected"] += 1
         self.trace.add("stale-command", node.node_id, sender, type(message).__name__, message.term)
-        node._handle(sender, message)
+        node.inject(sender, message)
 
     # ---- runner faults ----
 
@@ -824,6 +745,8 @@ _SERVICE_TASKS = frozenset(
     {
         "World.main",
         "SimNode.run",
+        "AssembledNode.run",
+        "serve",
         "SimNode._run_runner",
         "FakeRunner._steps",
         "FakeRunner._watch_group",
@@ -834,7 +757,6 @@ _SERVICE_TASKS = frozenset(
         "ShardManager.run",
         "ShardManager._supervise",
         "Cluster.run",
-        "Cluster._loop",
         "PeerLinks.run",
         "PeerLinks._dial_loop",
         "PeerLinks._handle_inbound",

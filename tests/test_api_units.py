@@ -160,7 +160,7 @@ async def test_registry_cancel_ends_the_stream_and_counts_later_events_as_late()
     assert registry.cancel("r1", "cancelled by a test")
     # Tokens still in the runner's pipe arrive after the cancel: late, not violations.
     assert not registry.deliver(chunk("r1", 1))
-    assert registry.stats.late_events == 1 and registry.stats.after_terminal == 0
+    assert registry.statistics().late_events == 1 and registry.statistics().after_terminal == 0
     received = [event async for event in stream]
     assert [type(e) for e in received] == [ChunkGenerated, GenerationFailed]
     assert isinstance(received[-1], GenerationFailed) and received[-1].kind == "cancelled"

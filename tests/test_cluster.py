@@ -26,10 +26,8 @@ from exo_trio.cluster_messages import (
 )
 from exo_trio.daemon import load_vote, save_vote
 from exo_trio.node import ModelCard, Node
+from exo_trio.peer_messages import PeerMessages
 from exo_trio.seams import Seams
-from exo_trio.shard_manager import ShardManager
-from exo_trio.streams import StreamRegistry
-from exo_trio.token_relay import TokenRelay
 from exo_trio.types import (
     ChunkGenerated,
     GenerationEvent,
@@ -39,6 +37,7 @@ from exo_trio.types import (
     TextGeneration,
 )
 from sim.fake_runner import FakeRunner
+from tests.cluster_parts import cluster_parts
 
 MODEL = ModelInfo(
     id="m",
@@ -67,6 +66,7 @@ class Net:
 
     nursery: trio.Nursery
     clusters: dict[str, Cluster] = field(default_factory=dict)
+    inboxes: dict[str, PeerMessages] = field(default_factory=dict)
     channels: dict[tuple[str, str], trio.MemorySendChannel[ClusterMessage]] = field(
         default_factory=dict
     )
@@ -85,13 +85,11 @@ class Net:
                 net.channels[(node_id, peer_id)].send_nowait(message)
                 return True
 
-            async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                task_status.started()
-
         return Links()
 
-    def join(self, cluster: Cluster) -> None:
+    def join(self, cluster: Cluster, inbox: PeerMessages) -> None:
         self.clusters[cluster.node_id] = cluster
+        self.inboxes[cluster.node_id] = inbox
         for other in list(self.clusters):
             if other == cluster.node_id:
                 continue
@@ -106,7 +104,7 @@ class Net:
         async for message in receive:
             await trio.sleep(0.001)  # a little latency
             if self.up(a, b):
-                self.clusters[b].on_message(a, message)
+                self.inboxes[b].receive(a, message)
 
     def sever(self, a: str, b: str) -> None:
         self.cut.add(frozenset((a, b)))
@@ -118,41 +116,34 @@ class Net:
             if other != node_id:
                 self.clusters[other].on_peer_down(node_id, "killed")
         del self.clusters[node_id]
+        del self.inboxes[node_id]
 
 
 class Member:
     """One node: registry, relay, shards with fake runners, cluster, Node."""
 
     def __init__(self, net: Net, node_id: str, *, auto: bool, expected_peers: int) -> None:
-        self.registry = StreamRegistry()
         self.runners: list[FakeRunner] = []
-        self.relay = TokenRelay(
-            node_id, lambda peer, msg: self.cluster.send(peer, msg), self.registry.deliver
-        )
-        self.shards = ShardManager(self._launcher, self.relay.route_event)
-        counter = iter(range(10**6))
-        self.cluster = Cluster(
-            node_id=node_id,
+        parts = cluster_parts(
+            node_id,
+            net.links_for(node_id),
+            self._launcher,
             host="127.0.0.1",
             models={"m": MODEL},
             serve=("m",),
-            shards=self.shards,
-            relay=self.relay,
-            memory_free=lambda: 10**9,
             free_ports=lambda: (5000, 5001, 5002),
-            new_id=lambda prefix: f"{prefix}-{node_id}-{next(counter)}",
             settings=ClusterSettings(
                 auto_place=auto, expected_peers=expected_peers, peer_grace=1.0, settle=5.0
             ),
         )
-        self.cluster.attach(net.links_for(node_id))
+        self.registry, self.shards, self.router = parts.registry, parts.shards, parts.router
+        self.cluster, self.messages = parts.cluster, parts.messages
         self.node = Node(
             model=ModelCard(id="m", context_length=4096, created=0),
             encoder=None,  # type: ignore[arg-type]
-            worker=None,  # type: ignore[arg-type]
             registry=self.registry,
             seams=Seams(),
-            dispatcher=self.cluster,
+            dispatcher=self.router,
         )
         self.scope = trio.CancelScope()
 
@@ -187,7 +178,7 @@ async def start_members(
         nursery.start_soon(member.run, nursery)
     await trio.lowlevel.checkpoint()
     for member in members.values():
-        net.join(member.cluster)
+        net.join(member.cluster, member.messages)
     return net, members
 
 
@@ -209,7 +200,7 @@ async def collect(member: Member, rid: str, n: int = 20) -> list[GenerationEvent
 
 
 def ready(member: Member) -> bool:
-    return member.cluster.ready("m")
+    return member.router.ready("m")
 
 
 async def place(member: Member, nodes: list[str], sharding: str = "pipeline") -> InstanceSpec:
@@ -264,9 +255,9 @@ async def test_requests_route_through_a_node_without_a_shard(
         for events in results:
             assert list(iter_chunks(events)) == list(range(20))
             assert isinstance(events[-1], GenerationFinished)
-        assert not members["c"].relay.routes
+        assert not members["c"].router.statistics().relay.routes
         # The last acknowledgement is on its way; then the entry node holds nothing.
-        await wait_for(lambda: not members["a"].relay.outgoing)
+        await wait_for(lambda: not members["a"].router.statistics().relay.outgoing)
         nursery.cancel_scope.cancel()
 
 
@@ -350,7 +341,7 @@ async def test_a_stale_leader_cannot_start_shards(autojump_clock: trio.testing.M
             shards=(),
             auto=False,
         )
-        members["b"].cluster.on_message("a", StartShard(term=1, instance=spec, rank=0))
+        members["b"].messages.receive("a", StartShard(term=1, instance=spec, rank=0))
         assert "stale" not in members["b"].shards.shards
         nursery.cancel_scope.cancel()
 
@@ -360,48 +351,35 @@ class Mailbox:
     `deliver` hands them over, and only between linked pairs."""
 
     def __init__(self, *pairs: tuple[str, str]) -> None:
-        self.clusters: dict[str, Cluster] = {}
+        self.inboxes: dict[str, PeerMessages] = {}
         self.pairs = {frozenset(p) for p in pairs}
         self.queue: list[tuple[str, str, Any]] = []
         self.seen: list[tuple[str, str, Any]] = []
 
-    def add(self, cluster: Cluster) -> None:
-        self.clusters[cluster.node_id] = cluster
+    def links_for(self, node_id: str) -> Any:
         box = self
 
         class Links:
             def send(self, peer_id: str, message: Any) -> bool:
-                if frozenset((cluster.node_id, peer_id)) not in box.pairs:
+                if frozenset((node_id, peer_id)) not in box.pairs:
                     return False
-                box.queue.append((cluster.node_id, peer_id, message))
+                box.queue.append((node_id, peer_id, message))
                 return True
 
-            async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                task_status.started()
-
-        cluster.attach(Links())
+        return Links()
 
     def deliver(self) -> None:
         while self.queue:
             source, target, message = self.queue.pop(0)
             self.seen.append((source, target, message))
-            self.clusters[target].on_message(source, message)
+            self.inboxes[target].receive(source, message)
 
 
-def lone(node_id: str, **disk: Any) -> Cluster:
-    relay = TokenRelay(node_id, lambda peer, msg: True, lambda event: None)
-    return Cluster(
-        node_id=node_id,
-        host=node_id,
-        models={"m": MODEL},
-        serve=(),
-        shards=ShardManager(lambda spec, rank: None, relay.route_event),  # type: ignore[arg-type, return-value]
-        relay=relay,
-        memory_free=lambda: 10**9,
-        free_ports=lambda: (5000,),
-        new_id=lambda prefix: f"{prefix}-{node_id}",
-        **disk,
-    )
+def lone(node_id: str, box: Mailbox, **disk: Any) -> Cluster:
+    """A cluster linked through `box`, serving nothing, with no runner."""
+    parts = cluster_parts(node_id, box.links_for(node_id), models={"m": MODEL}, serve=(), **disk)
+    box.inboxes[node_id] = parts.messages
+    return parts.cluster
 
 
 def test_a_term_is_granted_to_one_leader_and_a_refused_leader_asks_above_it() -> None:
@@ -415,11 +393,10 @@ def test_a_term_is_granted_to_one_leader_and_a_refused_leader_asks_above_it() ->
 
     async def main() -> None:
         box = Mailbox(("a", "c"), ("b", "c"))
-        a, b, c = lone("a"), lone("b"), lone("c")
-        for node in (a, b, c):
-            box.add(node)
+        a, b, c = lone("a", box), lone("b", box), lone("c", box)
+        clusters = {"a": a, "b": b, "c": c}
         for node, peer in (("a", "c"), ("b", "c"), ("c", "a"), ("c", "b")):
-            box.clusters[node].on_peer_up(peer)
+            clusters[node].on_peer_up(peer)
         a._tick()  # a and b both lead, and both ask c for term 1
         b._tick()
         box.deliver()
@@ -428,7 +405,7 @@ def test_a_term_is_granted_to_one_leader_and_a_refused_leader_asks_above_it() ->
         box.deliver()
         assert c.vote == decide.Vote(2, "b") and b._confirmed() and b.lead_term == 2
         # b leads in term 2: with c's report in, its view reaches c, which takes it.
-        b.on_message("c", c.report())
+        box.inboxes["b"].receive("c", c.report())
         b._tick()
         box.deliver()
         assert c.view is not None and (c.view.leader, c.view.term) == ("b", 2)
@@ -441,7 +418,7 @@ def test_a_term_is_granted_to_one_leader_and_a_refused_leader_asks_above_it() ->
             shards=(),
             auto=False,
         )
-        c.on_message("a", StartShard(term=1, instance=stale, rank=0))
+        box.inboxes["c"].receive("a", StartShard(term=1, instance=stale, rank=0))
         assert "stale" not in c.shards.shards
         # ...and c's report (to a, its own choice of leader) makes a ask for term 3.
         c._tick()
@@ -466,10 +443,8 @@ def test_a_restarted_node_does_not_grant_a_term_it_granted_in_its_previous_life(
 
     async def main() -> None:
         first = Mailbox(("a", "c"))
-        a = lone("a")
-        c = lone("c", remember_vote=lambda vote: save_vote(tmp_path, vote))
-        first.add(a)
-        first.add(c)
+        a = lone("a", first)
+        c = lone("c", first, remember_vote=lambda vote: save_vote(tmp_path, vote))
         a.on_peer_up("c")
         c.on_peer_up("a")
         a._tick()
@@ -477,10 +452,8 @@ def test_a_restarted_node_does_not_grant_a_term_it_granted_in_its_previous_life(
         assert c.vote == decide.Vote(1, "a") == load_vote(tmp_path)
         # c's new life, linked to b only.
         second = Mailbox(("b", "c"))
-        b = lone("b")
-        c = lone("c", remembered_vote=load_vote(tmp_path))
-        second.add(b)
-        second.add(c)
+        b = lone("b", second)
+        c = lone("c", second, remembered_vote=load_vote(tmp_path))
         b.on_peer_up("c")
         c.on_peer_up("b")
         assert c.term == 1

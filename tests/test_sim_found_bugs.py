@@ -29,7 +29,6 @@ from exo_trio.cluster_messages import (
     VoteReply,
     VoteRequest,
 )
-from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
 from exo_trio.token_relay import TokenRelay
 from exo_trio.types import (
@@ -40,6 +39,7 @@ from exo_trio.types import (
     SamplingParams,
     TextGeneration,
 )
+from tests.cluster_parts import cluster_parts
 
 # ---- the token relay ----
 
@@ -52,8 +52,8 @@ class Wire:
         self.up = True
         self.in_flight: list[tuple[str, ClusterMessage]] = []
         self.registry = StreamRegistry()
-        self.owner = TokenRelay("o", self._sender("e"), self.registry.deliver, ack_every=100)
-        self.entry = TokenRelay("e", self._sender("o"), lambda event: None)
+        self.owner = TokenRelay("o", self._sender("e"), ack_every=100)
+        self.entry = TokenRelay("e", self._sender("o"))
 
     def _sender(self, target: str) -> Callable[[str, ClusterMessage], bool]:
         def send(peer: str, message: ClusterMessage) -> bool:
@@ -76,7 +76,8 @@ class Wire:
             if isinstance(message, RemoteGenerate):
                 relay.accept(peer, message)
             elif isinstance(message, RemoteEvents):
-                relay.on_events(peer, message)
+                for event in relay.on_events(peer, message):
+                    self.registry.deliver(event)
             elif isinstance(message, RemoteCancel):
                 relay.on_cancel(peer, message)
             elif isinstance(message, RemoteResume):
@@ -114,17 +115,17 @@ def test_after_a_reconnect_lost_events_go_out_before_new_ones() -> None:
     wire.registry.open("r", 8)
     wire.owner.dispatch("e", "inst", command("r"))
     wire.pump()
-    wire.entry.route_event(chunk("r", 0))
+    wire.entry.relay_event(chunk("r", 0))
     wire.pump()
     wire.cut()
-    wire.entry.route_event(chunk("r", 1))  # lost: no link
+    wire.entry.relay_event(chunk("r", 1))  # lost: no link
     wire.up = True
     wire.entry.on_peer_up("o")  # the entry's side of the new link comes up first...
-    wire.entry.route_event(chunk("r", 2))  # ...and a new event goes out at once
+    wire.entry.relay_event(chunk("r", 2))  # ...and a new event goes out at once
     wire.owner.on_peer_up("e")  # the owner's resume arrives later
     wire.pump()
     assert [e.seq for e in wire.events("r")] == [0, 1, 2]  # type: ignore[union-attr]
-    assert wire.owner.stats.gaps == 0
+    assert wire.owner.statistics().gaps == 0
 
 
 def test_a_resume_for_a_request_the_entry_does_not_know_ends_it_explicitly() -> None:
@@ -153,21 +154,22 @@ def test_events_for_a_request_the_owner_forgot_make_the_entry_drop_it() -> None:
     wire.cut()  # the RemoteCancel is lost
     wire.up = True
     wire.entry.on_peer_up("o")
-    wire.entry.route_event(chunk("r", 0))  # the runner goes on
+    wire.entry.relay_event(chunk("r", 0))  # the runner goes on
     wire.pump()
     assert not wire.entry.outgoing  # the owner answered with a RemoteCancel
 
     wire.registry.open("f", 1)
     wire.owner.dispatch("e", "inst", command("f", 1))
     wire.pump()
-    wire.entry.route_event(chunk("f", 0))
+    wire.entry.relay_event(chunk("f", 0))
     finished = GenerationFinished(
         request_id="f", chunks=1, finish_reason="length", prompt_tokens=1, completion_tokens=1
     )
-    wire.entry.route_event(finished)
+    wire.entry.relay_event(finished)
     while wire.in_flight and wire.in_flight[0][0] == "o":
         _target, message = wire.in_flight.pop(0)
-        wire.owner.on_events("e", message)  # type: ignore[arg-type]
+        for event in wire.owner.on_events("e", message):  # type: ignore[arg-type]
+            wire.registry.deliver(event)
     assert not wire.owner.routes and "f" in wire.entry.outgoing
     wire.cut()  # the owner's last ack is lost
     wire.up = True
@@ -241,27 +243,13 @@ class Sent:
         self.messages.append((peer, message))
         return True
 
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-
 
 def cluster(node_id: str = "a") -> tuple[Cluster, Sent]:
-    relay = TokenRelay(node_id, lambda peer, msg: True, lambda event: None)
-    shards = ShardManager(lambda spec, rank: None, relay.route_event)  # type: ignore[arg-type, return-value]
-    made = Cluster(
-        node_id=node_id,
-        host=node_id,
-        models={"m": MODEL},
-        serve=("m",),
-        shards=shards,
-        relay=relay,
-        memory_free=lambda: 10**9,
-        free_ports=lambda: (1,),
-        new_id=lambda prefix: f"{prefix}-1",
-    )
     links = Sent()
-    made.attach(links)
-    return made, links
+    parts = cluster_parts(
+        node_id, links, models={"m": MODEL}, serve=("m",), free_ports=lambda: (1,)
+    )
+    return parts.cluster, links
 
 
 def test_a_placement_starting_on_a_lost_peer_gives_up_at_once() -> None:

@@ -39,12 +39,12 @@ async def test_every_event_a_request_can_produce_fits_without_a_reader() -> None
 async def test_events_for_unknown_and_closed_requests_are_counted_not_lost() -> None:
     registry = StreamRegistry()
     assert not registry.deliver(chunk("never-opened", 0))
-    assert registry.stats.unknown_events == 1
+    assert registry.statistics().unknown_events == 1
     registry.open("r2", max_tokens=4)
     registry.close("r2")
     assert not registry.deliver(chunk("r2", 0))
-    assert registry.stats.late_events == 1
-    assert registry.stats.unknown_events == 1
+    assert registry.statistics().late_events == 1
+    assert registry.statistics().unknown_events == 1
     assert len(registry) == 0
 
 
@@ -53,7 +53,7 @@ async def test_nothing_may_follow_a_terminal_event() -> None:
     registry.open("r3", max_tokens=4)
     registry.deliver(GenerationFailed(request_id="r3", kind="runner_died", message="x"))
     assert not registry.deliver(chunk("r3", 0))
-    assert registry.stats.after_terminal == 1
+    assert registry.statistics().after_terminal == 1
 
 
 @pytest.mark.parametrize("bad_seq", [1, 0])  # a gap, then a duplicate
@@ -84,7 +84,7 @@ async def test_duplicate_open_is_refused_and_close_is_idempotent() -> None:
         registry.open("r6", max_tokens=1)
     registry.close("r6")
     registry.close("r6")
-    assert registry.stats.closed == 1
+    assert registry.statistics().closed == 1
 
 
 async def test_a_blocked_reader_is_woken_by_delivery() -> None:

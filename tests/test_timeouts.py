@@ -301,11 +301,11 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_work_cancelled(
     autojump_clock: Any,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        node = await start(nursery, step_delay=0.01)
+        node = await start(nursery, step_delay=0.01, send_timeout=5.0)
         body = json.dumps({**CASES[0][1], "stream": True, "max_tokens": 3000}).encode()
         headers = [("Content-Type", "application/json")]
         raw = build_request("POST", "/v1/chat/completions", headers, body)
-        stalled = node.connect(lockstep=True, send_timeout=5.0)
+        stalled = node.connect(lockstep=True)
         await stalled.send_all(raw)
         assert (await stalled.receive_some(200)).startswith(b"HTTP/1.1 200")
         t0 = trio.current_time()

@@ -35,10 +35,13 @@ class Wire:
         self.in_flight: list[tuple[str, str, ClusterMessage]] = []
         self.registry = StreamRegistry()
         self.entry_local: list[GenerationEvent] = []
-        self.owner = TokenRelay("o", self._sender("o"), self.registry.deliver, ack_every=ack_every)
-        self.entry = TokenRelay(
-            "e", self._sender("e"), self.entry_local.append, buffer_limit=buffer_limit
-        )
+        self.owner = TokenRelay("o", self._sender("o"), ack_every=ack_every)
+        self.entry = TokenRelay("e", self._sender("e"), buffer_limit=buffer_limit)
+
+    def route(self, event: GenerationEvent) -> None:
+        """An event of the entry's runner, as its Router handles it."""
+        if not self.entry.relay_event(event):
+            self.entry_local.append(event)
 
     def _sender(self, source: str) -> Callable[[str, ClusterMessage], bool]:
         def send(target: str, message: ClusterMessage) -> bool:
@@ -59,7 +62,8 @@ class Wire:
             if isinstance(message, RemoteGenerate):
                 relay.accept(source, message)
             elif isinstance(message, RemoteEvents):
-                relay.on_events(source, message)
+                for event in relay.on_events(source, message):
+                    self.registry.deliver(event)
             elif isinstance(message, RemoteCancel):
                 relay.on_cancel(source, message)
             else:
@@ -106,8 +110,8 @@ def test_events_flow_back_exactly_and_buffers_are_freed() -> None:
     wire = Wire()
     start(wire, "r", 10)
     for seq in range(10):
-        wire.entry.route_event(chunk("r", seq))
-    wire.entry.route_event(finished("r", 10))
+        wire.route(chunk("r", seq))
+    wire.route(finished("r", 10))
     wire.pump()
     events = drain(wire.registry, "r")
     assert [e.seq for e in events[:-1]] == list(range(10))  # type: ignore[union-attr]
@@ -118,35 +122,35 @@ def test_events_flow_back_exactly_and_buffers_are_freed() -> None:
 def test_events_lost_with_a_link_are_resent_after_reconnect() -> None:
     wire = Wire()
     start(wire, "r", 8)
-    wire.entry.route_event(chunk("r", 0))
+    wire.route(chunk("r", 0))
     wire.drop_next = 3  # the link dies with three events on it
     for seq in (1, 2, 3):
-        wire.entry.route_event(chunk("r", seq))
+        wire.route(chunk("r", seq))
     wire.pump()
     wire.owner.on_peer_up("e")  # reconnected: ask for the rest
     wire.pump()
     for seq in range(4, 8):
-        wire.entry.route_event(chunk("r", seq))
-    wire.entry.route_event(finished("r", 8))
+        wire.route(chunk("r", seq))
+    wire.route(finished("r", 8))
     wire.pump()
     events = drain(wire.registry, "r")
     assert [getattr(e, "seq", "end") for e in events] == [*range(8), "end"]
-    assert wire.entry.stats.resent == 3
+    assert wire.entry.statistics().resent == 3
 
 
 def test_duplicates_are_dropped() -> None:
     wire = Wire(ack_every=100)
     start(wire, "r", 3)
     for seq in range(3):
-        wire.entry.route_event(chunk("r", seq))
+        wire.route(chunk("r", seq))
     wire.pump()
     # A stale resume (e.g. one that crossed an ack) re-sends what already arrived.
     wire.entry.on_resume("o", RemoteResume(request_id="r", next_event=0))
     wire.pump()
-    wire.entry.route_event(finished("r", 3))
+    wire.route(finished("r", 3))
     wire.pump()
     assert len(drain(wire.registry, "r")) == 4
-    assert wire.owner.stats.duplicates == 3
+    assert wire.owner.statistics().duplicates == 3
 
 
 def test_an_unreachable_entry_node_refuses_dispatch() -> None:
@@ -160,9 +164,10 @@ def test_an_unreachable_entry_node_refuses_dispatch() -> None:
 def test_a_lost_peer_fails_its_requests_explicitly() -> None:
     wire = Wire()
     start(wire, "r", 5)
-    wire.entry.route_event(chunk("r", 0))
+    wire.route(chunk("r", 0))
     wire.pump()
-    assert wire.owner.fail_routes("e", "node e lost") == 1
+    (failed,) = wire.owner.fail_routes("e", "node e lost")
+    wire.registry.deliver(failed)
     events = drain(wire.registry, "r")
     assert isinstance(events[-1], GenerationFailed) and events[-1].kind == "peer_lost"
     assert wire.entry.drop_origin("o") == ["r"]
@@ -174,15 +179,15 @@ def test_cancel_stops_relaying_and_late_events_are_counted() -> None:
     wire.owner.cancel("r")
     wire.pump()
     assert "r" not in wire.entry.outgoing
-    wire.entry.route_event(chunk("r", 0))  # the runner was mid-step
-    assert wire.entry.stats.late == 1 and not wire.entry_local
+    wire.route(chunk("r", 0))  # the runner was mid-step
+    assert wire.entry.statistics().late == 1 and not wire.entry_local
 
 
 def test_an_owner_that_stops_acking_gets_an_explicit_error() -> None:
     wire = Wire(buffer_limit=4, ack_every=1000)
     start(wire, "r", 10)
     for seq in range(5):
-        wire.entry.route_event(chunk("r", seq))
+        wire.route(chunk("r", seq))
     wire.pump()
     events = drain(wire.registry, "r")
     assert [getattr(e, "seq", None) for e in events[:4]] == [0, 1, 2, 3]
@@ -191,5 +196,5 @@ def test_an_owner_that_stops_acking_gets_an_explicit_error() -> None:
 
 def test_local_requests_bypass_the_relay() -> None:
     wire = Wire()
-    wire.entry.route_event(chunk("local", 0))
+    wire.route(chunk("local", 0))
     assert wire.entry_local == [chunk("local", 0)]

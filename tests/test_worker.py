@@ -67,7 +67,7 @@ def command(rid: str, max_tokens: int) -> TextGeneration:
 async def start(nursery: trio.Nursery) -> tuple[Node, Harness]:
     harness = Harness(nursery)
     registry = StreamRegistry()
-    worker = Worker(harness.launch, registry.deliver, restart_backoff=0.01)
+    worker = Worker(harness.launch, registry, restart_backoff=0.01)
     node = Node(
         model=ModelCard(id="fake", context_length=4096, created=0),
         encoder=None,  # type: ignore[arg-type]
@@ -140,7 +140,7 @@ async def test_submit_without_a_ready_runner_is_refused_and_leaves_nothing() -> 
         await trio.sleep_forever()
         raise AssertionError
 
-    worker = Worker(never_launches, registry.deliver)
+    worker = Worker(never_launches, registry)
     node = Node(
         model=ModelCard(id="fake", context_length=4096, created=0),
         encoder=None,  # type: ignore[arg-type]

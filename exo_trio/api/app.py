@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, jsonify, request
@@ -31,6 +31,9 @@ from exo_trio.api.errors import ApiError, dialect_for_path, render_error
 from exo_trio.api.serving import SEND_TIMEOUT_KEY
 from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard, Node
+
+if TYPE_CHECKING:
+    from exo_trio.cluster import Cluster
 
 __all__ = ["ApiSettings", "create_app"]
 
@@ -82,9 +85,11 @@ def routes() -> list[tuple[str, str, Handler]]:
     return table
 
 
-def create_app(node: Node, settings: ApiSettings | None = None) -> QuartTrio:
+def create_app(
+    node: Node, settings: ApiSettings | None = None, cluster: Cluster | None = None
+) -> QuartTrio:
     settings = settings or ApiSettings()
-    ctx = ApiContext(node, settings, Admission(node, settings.max_queued))
+    ctx = ApiContext(node, settings, Admission(node, settings.max_queued), cluster)
     app = QuartTrio("exo_trio")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from quart import Response, request
 
@@ -15,12 +16,17 @@ from exo_trio.api.timeouts import RequestTimeouts
 from exo_trio.node import Node
 from exo_trio.types import TextGeneration
 
+if TYPE_CHECKING:
+    from exo_trio.cluster import Cluster
+
 
 @dataclass
 class ApiContext:
     node: Node
     settings: ApiSettings
     admission: Admission
+    # Membership and placement (/v1/instances, /state); None in unit tests of a lone Node.
+    cluster: Cluster | None = None
 
     @property
     def keepalive(self) -> float:

@@ -25,10 +25,9 @@ class InstanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def cluster_of(ctx: ApiContext) -> Cluster:
-    cluster = ctx.node.dispatcher
-    if not isinstance(cluster, Cluster):
+    if ctx.cluster is None:
         raise ApiError(404, "This node does not run the cluster.", code="not_found")
-    return cluster
+    return ctx.cluster
 
 
 async def create(ctx: ApiContext) -> tuple[dict[str, object], int]:

@@ -13,13 +13,16 @@ closes the socket and raises BrokenResourceError, which hypercorn treats as a
 client gone (http.disconnect), so the request's scope is cancelled and its runner
 work with it. Other connections never wait on this one.
 
-`serve` is hypercorn's `trio.serve` (insecure TCP sockets only, as the node binds
-them) with that wrapper in the accept path.
+`serve` is hypercorn's `trio.serve` with that wrapper in the accept path, and with
+the listeners as a seam: `tcp_listeners` binds the config's addresses (insecure
+TCP sockets only, as the node binds them); the simulator passes listeners of
+in-memory connections, so it serves the app through this same code.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -59,7 +62,7 @@ class BoundedSendStream(trio.abc.HalfCloseableStream):
             await self.inner.send_all(data)
             return
         # A scope of our own still fires inside hypercorn's shielded one.
-        with trio.move_on_after(self.timeout) as scope:
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
             await self.inner.send_all(data)
         if scope.cancelled_caught:
             self.timed_out = True
@@ -84,7 +87,7 @@ class BoundedSendStream(trio.abc.HalfCloseableStream):
 
 
 class BoundedListener(trio.abc.Listener[trio.abc.Stream]):
-    def __init__(self, inner: trio.SocketListener, timeout: float) -> None:
+    def __init__(self, inner: trio.abc.Listener[Any], timeout: float) -> None:
         self.inner = inner
         self.timeout = timeout
 
@@ -95,15 +98,33 @@ class BoundedListener(trio.abc.Listener[trio.abc.Stream]):
         await self.inner.aclose()
 
 
+# A listener and the URL it serves.
+Bound = tuple[trio.abc.Listener[Any], str]
+Listen = Callable[[Config], Awaitable[Sequence[Bound]]]
+
+
+async def tcp_listeners(config: Config) -> list[Bound]:
+    """Listen on `config.bind` (insecure TCP sockets)."""
+    bound = []
+    for sock in config.create_sockets().insecure_sockets:
+        sock.listen(config.backlog)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        bound.append((listener, f"http://{repr_socket_addr(sock.family, sock.getsockname())}"))
+    await trio.lowlevel.checkpoint()
+    return bound
+
+
 async def serve(
     app: Any,
     config: Config,
     *,
+    listen: Listen = tcp_listeners,
     send_timeout: float | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` on `config.bind` until cancelled; reports the bound URLs through
-    task_status. `send_timeout` defaults to what create_app put in the app's config."""
+    """Serve `app` on the listeners `listen` gives until cancelled; reports their
+    URLs through task_status. `send_timeout` defaults to what create_app put in the
+    app's config."""
     if send_timeout is None:
         send_timeout = float(getattr(app, "config", {}).get(SEND_TIMEOUT_KEY, 0.0))
     asgi = wrap_app(app, config.wsgi_max_body_size, None)
@@ -115,18 +136,12 @@ async def serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
-            listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
-            binds = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                listeners.append(BoundedListener(listener, send_timeout))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            bound = await listen(config)
+            listeners = [BoundedListener(listener, send_timeout) for listener, _ in bound]
             handler = partial(
                 TCPServer, asgi, config, context, ConnectionState(lifespan_state.copy())
             )
-            task_status.started(binds)
+            task_status.started([url for _, url in bound])
             try:
                 await trio.serve_listeners(handler, listeners, handler_nursery=server_nursery)
             finally:
