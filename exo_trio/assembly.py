@@ -52,9 +52,8 @@ from exo_trio.net.links import (
     open_tcp_stream,
 )
 from exo_trio.net.wire import AdvertisedAddress
-from exo_trio.node import ModelCard, Node
+from exo_trio.node import Node, ServedModel
 from exo_trio.peer_messages import PeerMessages
-from exo_trio.prompts import PromptEncoder
 from exo_trio.router import Router
 from exo_trio.seams import Seams
 from exo_trio.shard_manager import LauncherFactory, ShardManager
@@ -81,8 +80,9 @@ class NodeSetup:
 
     node_id: str
     host: str  # where peers' runners reach this node's (mx.distributed)
-    card: ModelCard  # what the API serves (today one model; see issue 17)
-    encoder: PromptEncoder
+    # The models the API serves from the start (zero or more); others come and go
+    # as they are placed at run time (through the catalog).
+    served: Sequence[ServedModel]
     models: dict[str, ModelInfo]  # every model this node has on disk
     serve: tuple[str, ...]  # the ones it offers to serve
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -91,7 +91,8 @@ class NodeSetup:
     http: HypercornConfig = field(default_factory=HypercornConfig)
     # How soon a single-rank runner that died is started again (doubling to 10 s).
     restart_backoff: float = 0.5
-    # The model store and downloads (None: the model-management endpoints answer 404).
+    # The model store, downloads, the files of a shard and the tokenizers of models
+    # placed at run time (None: only `served`; the model endpoints answer 404).
     catalog: ModelCatalog | None = None
 
 
@@ -135,9 +136,15 @@ class AssembledNode:
         the API. Reports the API's URLs once it serves; on the way out the API
         stops first, then everything else (runners stopped, links closed)."""
         async with trio.open_nursery() as nursery:
+            catalog = self.setup.catalog
+            if catalog is not None:
+                await nursery.start(catalog.downloads.run)
             await nursery.start(self.shards.run)
             await nursery.start(self.links.run)
             await nursery.start(self.cluster.run)
+            if catalog is not None:
+                instances = self.cluster.live_instances
+                await nursery.start(catalog.run, lambda: [s.spec for s in instances()])
             api = partial(serve, self.app, self.setup.http, listen=self.effects.listen_api)
             task_status.started(await nursery.start(api))
 
@@ -148,8 +155,13 @@ def build_node(setup: NodeSetup, effects: NodeEffects) -> AssembledNode:
     node_id = setup.node_id
     registry = StreamRegistry(observer)
     messages = PeerMessages(node_id, observer)
+    catalog = setup.catalog
     shards = ShardManager(
-        effects.launcher_for, observer=observer, restart_backoff=setup.restart_backoff
+        effects.launcher_for,
+        observer=observer,
+        restart_backoff=setup.restart_backoff,
+        # A shard gets the model's files it lacks (a hub model) before its runner.
+        prepare=catalog.fetch_shard if catalog is not None else None,
     )
     # The Router takes the runners' events (it sets itself as the shards' sink).
     router = Router(node_id, registry, shards, messages.send, seams.new_id, observer=observer)
@@ -194,12 +206,11 @@ def build_node(setup: NodeSetup, effects: NodeEffects) -> AssembledNode:
     )
     messages.attach(links=links, router=router, cluster=cluster)
     node = Node(
-        model=setup.card,
-        encoder=setup.encoder,
+        served=setup.served,
         registry=registry,
         seams=seams,
         dispatcher=router,
-        catalog=setup.catalog,
+        catalog=catalog,
     )
     app = create_app(node, setup.api, cluster)
     return AssembledNode(

@@ -90,12 +90,24 @@ def add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     node.add_argument(
         "--model",
-        type=Path,
-        help="an MLX model directory, or a hub model org/name[@revision] to download "
+        action="append",
+        default=[],
+        help="a model to serve from the start: an MLX model directory, or a hub model "
+        "org/name[@revision] (downloaded by the nodes that run it); repeatable "
         "(default: the demo model)",
     )
     node.add_argument(
-        "--served-model-name", help="serve the model under this name (default: its hub id)"
+        "--served-model-name",
+        action="append",
+        default=[],
+        help="serve the --model of the same position under this name (default: its hub "
+        "id or directory name)",
+    )
+    node.add_argument(
+        "--no-model",
+        action="store_true",
+        help="start with no model (place them at run time: POST /v1/instances, "
+        "exo-trio run, Ollama's /api/pull and first use)",
     )
     node.add_argument("--api-host", default="127.0.0.1")
     node.add_argument("--api-port", type=port, default=52415)
@@ -259,7 +271,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if len(argv) >= 1 and argv[0] == "node":
         node = parser._subparsers._group_actions[0].choices["node"]  # type: ignore[union-attr]
         apply_sources(node, argv[1:])
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        # `run MODEL --max-tokens 8 some words`: the prompt may follow the options.
+        args.prompt += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +338,7 @@ def run_node(args: argparse.Namespace) -> int:
         check_exposure(args.api_host, api, args.insecure_no_api_key)
     except SystemExit as exc:
         fail(str(exc.code).removeprefix("exo-trio: "))
-    model_path = startup.check_model_dir(args.model)
+    models = tuple(str(startup.check_model_dir(Path(m))) for m in args.model)
     data_dir = startup.check_data_dir(args.data_dir or startup.default_data_dir())
     peers = tuple(parse_address(p) for p in args.peer)
     listen = parse_address(args.listen) if args.listen else None
@@ -342,8 +360,9 @@ def run_node(args: argparse.Namespace) -> int:
     from exo_trio.net.links import InsecureAddressError
 
     config = NodeConfig(
-        model_path=model_path,
-        served_model_name=args.served_model_name,
+        models=models,
+        no_model=args.no_model,
+        served_model_names=tuple(args.served_model_name),
         api_host=args.api_host,
         api_port=args.api_port,
         data_dir=data_dir,

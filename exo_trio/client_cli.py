@@ -130,7 +130,7 @@ def list_running(client: NodeClient) -> list[list[str]]:
                 instance["state"] + (f" ({instance['error']})" if instance.get("error") else ""),
                 where,
                 human_bytes(memory) if memory else "-",
-                f"{rate:.1f}" if isinstance(rate, int | float) else "-",
+                f"{rate:.1f}" if isinstance(rate, int | float) and rate > 0 else "-",
             ]
         )
     return rows

@@ -32,13 +32,14 @@ from exo_trio.cluster_messages import (
     NodeReport,
     PlaceReply,
     PlaceRequest,
+    ShardSpec,
     StartShard,
     StopShard,
     VoteReply,
     VoteRequest,
 )
 from exo_trio.observer import Observer
-from exo_trio.placement import PlacementError, place
+from exo_trio.placement import PlacementError, ShardPlan, place, shard_bytes
 from exo_trio.shard_manager import ShardManager
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,9 @@ class Cluster:
             # not reached yet would look lost, and its instances be torn down.
             return
         statuses = decide.instance_statuses(reports, self.pending, now)
+        self.pending = decide.extend_deadlines(
+            self.pending, statuses, now, self.settings.start_timeout
+        )
         for target, stop in decide.teardown(statuses, self.lead_term):
             self._command(target, stop)
         for status in statuses:
@@ -344,12 +348,19 @@ class Cluster:
         self._auto_attempts[model_id] = (attempts + 1, now + min(30.0, 0.5 * 2**attempts))
         try:
             placement = decide.auto_placement(reports, model_id)
-            self._launch(placement, reports, now, auto=True)
+            info = decide.find_model(reports, model_id)
+            self._launch(placement, reports, now, auto=True, info=info)
         except PlacementError as exc:
             log.warning("cannot place %s: %s", model_id, exc)
 
     def _launch(
-        self, placement: Any, reports: dict[str, NodeReport], now: float, *, auto: bool
+        self,
+        placement: Any,
+        reports: dict[str, NodeReport],
+        now: float,
+        *,
+        auto: bool,
+        info: ModelInfo | None,
     ) -> InstanceSpec:
         used = {s.port for p in self.pending.values() for s in p.spec.shards}
         ports = {}
@@ -359,7 +370,9 @@ class Cluster:
                 raise PlacementError(f"node {shard.node_id} reported no free port")
             ports[shard.node_id] = free[0]
             used.add(free[0])
-        spec = decide.instance_spec(placement, reports, self._new_id("inst"), ports, auto=auto)
+        spec = decide.instance_spec(
+            placement, reports, self._new_id("inst"), ports, auto=auto, info=info
+        )
         self.pending[spec.instance_id] = decide.Pending(spec, now + self.settings.start_timeout)
         log.info(
             "placing %s as %s on %s",
@@ -421,7 +434,8 @@ class Cluster:
                 )
             self.changed()
             return reply(True, 200, "deleted", spec)
-        info = decide.find_model(reports, request.model)
+        # The asking node may have resolved a hub model that no node has yet.
+        info = decide.find_model(reports, request.model) or request.info
         if info is None:
             return reply(False, 404, f"no node has model {request.model}")
         try:
@@ -432,7 +446,7 @@ class Cluster:
                 node_ids=list(request.nodes) if request.nodes is not None else None,
                 min_nodes=request.min_nodes,
             )
-            spec = self._launch(placement, reports, now, auto=False)
+            spec = self._launch(placement, reports, now, auto=False, info=info)
         except PlacementError as exc:
             return reply(False, 400, str(exc))
         self.suppressed.discard(request.model)
@@ -541,6 +555,12 @@ class Cluster:
         PlaceReply: _on_place_reply,
     }
 
+    def live_instances(self) -> list[InstanceStatus]:
+        """The view's instances that are not failed (placing to ready)."""
+        if self.view is None:
+            return []
+        return [s for s in self.view.instances if s.state != "failed"]
+
     def state(self) -> dict[str, Any]:
         view = self.view
         return {
@@ -557,6 +577,8 @@ class Cluster:
                     "state": s.state,
                     "error": s.error,
                     "active_requests": s.active_requests,
+                    "download": {"completed": s.download_completed, "total": s.download_total},
+                    "tokens_per_second": round(s.tokens_per_second, 2),
                 }
                 for s in self.shards.statuses()
             ],
@@ -580,5 +602,17 @@ def _instance(status: InstanceStatus) -> dict[str, Any]:
         "state": status.state,
         "error": status.error,
         "auto": spec.auto,
-        "shards": [_plain(s) for s in spec.shards],
+        "shards": [{**_plain(s), "memory_bytes": _shard_memory(spec, s)} for s in spec.shards],
+        "download": {"completed": status.download_completed, "total": status.download_total},
+        "tokens_per_second": round(status.tokens_per_second, 2),
+        "repo": spec.info.repo if spec.info is not None else None,
+        "commit": spec.info.commit if spec.info is not None else None,
     }
+
+
+def _shard_memory(spec: InstanceSpec, shard: ShardSpec) -> int:
+    """The weights a shard holds (what placement budgeted for it); 0 if unknown."""
+    if spec.info is None:
+        return 0
+    plan = ShardPlan(shard.node_id, shard.rank, shard.start_layer, shard.end_layer)
+    return shard_bytes(decide.model_spec(spec.info), spec.sharding, plan, spec.world_size)

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 
@@ -28,19 +29,18 @@ from exo_trio.api.auth import check_exposure
 from exo_trio.api.settings import ApiSettings
 from exo_trio.assembly import AssembledNode, LinkSetup, NodeEffects, NodeSetup, build_node
 from exo_trio.cluster import Cluster, ClusterSettings
+from exo_trio.cluster_messages import ModelInfo
 from exo_trio.cluster_state import Vote
-from exo_trio.demo_model import DEMO_MODEL_ID, ensure_demo_model
-from exo_trio.downloads import Downloads, always_fits
+from exo_trio.demo_model import ensure_demo_model
+from exo_trio.downloads import Downloads
 from exo_trio.hub_download import HubClient
-from exo_trio.hub_plan import HubRef, parse_hub_ref
-from exo_trio.model_catalog import ModelCatalog
-from exo_trio.model_info import describe_model_dir, model_info
-from exo_trio.model_store import ModelStore, name_for_path
+from exo_trio.hub_plan import HubError, parse_hub_ref
+from exo_trio.model_catalog import ModelCatalog, served_model
+from exo_trio.model_info import model_info
+from exo_trio.model_store import ModelStore, cache_repo_id, name_for_path
 from exo_trio.net.discovery import Discovery
 from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
-from exo_trio.node import ModelCard
-from exo_trio.placement import memory_shortfall
-from exo_trio.prompts import HFPromptEncoder, context_length
+from exo_trio.node import ServedModel
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shutdown import graceful_stop
@@ -53,10 +53,13 @@ log = logging.getLogger("exo_trio")
 
 @dataclass
 class NodeConfig:
-    # A model directory, or a hub model id `org/name[@revision]` (fetched first).
-    model_path: Path | None = None
-    # The name to serve the model under (default: its hub id or directory name).
-    served_model_name: str | None = None
+    # Models to serve from the start: directories, or hub ids `org/name[@revision]`.
+    # None given: the demo model, unless no_model (a node that starts empty and
+    # gets its models placed at run time).
+    models: tuple[str, ...] = ()
+    no_model: bool = False
+    # The names to serve them under, in order (default: hub id or directory name).
+    served_model_names: tuple[str, ...] = ()
     api_host: str = "127.0.0.1"
     api_port: int = 52415
     data_dir: Path = field(default_factory=default_data_dir)
@@ -82,55 +85,81 @@ class NodeConfig:
     drain_timeout: float = 5.0
 
 
-async def resolve_model(config: NodeConfig) -> tuple[str, Path]:
-    """The model to serve and its name: the given directory, the given hub model
-    (downloaded into the store first, with a progress bar), or the demo model."""
-    if config.model_path is None:
+async def pin_models(config: NodeConfig, catalog: ModelCatalog) -> list[ServedModel]:
+    """The models the node was started with (--model, else the demo model unless
+    --no-model), described and loaded for serving: a directory as it is, a hub model
+    described from the hub (its weights are fetched by the shards that need them,
+    once the model is placed). A model mlx-lm cannot load, or (alone, with no
+    --peer) one too big for this node's memory, stops the start with the reason."""
+    names = list(config.served_model_names)
+    wanted = list(config.models)
+    if not wanted and not config.no_model:
         log.info("no --model given: serving the built-in demo model")
-        return config.served_model_name or DEMO_MODEL_ID, ensure_demo_model(config.data_dir)
-    text = str(config.model_path)
-    path = config.model_path.expanduser()
-    if path.is_dir():
-        path = path.resolve()
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"exo-trio: {path} is not an MLX model directory (no config.json)")
-        return config.served_model_name or name_for_path(path), path
-    ref = parse_hub_ref(text)
-    if ref is None:
-        raise SystemExit(
-            f"exo-trio: --model {text}: no such directory, and not a hub model id "
-            "(org/name or org/name@revision)"
-        )
-    return config.served_model_name or ref.name, await fetch_at_start(config, ref)
-
-
-async def fetch_at_start(config: NodeConfig, ref: HubRef) -> Path:
-    """Download a hub model before the node starts serving it. Alone (no --peer)
-    the node refuses a model its memory cannot hold, before fetching its weights;
-    with peers the cluster's placement judges (it may split the model)."""
-    store = ModelStore(config.data_dir)
-    downloads = Downloads(HubClient(store.hub_cache))
-    fits = always_fits
-    if not config.peers:
-        fits = lambda name, size: memory_shortfall(name, size, [memory_available()])  # noqa: E731
-    log.info("fetching %s into %s", ref.name, store.hub_cache)
-    bar = ProgressBar(f"pulling {ref.name}")
+        wanted = [str(ensure_demo_model(config.data_dir))]
+    served = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(downloads.run)
-        download = downloads.start(ref, fits)
+        await nursery.start(catalog.downloads.run)
         try:
-            while not download.done.is_set():
-                bar.show(download.progress.completed, download.progress.total)
-                with trio.move_on_after(0.2):
-                    await download.done.wait()
-            bar.show(download.progress.completed, download.progress.total)
+            for i, text in enumerate(wanted):
+                name = names[i] if i < len(names) else None
+                served.append(await pin_model(config, catalog, text, name))
+        except HubError as exc:
+            raise SystemExit(f"exo-trio: cannot serve {text}: {exc}") from None
         finally:
-            bar.close()
-            downloads.leave(download)
             nursery.cancel_scope.cancel()
-    if download.error is not None or download.path is None:
-        raise SystemExit(f"exo-trio: cannot serve {ref.name}: {download.error}")
-    return download.path
+    return served
+
+
+async def pin_model(
+    config: NodeConfig, catalog: ModelCatalog, text: str, name: str | None
+) -> ServedModel:
+    local = await trio.to_thread.run_sync(describe_directory, text, name)
+    if local is not None:
+        info, path = local
+    else:
+        ref = parse_hub_ref(text)
+        if ref is None:
+            raise SystemExit(
+                f"exo-trio: --model {text}: no such directory, and not a hub model id "
+                "(org/name or org/name@revision)"
+            )
+        # Alone, the node must hold it; with peers, placement judges (it may split it).
+        info, path = await catalog.resolve(ref.name, check_memory=not config.peers)
+        if name is not None:
+            info = msgspec.structs.replace(info, id=name)
+    log.info("model %s from %s", info.id, path)
+    catalog.pin(info, path)
+    return await trio.to_thread.run_sync(served_model, info.id, path, info)
+
+
+def describe_directory(text: str, name: str | None) -> tuple[ModelInfo, Path] | None:
+    """A model directory given by path (None if `text` is not a directory). A
+    snapshot of an HF cache keeps its repo and commit, so other nodes can fetch it."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        return None
+    path = path.resolve()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"exo-trio: {path} is not an MLX model directory (no config.json)")
+    repo = cache_repo_id(path.parent.parent.name) if path.parent.name == "snapshots" else None
+    commit = path.name if repo is not None else None
+    return model_info(path, name or name_for_path(path), repo=repo, commit=commit), path
+
+
+async def show_downloads(catalog: ModelCatalog, interval: float = 0.2) -> None:
+    """A progress bar (on a terminal; else a line every few seconds) while this
+    node downloads model weights."""
+    bar: ProgressBar | None = None
+    while True:
+        flying = catalog.downloads.in_flight()
+        if flying and bar is None:
+            bar = ProgressBar("downloading " + ", ".join(sorted({p.model for p in flying})))
+        if bar is not None:
+            bar.show(sum(p.completed for p in flying), sum(p.total for p in flying))
+            if not flying:
+                bar.close()
+                bar = None
+        await trio.sleep(interval)
 
 
 def discovers(config: NodeConfig) -> bool:
@@ -221,28 +250,18 @@ def cluster_memory(cluster: Cluster) -> list[int]:
 
 async def run_node(config: NodeConfig) -> None:
     check_exposure(config.api_host, config.api, config.insecure_no_api_key)
-    model_id, model_path = await resolve_model(config)
     node_id = load_node_id(config)
-    log.info("node %s; model %s from %s", node_id, model_id, model_path)
-    log.info("loading tokenizer")
-    encoder = HFPromptEncoder(model_path)
-    seams = Seams()
-    facts = describe_model_dir(model_path)
-    card = ModelCard(
-        id=model_id,
-        context_length=context_length(model_path),
-        created=int(seams.wall_clock()),
-        architecture=facts.architecture,
-        size_bytes=facts.size_bytes,
-        digest=facts.digest,
-        vocab_size=facts.vocab_size,
-    )
-    listen_host = config.listen_host or ("0.0.0.0" if config.cluster_secret else "127.0.0.1")
-    host = reachable_host(config, listen_host)
     store = ModelStore(config.data_dir)
     downloads = Downloads(HubClient(store.hub_cache))
+    catalog = ModelCatalog(store, downloads, lambda: [memory_available()])
+    await catalog.refresh()
+    served = await pin_models(config, catalog)
+    log.info("node %s; serving %s", node_id, ", ".join(m.card.id for m in served) or "nothing yet")
+    seams = Seams()
+    listen_host = config.listen_host or ("0.0.0.0" if config.cluster_secret else "127.0.0.1")
+    host = reachable_host(config, listen_host)
     parts: AssembledNode
-    catalog = ModelCatalog(store, downloads, lambda: cluster_memory(parts.cluster))
+    catalog.cluster_memory = lambda: cluster_memory(parts.cluster)
 
     http = HypercornConfig()
     http.bind = [bind_address(config.api_host, config.api_port)]
@@ -254,10 +273,9 @@ async def run_node(config: NodeConfig) -> None:
         NodeSetup(
             node_id=node_id,
             host=host,
-            card=card,
-            encoder=encoder,
-            models={model_id: model_info(model_path, model_id)},
-            serve=(model_id,),
+            served=served,
+            models=catalog.infos,  # the catalog keeps it up to date
+            serve=tuple(m.card.id for m in served),
             api=config.api,
             cluster=ClusterSettings(
                 auto_place=config.auto_place,
@@ -278,7 +296,7 @@ async def run_node(config: NodeConfig) -> None:
         ),
         NodeEffects(
             launcher_for=shard_launcher_factory(
-                {model_id: model_path},
+                catalog.model_dir,
                 config.max_batch,
                 config.data_dir / "run",
                 config.cores,
@@ -303,8 +321,8 @@ async def run_node(config: NodeConfig) -> None:
             parts.links,
             config.drain_timeout,
         )
-        await nursery.start(downloads.run)
         binds = await nursery.start(parts.run)
+        nursery.start_soon(show_downloads, catalog)
         logging.getLogger("exo_trio.net").info(
             "links listening on %s:%s", listen_host, parts.links.listen_port
         )
@@ -318,7 +336,16 @@ async def run_node(config: NodeConfig) -> None:
                 return None
             return worker.state, worker.load_fraction, worker.load_phase
 
-        nursery.start_soon(
-            console.announce, model_id, binds, lambda: node.ready(model_id), load_state
-        )
+        if node.model is None:
+            for url in binds:
+                log.info(
+                    "ready: serving no model yet at %s (place one: exo-trio run MODEL, or "
+                    "POST /v1/instances)",
+                    url,
+                )
+        else:
+            first = node.model.id
+            nursery.start_soon(
+                console.announce, first, binds, lambda: node.ready(first), load_state
+            )
     log.info("node stopped")

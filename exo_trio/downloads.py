@@ -140,7 +140,8 @@ class Downloads:
             # the cancelled progress stops the thread at its next chunk.
             await trio.to_thread.run_sync(self._work, download, fits, abandon_on_cancel=True)
             progress.end("done")
-            log.info("%s is in the store (%s)", download.ref.name, download.path)
+            if download.want.weights:
+                log.info("%s is in the store (%s)", download.ref.name, download.path)
         except DownloadCancelled as exc:
             download.error = HubError(str(exc), 503)
             progress.end("cancelled", str(exc))

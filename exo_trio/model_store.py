@@ -108,10 +108,6 @@ def describe(path: Path, name: str, repo: str | None, commit: str | None) -> Sto
     present = weight_files(p.name for p in path.iterdir() if p.is_file())
     if not present:
         return None
-    index = _read_json(path / INDEX_FILE)
-    wanted = set(present)
-    if index is not None and isinstance(index.get("weight_map"), dict):
-        wanted = {str(f) for f in index["weight_map"].values()}
     sizes = [(path / f).stat() for f in present]
     return StoredModel(
         name=name,
@@ -119,10 +115,20 @@ def describe(path: Path, name: str, repo: str | None, commit: str | None) -> Sto
         repo=repo,
         commit=commit,
         size_bytes=sum(s.st_size for s in sizes),
-        complete=wanted <= set(present),
+        complete=has_all_weights(path),
         modified=max(s.st_mtime for s in sizes),
         architecture=str(config.get("model_type", "")),
     )
+
+
+def has_all_weights(path: Path) -> bool:
+    """Every weight file of the model is in the directory (its index's files, or,
+    without an index, at least one model*.safetensors)."""
+    present = set(weight_files(p.name for p in path.iterdir() if p.is_file()))
+    index = _read_json(path / INDEX_FILE)
+    if index is not None and isinstance(index.get("weight_map"), dict):
+        return {str(f) for f in index["weight_map"].values()} <= present
+    return bool(present)
 
 
 def cache_repo_id(folder_name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The node: one model, its worker, the streams registry and the request lifecycle.
+"""The node: its models, the streams registry and the request lifecycle.
 
 `Node.open_generation` is the only way a request reaches a runner, and it is where
 the project's central rule lives: the request's channel is registered *before* its
@@ -10,7 +10,7 @@ channel closed and unregistered in `finally`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -43,6 +43,14 @@ class ModelCard:
     vocab_size: int = 0
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the node needs to take requests for a model: its card and tokenizer."""
+
+    card: ModelCard
+    encoder: PromptEncoder
+
+
 # What became of a cancel by id: done, no node has the request, or a node that
 # might have it could not be asked.
 CancelOutcome = Literal["cancelled", "absent", "unknown"]
@@ -64,6 +72,10 @@ class Dispatcher(Protocol):
     def ready(self, model_id: str) -> bool: ...
 
     def unavailable_reason(self, model_id: str) -> str: ...
+
+    def placed_models(self) -> list[str]:
+        """The models with a live instance (placing, downloading, loading, ready)."""
+        ...
 
     def local_worker(self, model_id: str) -> Worker | None:
         """The worker of this node's runner for the model (health, metrics)."""
@@ -101,6 +113,9 @@ class WorkerDispatcher:
     def unavailable_reason(self, model_id: str) -> str:
         return self.worker.unavailable_reason()
 
+    def placed_models(self) -> list[str]:
+        return []  # only the node's own model, which it always serves
+
     def local_worker(self, model_id: str) -> Worker | None:
         return self.worker
 
@@ -115,25 +130,34 @@ class Node:
     def __init__(
         self,
         *,
-        model: ModelCard,
-        encoder: PromptEncoder,
         registry: StreamRegistry,
         seams: Seams,
+        model: ModelCard | None = None,
+        encoder: PromptEncoder | None = None,
+        served: Sequence[ServedModel] = (),
         worker: Worker | None = None,
         dispatcher: Dispatcher | None = None,
         metrics: Metrics | None = None,
         catalog: ModelCatalog | None = None,
     ) -> None:
         """Give either a `dispatcher` (the Router, as assembly.py builds every
-        node) or one local `worker` (unit tests of the request lifecycle). The
-        `catalog` (the model store and downloads) is optional: without it the
-        model-management endpoints answer 404."""
+        node) or one local `worker` (unit tests of the request lifecycle).
+
+        The models the node was started with (`model` and its `encoder`, and those
+        in `served`) are always offered; with a `catalog` (the model store,
+        downloads, and the cards of models placed at run time) every other model
+        placed in the cluster is too, while it has an instance. Without a catalog
+        the model-management endpoints answer 404."""
         if dispatcher is None:
             if worker is None:
                 raise ValueError("a Node needs a worker or a dispatcher")
             dispatcher = WorkerDispatcher(worker)
-        self.model = model
-        self.encoder = encoder
+        pinned = list(served)
+        if model is not None:
+            pinned.insert(0, ServedModel(model, encoder))  # type: ignore[arg-type]
+        self._pinned = {s.card.id: s for s in pinned}
+        # The node's first model: the one /health and the runner metrics follow.
+        self.model: ModelCard | None = pinned[0].card if pinned else None
         self.dispatcher: Dispatcher = dispatcher
         self.registry = registry
         self.seams = seams
@@ -151,11 +175,28 @@ class Node:
         self.metrics.watch(self.metrics_snapshot)
         dispatcher.accept_cancels(self.cancel_request)
 
+    def served(self) -> dict[str, ServedModel]:
+        """The models this node takes requests for, by name."""
+        served = dict(self._pinned)
+        if self.catalog is not None:
+            for name in self.dispatcher.placed_models():
+                entry = self.catalog.cards.get(name)
+                if entry is not None:
+                    served.setdefault(name, entry)
+        return served
+
     def models(self) -> list[ModelCard]:
-        return [self.model]
+        return [entry.card for entry in self.served().values()]
 
     def find_model(self, model_id: str) -> ModelCard | None:
-        return next((m for m in self.models() if m.id == model_id), None)
+        entry = self.served().get(model_id)
+        return entry.card if entry is not None else None
+
+    def encoder_for(self, model_id: str) -> PromptEncoder:
+        """The tokenizer of a model this node serves (Ollama's `:latest` ignored)."""
+        served = self.served()
+        entry = served.get(model_id) or served[model_id.removesuffix(":latest")]
+        return entry.encoder
 
     @contextmanager
     def open_generation(self, command: TextGeneration) -> Iterator[RequestStream]:
@@ -243,14 +284,18 @@ class Node:
 
     def local_worker(self) -> Worker | None:
         """The runner on this node serving the node's model, if there is one."""
-        return self.dispatcher.local_worker(self.model.id)
+        return self.dispatcher.local_worker(self.model.id) if self.model is not None else None
+
+    def pinned_ready(self) -> bool:
+        """Every model the node was started with can take requests now."""
+        return all(self.ready(name) for name in self._pinned)
 
     def metrics_snapshot(self) -> NodeSnapshot:
         worker = self.local_worker()
         info = worker.ready_info if worker is not None else None
         stats = self.registry.statistics()
         return NodeSnapshot(
-            runner_ready=self.ready(self.model.id),
+            runner_ready=self.pinned_ready(),
             runner_active=len(worker.jobs) if worker is not None else 0,
             max_batch=info.max_batch if info is not None else 0,
             runner_restarts=worker.stats.restarts if worker is not None else 0,
@@ -261,8 +306,11 @@ class Node:
         )
 
     def health(self) -> tuple[bool, dict[str, object]]:
-        """Healthy when a request for the node's model can be served now."""
-        ok = self.ready(self.model.id) and not self.draining
+        """Healthy when requests for every model the node was started with can be
+        served now (a node started with none is healthy when it runs), and it is
+        not shutting down."""
+        ok = self.pinned_ready() and not self.draining
+        waiting = [name for name in self._pinned if not self.ready(name)]
         worker = self.local_worker()
         if self.draining:
             status, reason = "draining", f"shutting down: {self.exchanges} request(s) in flight"
@@ -270,12 +318,13 @@ class Node:
             status, reason = "ok", None
         else:
             status = "unavailable"
-            reason = self.model_failure(self.model.id) or self.unavailable_reason(self.model.id)
+            reason = self.model_failure(waiting[0]) or self.unavailable_reason(waiting[0])
         stats = self.registry.statistics()
         return ok, {
             "status": status,
             "reason": reason,
-            "model": self.model.id,
+            "model": self.model.id if self.model is not None else None,
+            "models": {name: self.ready(name) for name in self.served()},
             "runner": worker.health() if worker is not None else None,
             "open_streams": len(stats.open_ids),
             "late_events": stats.late_events,

@@ -202,6 +202,12 @@ class Router:
     def ready(self, model_id: str) -> bool:
         return bool(self.ready_instances(model_id))
 
+    def placed_models(self) -> list[str]:
+        """The models with a live instance in the cluster (placing to ready)."""
+        if self.view is None:
+            return []
+        return sorted({s.spec.model for s in self.view.instances if s.state != "failed"})
+
     def unavailable_reason(self, model_id: str) -> str:
         if self.view is None:
             return "the cluster has no view yet (starting)"

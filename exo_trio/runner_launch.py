@@ -89,14 +89,16 @@ def write_hostfile(directory: Path, spec: InstanceSpec) -> Path:
 
 
 def shard_launcher_factory(
-    model_paths: dict[str, Path],
+    model_dir: Callable[[InstanceSpec], Path],
     max_batch: int,
     run_dir: Path,
     cores: CoreSplit | None = None,
 ) -> Callable[[InstanceSpec, int], Callable[[], Awaitable[ProcessRunner]]]:
-    """Launchers for this node's rank of an instance (the ShardManager's factory).
-    With `cores` (the node pinned itself to cores.node), a one-rank instance's
-    runner is pinned to cores.runners; the rank of a split model gets every core
+    """Launchers for this node's rank of an instance (the ShardManager's factory);
+    `model_dir` says where the instance's model is on this node (asked when the
+    runner starts, after the shard got its files). With `cores` (the node pinned
+    itself to cores.node), a one-rank instance's runner is pinned to
+    cores.runners; the rank of a split model gets every core
     back (it would inherit the node's own), since nodes sharing a machine would
     otherwise stack their ranks on the same cores."""
 
@@ -120,6 +122,11 @@ def shard_launcher_factory(
                 f"{shard.start_layer}:{shard.end_layer}",
             )
         cpus = runner_cores(cores, spec.world_size)
-        return process_launcher(model_paths[spec.model], spec.model, max_batch, extra, cpus)
+
+        async def launch() -> ProcessRunner:
+            start = process_launcher(model_dir(spec), spec.model, max_batch, extra, cpus)
+            return await start()
+
+        return launch
 
     return launcher_for

@@ -8,23 +8,35 @@ reported failed and the leader tears the instance down.
 
 Every runner's events go up to `events`: the Router, which sets itself there when
 it is built (router.py), so a Worker's `deliver` is the router's.
+
+Before its runner starts, a shard may first have to get the model's files
+(`prepare`: a hub model this node does not have, or not all of; exo_trio/
+model_catalog.py fetches the files its layers need). Meanwhile it reports
+"downloading" with its progress; if that fails, it reports "failed" with why.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import trio
 
 from exo_trio.cluster_messages import InstanceSpec, ShardState, ShardStatus
+from exo_trio.hub_download import DownloadProgress
 from exo_trio.observer import Observer
 from exo_trio.worker import EventSink, Launcher, Worker
 
 log = logging.getLogger(__name__)
 
 LauncherFactory = Callable[[InstanceSpec, int], Launcher]
+# Get a shard's model files before its runner starts; hands the download's
+# progress (if there is one) to the callback.
+Prepare = Callable[[InstanceSpec, int, Callable[[DownloadProgress], None]], Awaitable[object]]
+# The window the shard's tokens/s is measured over (seconds).
+RATE_WINDOW = 10.0
 
 
 @dataclass
@@ -34,11 +46,20 @@ class Shard:
     worker: Worker
     scope: trio.CancelScope
     stopped: bool = False
+    preparing: bool = False
+    download: DownloadProgress | None = None
+    error: str | None = None  # getting the model's files failed
+    # (time, tokens, seconds generating), for tokens/s over the last RATE_WINDOW.
+    samples: deque[tuple[float, int, float]] = field(default_factory=deque)
 
     @property
     def state(self) -> ShardState:
         if self.stopped:
             return "stopped"
+        if self.error is not None:
+            return "failed"
+        if self.preparing:
+            return "downloading"
         worker_state = self.worker.state
         if worker_state == "ready":
             return "ready"
@@ -50,14 +71,30 @@ class Shard:
         return "loading" if self.spec.world_size == 1 else "failed"
 
     def status(self) -> ShardStatus:
+        state = self.state
+        download = self.download if state == "downloading" else None
         return ShardStatus(
             instance=self.spec,
             rank=self.rank,
-            state=self.state,
-            error=self.worker.last_error if self.state == "failed" else None,
+            state=state,
+            error=(self.error or self.worker.last_error) if state == "failed" else None,
             active_requests=len(self.worker.jobs),
             gave_up=self.worker.gave_up is not None,
+            download_completed=download.completed if download is not None else 0,
+            download_total=download.total if download is not None else 0,
+            tokens_per_second=self.tokens_per_second(),
         )
+
+    def tokens_per_second(self) -> float:
+        """Tokens per second of generating, over the last RATE_WINDOW seconds (0
+        when the runner generated nothing in that time)."""
+        stats, now = self.worker.stats, trio.current_time()
+        self.samples.append((now, stats.tokens, stats.generating_seconds))
+        while len(self.samples) > 1 and self.samples[1][0] <= now - RATE_WINDOW:
+            self.samples.popleft()
+        _, tokens, seconds = self.samples[0]
+        busy = stats.generating_seconds - seconds
+        return (stats.tokens - tokens) / busy if busy > 0 else 0.0
 
 
 class ShardManager:
@@ -68,12 +105,14 @@ class ShardManager:
         events: EventSink | None = None,
         observer: Observer | None = None,
         restart_backoff: float = 0.5,
+        prepare: Prepare | None = None,
     ) -> None:
         self._launcher_for = launcher_for
         # Where the runners' events go up (the Router sets itself here).
         self.events = events
         self._observer = observer or Observer()
         self._restart_backoff = restart_backoff
+        self._prepare = prepare
         self.shards: dict[str, Shard] = {}
         self._nursery: trio.Nursery | None = None
         # Shutting down: the runners finish what they hold but take no new work
@@ -119,10 +158,29 @@ class ShardManager:
 
     async def _supervise(self, shard: Shard) -> None:
         with shard.scope:
+            if self._prepare is not None and not await self._prepared(shard):
+                return  # failed: listed (so the leader learns of it) until stopped
             await shard.worker.run()
         # A failed shard stays listed (so the leader learns of it) until stopped.
         if shard.stopped:
             self.shards.pop(shard.spec.instance_id, None)
+
+    async def _prepared(self, shard: Shard) -> bool:
+        assert self._prepare is not None
+        shard.preparing = True
+
+        def watch(progress: DownloadProgress) -> None:
+            shard.download = progress
+
+        try:
+            await self._prepare(shard.spec, shard.rank, watch)
+        except Exception as exc:  # a HubError, or the network or disk failing
+            shard.error = f"getting the model's files failed: {exc}"
+            log.warning("instance %s: %s", shard.spec.instance_id, shard.error)
+            return False
+        finally:
+            shard.preparing = False
+        return True
 
     def stop(self, instance_id: str, reason: str) -> bool:
         shard = self.shards.get(instance_id)
@@ -131,7 +189,7 @@ class ShardManager:
         log.info("stopping instance %s: %s", instance_id, reason)
         shard.stopped = True
         shard.scope.cancel()
-        if shard.worker.state == "failed":
+        if shard.worker.state == "failed" or shard.error is not None:
             # Its task already ended: nothing will remove it but us.
             self.shards.pop(instance_id, None)
         self._observer.shard_stopped(instance_id, reason)

@@ -37,6 +37,7 @@ from exo_trio.runner.protocol import (
 )
 from exo_trio.types import (
     Cancel,
+    ChunkGenerated,
     GenerationEvent,
     GenerationFailed,
     TextGeneration,
@@ -101,6 +102,10 @@ class WorkerStats:
     cancel_acks: int = 0
     max_steps_after_cancel: int = 0
     failed_by_death: int = 0
+    # Generated tokens delivered, and the seconds spent generating them (gaps of
+    # under a second between tokens): the shard's tokens/s while it works.
+    tokens: int = 0
+    generating_seconds: float = 0.0
     last_steps_after_cancel: dict[str, int] = field(default_factory=dict)
     jobs: tuple[str, ...] = ()  # in a snapshot: the requests the runner holds
 
@@ -149,6 +154,7 @@ class Worker:
         # it, or work arriving at an idle runner. A runner with work and no progress
         # for long is wedged (`stalled_for`, reported by /health).
         self._progress_at: float | None = None
+        self._last_token_at: float | None = None
 
     @property
     def state(self) -> RunnerState:
@@ -359,8 +365,17 @@ class Worker:
         # them unseen.
         if is_terminal(message):
             self.jobs.pop(message.request_id, None)
+        elif isinstance(message, ChunkGenerated):
+            self._count_token()
         self._events.deliver(message)
         return False
+
+    def _count_token(self) -> None:
+        now = trio.current_time()
+        if self._last_token_at is not None and now - self._last_token_at < 1.0:
+            self.stats.generating_seconds += now - self._last_token_at
+        self._last_token_at = now
+        self.stats.tokens += 1
 
     def _fail_all(self, reason: str) -> None:
         jobs, self.jobs = self.jobs, {}

@@ -28,7 +28,7 @@ from exo_trio.api.serving import Bound
 from exo_trio.assembly import AssembledNode, NodeEffects, NodeSetup, build_node
 from exo_trio.cluster import ClusterSettings
 from exo_trio.cluster_messages import InstanceSpec, ModelInfo
-from exo_trio.node import ModelCard, Node
+from exo_trio.node import ModelCard, Node, ServedModel
 from exo_trio.prompts import PromptEncoder
 from exo_trio.seams import Seams
 from exo_trio.streams import StreamRegistry
@@ -187,10 +187,17 @@ class InProcessNode:
             NodeSetup(
                 node_id=NODE_ID,
                 host="127.0.0.1",
-                card=ModelCard(
-                    id=MODEL, context_length=context_length, created=0, vocab_size=vocab_size
-                ),
-                encoder=encoder,
+                served=[
+                    ServedModel(
+                        ModelCard(
+                            id=MODEL,
+                            context_length=context_length,
+                            created=0,
+                            vocab_size=vocab_size,
+                        ),
+                        encoder,
+                    )
+                ],
                 models={MODEL: model_info(context_length)},
                 serve=(MODEL,),
                 api=settings,

@@ -37,7 +37,7 @@ from exo_trio.cluster import ClusterSettings
 from exo_trio.cluster_messages import ClusterMessage, InstanceSpec, ModelInfo
 from exo_trio.cluster_state import Vote
 from exo_trio.net.wire import AdvertisedAddress
-from exo_trio.node import ModelCard
+from exo_trio.node import ModelCard, ServedModel
 from exo_trio.runner.framing import encode_frame
 from exo_trio.runner.protocol import Loading
 from exo_trio.seams import Seams
@@ -150,10 +150,14 @@ class SimNode:
             NodeSetup(
                 node_id=self.node_id,
                 host=host,
-                card=ModelCard(
-                    id=MODEL, context_length=scenario.context_length, created=int(EPOCH)
-                ),
-                encoder=SimEncoder(),
+                served=[
+                    ServedModel(
+                        ModelCard(
+                            id=MODEL, context_length=scenario.context_length, created=int(EPOCH)
+                        ),
+                        SimEncoder(),
+                    )
+                ],
                 models={MODEL: MODEL_INFO},
                 serve=(MODEL,) if plan.cluster.serve[index] else (),
                 api=ApiSettings(keepalive_interval=plan.keepalive, max_queued=plan.max_queued),

@@ -291,6 +291,9 @@ async def test_a_hub_model_is_described_then_each_rank_fetches_its_share(
             await catalog.resolve("org/missing")
         with pytest.raises(HubError, match="not in the store, and is not a hub model id"):
             await catalog.resolve("missing")
+        # The shard's copy is partial: not offered to the leader as a model it has.
+        await catalog.refresh()
+        assert catalog.infos == {}
         nursery.cancel_scope.cancel()
     have = sorted(p.name for p in files_of(path) if p.suffix == ".safetensors")
     assert have == [
@@ -298,6 +301,3 @@ async def test_a_hub_model_is_described_then_each_rank_fetches_its_share(
         *(f"model-0000{i}-of-00005.safetensors" for i in (4, 5)),
     ]
     assert len(seen) == 1
-    # The shard's copy is partial: not offered to the leader as a model this node has.
-    catalog.refresh()
-    assert catalog.infos == {}

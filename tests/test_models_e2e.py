@@ -68,8 +68,8 @@ def test_a_hub_model_is_served_under_its_hub_id(node: NodeProcess) -> None:
         client.chat.completions.create(
             model="org/nope", messages=[{"role": "user", "content": "hi"}], max_tokens=8
         )
-    # The node downloaded it at start, with progress lines in its log (not a TTY).
-    assert "pulling org/demo: 100% of" in node.log()
+    # The node downloaded it once placed, with progress lines in its log (not a TTY).
+    assert "downloading org/demo: 100% of" in node.log()
 
 
 def test_head_and_get_root_answer_like_ollama(node: NodeProcess) -> None:
@@ -270,6 +270,91 @@ def test_cli_run_ctrl_c_stops_the_answer_not_the_session(node: NodeProcess) -> N
         except ProcessLookupError:
             pass
         os.close(term.fd)
+
+
+# ---- several models on one node, placed at run time ----
+
+
+def wait_for(predicate, what: str, limit: float = 120.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def models_of(node: NodeProcess) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {m["id"]: m for m in httpx.get(node.base_url + "/v1/models").json()["data"]}
+
+
+def test_two_models_on_one_node_a_request_to_each_one_deleted(
+    node: NodeProcess, hub: FakeHub, ollama_client: ollama.Client
+) -> None:
+    client = openai.OpenAI(base_url=f"{node.base_url}/v1", api_key="x", max_retries=0)
+    # Placed from the hub at run time; its weights stall halfway for a while, so
+    # the download's progress is seen in /v1/models and /state.
+    hub.hold_after("model.safetensors", 12_000_000)
+    try:
+        placed = httpx.post(node.base_url + "/v1/instances", json={"model": "org/other"})
+        assert placed.status_code == 201, placed.text
+        instance_id = placed.json()["id"]
+        entry = wait_for(
+            lambda: (
+                (m := models_of(node).get("org/other"))
+                and m.get("download", {}).get("completed", 0) >= 10 * 2**20
+                and m
+            ),
+            "download progress in /v1/models",
+        )
+        assert entry["status"] == "downloading"
+        assert entry["download"]["total"] > 16_790_616  # the weights and the small files
+        state = httpx.get(node.base_url + "/state").json()
+        (instance,) = [i for i in state["instances"] if i["id"] == instance_id]
+        assert instance["state"] == "downloading" and instance["download"]["completed"] > 0
+        assert [d["model"] for d in state["downloads"]] == ["org/other"]
+    finally:
+        hub.release()
+    wait_for(lambda: models_of(node)["org/other"]["status"] == "ready", "org/other ready")
+    for name in ("org/demo", "org/other"):
+        answer = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert answer.model == name and answer.usage is not None
+    assert sorted(m.model for m in ollama_client.ps().models) == [
+        "org/demo:latest",
+        "org/other:latest",
+    ]
+    # Deleting its instance frees it: requests for it are 404 again, with a hint.
+    assert httpx.delete(f"{node.base_url}/v1/instances/{instance_id}").status_code == 200
+    wait_for(lambda: "org/other" not in models_of(node), "org/other unloaded")
+    with pytest.raises(openai.NotFoundError, match=r"Available: org/demo\. .* in the store"):
+        client.chat.completions.create(
+            model="org/other", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+    # Ollama loads a pulled model on first use, and unloads it with keep_alive 0.
+    reply = ollama_client.chat(
+        model="org/other", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 4}
+    )
+    assert reply.done and reply.message.content
+    assert ollama_client.generate(model="org/other", keep_alive=0).done_reason == "unload"
+    wait_for(lambda: "org/other" not in models_of(node), "org/other unloaded again")
+    ollama_client.delete("org/other")
+
+
+def test_placing_a_model_too_big_or_not_mlx_is_a_clear_4xx(node: NodeProcess) -> None:
+    huge = httpx.post(node.base_url + "/v1/instances", json={"model": "org/huge"})
+    assert huge.status_code == 400
+    assert "org/huge is too big for this cluster's memory" in huge.json()["error"]["message"]
+    torch = httpx.post(node.base_url + "/v1/instances", json={"model": "org/torch"})
+    assert torch.status_code == 400 and "PyTorch .bin" in torch.json()["error"]["message"]
+    missing = httpx.post(node.base_url + "/v1/instances", json={"model": "org/missing"})
+    assert missing.status_code == 404
+    with pytest.raises(ollama.ResponseError, match="try pulling it first"):
+        ollama.Client(host=node.base_url).chat(
+            model="org/missing", messages=[{"role": "user", "content": "hi"}]
+        )
 
 
 # ---- resuming, and a chosen name ----

@@ -459,7 +459,8 @@ async def messages(ctx: ApiContext) -> Response:
 
 async def count_tokens(ctx: ApiContext) -> dict[str, object]:
     body = decode_body(await ctx.body(), CountTokensRequest)
-    find_model(ctx.node, body.model)
+    model = find_model(ctx.node, body.model)
     plan = chat_plan(body)
     shown = plan.tools if plan.tool_choice.mode != "none" else None
-    return {"input_tokens": len(ctx.node.encoder.chat_tokens(plan.messages, shown, plan.thinking))}
+    encoder = ctx.node.encoder_for(model.id)
+    return {"input_tokens": len(encoder.chat_tokens(plan.messages, shown, plan.thinking))}

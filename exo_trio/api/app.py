@@ -155,7 +155,34 @@ def bind(handler: Handler, ctx: ApiContext) -> Handler:
 
 
 async def list_models(ctx: ApiContext) -> dict[str, object]:
-    return {"object": "list", "data": [model_entry(m, ctx) for m in ctx.node.models()]}
+    """The models this node takes requests for, and (not OpenAI's, for the CLI and
+    dashboards) each one's `status`, plus the models being downloaded here with
+    their progress."""
+    node = ctx.node
+    data = [model_entry(m, ctx) for m in node.models()]
+    for entry in data:
+        entry.setdefault("status", model_status(ctx, str(entry["id"])))
+    listed = {m.id for m in node.models()}
+    catalog = node.catalog
+    for download in catalog.downloads_in_flight() if catalog is not None else []:
+        progress = {"completed": download["completed"], "total": download["total"]}
+        entry = next((e for e in data if e["id"] == download["model"]), None)
+        if entry is None and download["model"] not in listed:
+            entry = {"id": download["model"], "object": "model", "owned_by": "exo-trio"}
+            data.append(entry)
+        if entry is not None:
+            entry.update(status="downloading", download=progress)
+    return {"object": "list", "data": data}
+
+
+def model_status(ctx: ApiContext, model_id: str) -> str:
+    """ready, or the state of the model's instance (placing, downloading, loading)."""
+    if ctx.node.ready(model_id):
+        return "ready"
+    if ctx.cluster is None:
+        return "unavailable"
+    states = [s.state for s in ctx.cluster.live_instances() if s.spec.model == model_id]
+    return states[0] if states else "unavailable"
 
 
 async def get_model(ctx: ApiContext, model_id: str) -> dict[str, object]:

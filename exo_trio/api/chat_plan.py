@@ -108,7 +108,8 @@ def plan_chat(
     """The command for a chat request, and what its encoder needs. `params_for`
     builds the sampling parameters once the prompt is known (a default length
     depends on it)."""
-    fmt = node.encoder.chat_format
+    encoder = node.encoder_for(model.id)
+    fmt = encoder.chat_format
     choice = plan.tool_choice
     tools = plan.tools or None
     if choice.mode == "named" and not any(
@@ -123,7 +124,7 @@ def plan_chat(
         )
     # tool_choice "none": the tools are not shown to the model at all.
     shown = tools if choice.mode != "none" else None
-    prompt = node.encoder.chat_tokens(plan.messages, shown, plan.thinking)
+    prompt = encoder.chat_tokens(plan.messages, shown, plan.thinking)
     grammar = structured_grammar(
         fmt,
         shown,

@@ -47,13 +47,13 @@ class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=True
 def prompt_tokens(node: Node, body: CompletionRequest) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, str):
-        return node.encoder.text_tokens(prompt)
+        return node.encoder_for(body.model).text_tokens(prompt)
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         if body.echo:
             raise ApiError(400, "echo needs a text prompt, not token ids.", param="echo")
         return [int(p) for p in prompt]
     if len(prompt) == 1 and isinstance(prompt[0], str):
-        return node.encoder.text_tokens(prompt[0])
+        return node.encoder_for(body.model).text_tokens(prompt[0])
     raise ApiError(
         400, "prompt must be one string or one list of token ids (no batches).", param="prompt"
     )

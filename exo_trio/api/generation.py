@@ -44,10 +44,16 @@ CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 def find_model(node: Node, model_id: str) -> ModelCard:
     model = node.find_model(model_id)
     if model is None:
+        loaded = ", ".join(m.id for m in node.models()) or "none"
+        hint = ""
+        if node.catalog is not None and model_id in node.catalog.infos:
+            hint = (
+                f" `{model_id}` is in the store but not loaded: load it with POST "
+                f'/v1/instances {{"model": "{model_id}"}} or `exo-trio run {model_id}`.'
+            )
         raise ApiError(
             404,
-            f"The model `{model_id}` does not exist. Available: "
-            + ", ".join(m.id for m in node.models()),
+            f"The model `{model_id}` does not exist. Available: {loaded}.{hint}",
             param="model",
             code="model_not_found",
         )

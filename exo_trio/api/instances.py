@@ -11,9 +11,10 @@ from typing import Literal
 import msgspec
 from quart import request
 
+from exo_trio.api import loading
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
-from exo_trio.cluster import Cluster
+from exo_trio.api.loading import cluster_of
 from exo_trio.cluster_messages import PlaceReply, PlaceRequest
 
 
@@ -24,25 +25,18 @@ class InstanceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_nodes: int = 1
 
 
-def cluster_of(ctx: ApiContext) -> Cluster:
-    if ctx.cluster is None:
-        raise ApiError(404, "This node does not run the cluster.", code="not_found")
-    return ctx.cluster
-
-
 async def create(ctx: ApiContext) -> tuple[dict[str, object], int]:
     body = decode_body(await request.get_data(cache=False), InstanceRequest)
     if body.min_nodes < 1:
         raise ApiError(400, "min_nodes must be at least 1.", param="min_nodes")
-    cluster = cluster_of(ctx)
-    reply = await cluster.place(
-        PlaceRequest(
-            call_id=ctx.node.seams.new_id("call"),
-            model=body.model,
-            sharding=body.sharding,
-            nodes=tuple(body.nodes) if body.nodes is not None else None,
-            min_nodes=body.min_nodes,
-        )
+    # Any model in a node's store, or on the hub (described here, fetched by the
+    # nodes that run it): see api/loading.py.
+    reply = await loading.place(
+        ctx,
+        body.model,
+        body.sharding,
+        tuple(body.nodes) if body.nodes is not None else None,
+        body.min_nodes,
     )
     return answer(reply)
 
@@ -56,10 +50,7 @@ async def delete(ctx: ApiContext, instance_id: str) -> tuple[dict[str, object], 
 
 
 def answer(reply: PlaceReply) -> tuple[dict[str, object], int]:
-    if not reply.ok:
-        code = {404: "not_found", 400: "placement_failed"}.get(reply.status, "cluster_error")
-        kind = "invalid_request_error" if reply.status < 500 else "server_error"
-        raise ApiError(reply.status, reply.message, type=kind, code=code)
+    loading.raise_for(reply)
     body: dict[str, object] = {"status": reply.message}
     if reply.instance is not None:
         body["instance"] = msgspec.to_builtins(reply.instance)
@@ -73,4 +64,8 @@ async def list_instances(ctx: ApiContext) -> dict[str, object]:
 
 
 async def state(ctx: ApiContext) -> dict[str, object]:
-    return cluster_of(ctx).state()
+    """The cluster as this node sees it, and the downloads in flight on this node."""
+    state = cluster_of(ctx).state()
+    catalog = ctx.node.catalog
+    state["downloads"] = catalog.downloads_in_flight() if catalog is not None else []
+    return state

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 from quart import Response
 
+from exo_trio.api import loading
 from exo_trio.api.chat_plan import ChatPlan, ChatSetup, check_tools, parse_arguments, plan_chat
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
@@ -425,9 +426,31 @@ def loaded(ctx: ApiContext, body: OllamaRequest, kind: Literal["chat", "generate
     return OllamaLines(ctx.node, body.model, kind).object("", True, done_reason="load")
 
 
+async def load_model(ctx: ApiContext, name: str) -> ModelCard:
+    """As Ollama does, a model the node has (in its store, or on another node) but
+    does not run yet is loaded on first use (api/loading.py)."""
+    if ctx.node.catalog is not None and ctx.node.find_model(name.removesuffix(":latest")) is None:
+        return await loading.load(ctx, name)
+    return ollama_model(ctx.node, name)
+
+
+def unloads(keep_alive: str | float | None) -> bool:
+    """`keep_alive: 0` (or "0", "0s", "0m") with nothing to generate unloads the
+    model, as in Ollama."""
+    return keep_alive is not None and str(keep_alive).strip() in ("0", "0.0", "0s", "0m")
+
+
+async def unload(ctx: ApiContext, body: OllamaRequest, kind: Literal["chat", "generate"]) -> dict:
+    if ctx.node.catalog is not None:
+        await loading.unload(ctx, body.model)
+    return OllamaLines(ctx.node, body.model, kind).object("", True, done_reason="unload")
+
+
 async def chat(ctx: ApiContext) -> Response | dict[str, object]:
     body = decode_body(await ctx.body(), ChatRequest)
-    model = ollama_model(ctx.node, body.model)
+    if not body.messages and unloads(body.keep_alive):
+        return await unload(ctx, body, "chat")
+    model = await load_model(ctx, body.model)
     plan = chat_plan(body)
     if not plan.messages:
         return loaded(ctx, body, "chat")
@@ -444,7 +467,9 @@ async def chat(ctx: ApiContext) -> Response | dict[str, object]:
 
 async def generate(ctx: ApiContext) -> Response | dict[str, object]:
     body = decode_body(await ctx.body(), GenerateRequest)
-    model = ollama_model(ctx.node, body.model)
+    if not body.prompt and unloads(body.keep_alive):
+        return await unload(ctx, body, "generate")
+    model = await load_model(ctx, body.model)
     refuse_present(body, OLLAMA_GENERATE)
     node = ctx.node
     if not body.prompt:
@@ -455,7 +480,7 @@ async def generate(ctx: ApiContext) -> Response | dict[str, object]:
         # `format` still constrains it.
         plan = ChatPlan(messages=[])
         _format(plan, body.format)
-        prompt = node.encoder.text_tokens(body.prompt)
+        prompt = node.encoder_for(model.id).text_tokens(body.prompt)
         params = ollama_params(body, model, prompt)
         if plan.schema is not None or plan.json_mode:
             grammar = json_grammar(plan.schema, "format")

@@ -83,8 +83,25 @@ async def tags(ctx: ApiContext) -> dict[str, object]:
     return {"models": [found[name] for name in sorted(found)]}
 
 
+async def stored_card(ctx: ApiContext, name: str) -> ModelCard | None:
+    """A model in the store that does not run (Ollama shows any pulled model)."""
+    catalog = ctx.node.catalog
+    name = name.removesuffix(":latest")
+    info = catalog.infos.get(name) if catalog is not None else None
+    if catalog is None or info is None:
+        return None
+    stored = await trio.to_thread.run_sync(catalog.store.find, name)
+    return ModelCard(
+        id=name,
+        context_length=info.context_length,
+        created=int(stored.modified) if stored is not None else 0,
+        architecture=stored.architecture if stored is not None else "",
+        size_bytes=info.size_bytes,
+    )
+
+
 async def ps(ctx: ApiContext) -> dict[str, object]:
-    # A runner holds its model for the node's lifetime: loaded means ready.
+    # The models that run in the cluster (loaded), as this node takes requests for them.
     return {
         "models": [
             {**entry(m), "size_vram": m.size_bytes, "context_length": m.context_length}
@@ -99,7 +116,9 @@ async def show(ctx: ApiContext) -> dict[str, object]:
     name = body.model or body.name
     if not name:
         raise ApiError(400, "model is required.", param="model")
-    model = ollama_model(ctx.node, name)
+    model = ctx.node.find_model(name.removesuffix(":latest")) or await stored_card(ctx, name)
+    if model is None:
+        model = ollama_model(ctx.node, name)  # the 404
     arch = model.architecture or "unknown"
     return {
         "modelfile": "",

@@ -14,7 +14,8 @@ clients all go away is cancelled; pulling again resumes it. A model already in
 the store is checked against the hub (a newer commit is fetched) unless offline.
 
 `/api/delete {"model": NAME}` removes a model from this node's store (200), 404 if
-it is not there, 409 while this node serves it.
+it is not there, 409 if the node was started with it (--model). A model running in
+the cluster is unloaded first (its instances deleted), as Ollama does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import msgspec
 import trio
 from quart import Response
 
+from exo_trio.api import loading
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, decode_body
 from exo_trio.downloads import Download
@@ -86,6 +88,7 @@ async def pull(ctx: ApiContext) -> Response | dict[str, object]:
             catalog.downloads.leave(download)
         if download.error is not None:
             raise ApiError(download.error.status, download.error.message, code="pull_failed")
+        await catalog.refresh()
         return {"status": "success"}
     return Response(
         progress_lines(catalog, download),
@@ -124,6 +127,7 @@ async def progress_lines(catalog: ModelCatalog, download: Download) -> AsyncIter
             yield line({"error": download.error.message})
             return
         yield line({"status": "verifying files"})
+        await catalog.refresh()
         yield line({"status": "success"})
     finally:
         catalog.downloads.leave(download)
@@ -140,12 +144,16 @@ async def delete(ctx: ApiContext) -> Response:
     model = catalog.store.find(name)
     if model is None:
         raise ApiError(404, f"model '{name}' not found", param="model", code="model_not_found")
-    if any(m.id == model.name for m in ctx.node.models()):
+    if model.name in catalog.pinned:
         raise ApiError(
             409,
-            f"Model `{name}` is being served by this node: stop it before deleting it.",
+            f"Model `{name}` is one this node was started to serve (--model): restart the "
+            "node without it before deleting it.",
             param="model",
             code="model_in_use",
         )
+    if ctx.cluster is not None:
+        await loading.unload(ctx, model.name)  # as Ollama does: unload, then delete
     await trio.to_thread.run_sync(catalog.store.delete, model)
+    await catalog.refresh()
     return Response("", status=200)
