@@ -160,8 +160,10 @@ def build_node(setup: NodeSetup, effects: NodeEffects) -> AssembledNode:
         effects.launcher_for,
         observer=observer,
         restart_backoff=setup.restart_backoff,
-        # A shard gets the model's files it lacks (a hub model) before its runner.
+        # A shard gets the model's files it lacks (a hub model) before its runner,
+        # and a rank of a split model starts it once every rank has its files.
         prepare=catalog.fetch_shard if catalog is not None else None,
+        group_fetched=lambda instance_id: cluster.instance_fetched(instance_id),
     )
     # The Router takes the runners' events (it sets itself as the shards' sink).
     router = Router(node_id, registry, shards, messages.send, seams.new_id, observer=observer)

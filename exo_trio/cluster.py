@@ -555,6 +555,12 @@ class Cluster:
         PlaceReply: _on_place_reply,
     }
 
+    def instance_fetched(self, instance_id: str) -> bool:
+        """Every rank of the instance has its model files (the leader's view)."""
+        if self.view is None:
+            return False
+        return any(s.spec.instance_id == instance_id and s.fetched for s in self.view.instances)
+
     def live_instances(self) -> list[InstanceStatus]:
         """The view's instances that are not failed (placing to ready)."""
         if self.view is None:

@@ -18,8 +18,10 @@ import msgspec
 from exo_trio.types import GenerationEvent, TextGeneration
 
 # "downloading": the shard's node is fetching the weight files its layers need
-# (a hub model it does not have) before it starts the runner.
-ShardState = Literal["downloading", "starting", "loading", "ready", "failed", "stopped"]
+# (a hub model it does not have) before it starts the runner; "fetched": it has
+# them and waits for the other ranks to have theirs (a rank's runner gives up
+# joining its group after a minute, so no rank starts while another downloads).
+ShardState = Literal["downloading", "fetched", "starting", "loading", "ready", "failed", "stopped"]
 InstanceState = Literal["placing", "downloading", "loading", "ready", "failed"]
 
 
@@ -111,6 +113,8 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     download_total: int = 0
     tokens_per_second: float = 0.0
     gave_up: bool = False  # a rank gave up loading: failed, kept, not placed again
+    # Every rank reported and none is downloading: the ranks may start their runners.
+    fetched: bool = False
 
 
 class ClusterView(msgspec.Struct, frozen=True, kw_only=True, tag="view"):

@@ -158,14 +158,16 @@ def instance_statuses(
 
 
 def _with_progress(status: InstanceStatus, seen: Mapping[int, ShardStatus]) -> InstanceStatus:
-    """The ranks' download progress summed, and rank 0's token rate (every token of
-    the instance comes out of rank 0)."""
+    """The ranks' download progress summed, rank 0's token rate (every token of
+    the instance comes out of rank 0), and whether every rank has its files."""
     entry = seen.get(0)
     return msgspec.structs.replace(
         status,
         download_completed=sum(s.download_completed for s in seen.values()),
         download_total=sum(s.download_total for s in seen.values()),
         tokens_per_second=entry.tokens_per_second if entry is not None else 0.0,
+        fetched=len(seen) == status.spec.world_size
+        and not any(s.state == "downloading" for s in seen.values()),
     )
 
 
@@ -215,7 +217,7 @@ def _status(
                 )
     if len(seen) == spec.world_size and all(s.state == "ready" for s in seen.values()):
         return InstanceStatus(spec=spec, state="ready")
-    if any(s.state == "downloading" for s in seen.values()):
+    if any(s.state in ("downloading", "fetched") for s in seen.values()):
         return InstanceStatus(spec=spec, state="downloading")
     if pending is not None and now > pending.deadline:
         return InstanceStatus(spec=spec, state="failed", error="did not come up in time")

@@ -12,7 +12,11 @@ it is built (router.py), so a Worker's `deliver` is the router's.
 Before its runner starts, a shard may first have to get the model's files
 (`prepare`: a hub model this node does not have, or not all of; exo_trio/
 model_catalog.py fetches the files its layers need). Meanwhile it reports
-"downloading" with its progress; if that fails, it reports "failed" with why.
+"downloading" with its progress; if that fails, it reports "failed" with why. A
+rank of a split model then reports "fetched" and waits until every rank has its
+files (`group_fetched`, from the leader's view) before it starts its runner: a
+rank's runner gives up joining its group after a minute, and another node's
+download may take much longer.
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ LauncherFactory = Callable[[InstanceSpec, int], Launcher]
 # Get a shard's model files before its runner starts; hands the download's
 # progress (if there is one) to the callback.
 Prepare = Callable[[InstanceSpec, int, Callable[[DownloadProgress], None]], Awaitable[object]]
+# Whether every rank of an instance has its files (instance id -> bool).
+GroupFetched = Callable[[str], bool]
 # The window the shard's tokens/s is measured over (seconds).
 RATE_WINDOW = 10.0
+# How often a fetched rank looks whether the others have theirs.
+GROUP_POLL = 0.25
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Shard:
     scope: trio.CancelScope
     stopped: bool = False
     preparing: bool = False
+    waiting: bool = False  # has its files, waits for the other ranks'
     download: DownloadProgress | None = None
     error: str | None = None  # getting the model's files failed
     # (time, tokens, seconds generating), for tokens/s over the last RATE_WINDOW.
@@ -60,6 +69,8 @@ class Shard:
             return "failed"
         if self.preparing:
             return "downloading"
+        if self.waiting:
+            return "fetched"
         worker_state = self.worker.state
         if worker_state == "ready":
             return "ready"
@@ -106,6 +117,7 @@ class ShardManager:
         observer: Observer | None = None,
         restart_backoff: float = 0.5,
         prepare: Prepare | None = None,
+        group_fetched: GroupFetched | None = None,
     ) -> None:
         self._launcher_for = launcher_for
         # Where the runners' events go up (the Router sets itself here).
@@ -113,6 +125,7 @@ class ShardManager:
         self._observer = observer or Observer()
         self._restart_backoff = restart_backoff
         self._prepare = prepare
+        self._group_fetched = group_fetched
         self.shards: dict[str, Shard] = {}
         self._nursery: trio.Nursery | None = None
         # Shutting down: the runners finish what they hold but take no new work
@@ -180,6 +193,13 @@ class ShardManager:
             return False
         finally:
             shard.preparing = False
+        if shard.spec.world_size > 1 and self._group_fetched is not None:
+            shard.waiting = True
+            try:
+                while not self._group_fetched(shard.spec.instance_id):
+                    await trio.sleep(GROUP_POLL)
+            finally:
+                shard.waiting = False
         return True
 
     def stop(self, instance_id: str, reason: str) -> bool:

@@ -139,3 +139,24 @@ def test_an_instance_reports_its_entry_ranks_token_rate() -> None:
         ).info
         == HUB
     )
+
+
+def test_the_ranks_start_once_every_rank_has_its_files() -> None:
+    inst = spec()
+    downloading = ShardStatus(instance=inst, rank=0, state="downloading")
+    fetched = ShardStatus(instance=inst, rank=0, state="fetched")
+    waiting = ShardStatus(instance=inst, rank=1, state="fetched")
+    pending = {"inst": decide.Pending(inst, deadline=50.0)}
+
+    def status(*shards: ShardStatus):  # type: ignore[no-untyped-def]
+        reports = {f"n{s.rank}": report(f"n{s.rank}", s) for s in shards}
+        reports.setdefault("n0", report("n0"))
+        reports.setdefault("n1", report("n1"))
+        (result,) = decide.instance_statuses(reports, pending, now=0.0)
+        return result
+
+    # Rank 1's node has not reported its shard yet: rank 0 must not start.
+    assert not status(fetched).fetched and status(fetched).state == "downloading"
+    assert not status(downloading, waiting).fetched
+    both = status(fetched, waiting)
+    assert both.fetched and both.state == "downloading"

@@ -7,6 +7,7 @@ asked through either node, is mlx-lm's own on the whole model."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,16 +63,31 @@ def test_each_node_fetches_only_its_layers_files_and_the_instance_serves(
     demo_model_dir: Path,
     eos_ban: dict[str, int],
 ) -> None:
-    _, procs, root = nodes
+    hub, procs, root = nodes
     assert httpx.get(procs["a"].base_url + "/v1/models").json()["data"] == []
     wait_until(lambda: len(state(procs["a"])["members"]) == 2, what="both nodes linked")
-    placed = httpx.post(
-        procs["b"].base_url + "/v1/instances",
-        json={"model": "org/split", "min_nodes": 2},
-        timeout=60,
-    )
-    assert placed.status_code == 201, placed.text
-    instance_id = placed.json()["id"]
+    # Layer 0's file (rank 0 needs it, rank 1 does not) stalls on the hub for a while.
+    hub.hold_after("model-00002-of-00005.safetensors", 1000)
+    try:
+        placed = httpx.post(
+            procs["b"].base_url + "/v1/instances",
+            json={"model": "org/split", "min_nodes": 2},
+            timeout=60,
+        )
+        assert placed.status_code == 201, placed.text
+        instance_id = placed.json()["id"]
+        rank1 = placed.json()["instance"]["shards"][1]["node_id"]
+        # Rank 1 has its files and waits: no runner starts while rank 0 downloads.
+        wait_until(
+            lambda: [s["state"] for s in state(procs[rank1])["shards"]] == ["fetched"],
+            what="rank 1 fetched and waiting",
+        )
+        time.sleep(1.0)
+        assert [s["state"] for s in state(procs[rank1])["shards"]] == ["fetched"]
+        (instance,) = state(procs[rank1])["instances"]
+        assert instance["state"] == "downloading"
+    finally:
+        hub.release()
     wait_until(
         lambda: any(
             i["id"] == instance_id and i["state"] == "ready" for i in state(procs["a"])["instances"]
