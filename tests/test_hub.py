@@ -241,11 +241,17 @@ async def test_a_rank_downloads_only_the_files_of_its_layers(hub: FakeHub, tmp_p
     assert model.name == "org/split" and not model.complete
 
 
-async def test_offline_the_cache_answers(hub: FakeHub, tmp_path: Path) -> None:
+async def test_offline_the_cache_answers(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
     online = HubClient(tmp_path, endpoint=hub.url)
     first = await fetch(online, "org/demo")
     before = len(hub.requests)
-    offline = HubClient(tmp_path, endpoint=hub.url, offline=True)
+    # What HF_HUB_OFFLINE=1 in the environment sets when huggingface_hub is imported.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = HubClient(tmp_path, endpoint=hub.url)
     again = await fetch(offline, "org/demo")
     assert again.path == first.path and len(hub.requests) == before
     with pytest.raises(HubError, match=r"not in the cache .* HF_HUB_OFFLINE is set"):
