@@ -33,7 +33,7 @@ from exo_trio.cluster_messages import ModelInfo
 from exo_trio.cluster_state import Vote
 from exo_trio.demo_model import ensure_demo_model
 from exo_trio.downloads import Downloads
-from exo_trio.hub_download import HubClient
+from exo_trio.hub_download import DownloadProgress, HubClient
 from exo_trio.hub_plan import HubError, parse_hub_ref
 from exo_trio.model_catalog import ModelCatalog, served_model
 from exo_trio.model_info import model_info
@@ -150,15 +150,18 @@ async def show_downloads(catalog: ModelCatalog, interval: float = 0.2) -> None:
     """A progress bar (on a terminal; else a line every few seconds) while this
     node downloads model weights."""
     bar: ProgressBar | None = None
+    shown: list[DownloadProgress] = []  # the downloads the bar counts
     while True:
         flying = catalog.downloads.in_flight()
         if flying and bar is None:
             bar = ProgressBar("downloading " + ", ".join(sorted({p.model for p in flying})))
         if bar is not None:
-            bar.show(sum(p.completed for p in flying), sum(p.total for p in flying))
-            if not flying:
+            ids = {id(p) for p in flying}
+            shown = [*(p for p in shown if id(p) not in ids), *flying]
+            bar.show(sum(p.completed for p in shown), sum(p.total for p in shown))
+            if not flying:  # all done (or failed): the bar ends on their last figures
                 bar.close()
-                bar = None
+                bar, shown = None, []
         await trio.sleep(interval)
 
 
