@@ -36,7 +36,7 @@ def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
-def details(model: ModelCard | StoredModel) -> dict[str, object]:
+def details(model: ModelCard) -> dict[str, object]:
     family = model.architecture or "unknown"
     return {
         "parent_model": "",
@@ -61,17 +61,16 @@ def entry(model: ModelCard) -> dict[str, object]:
 
 
 def stored_entry(model: StoredModel) -> dict[str, object]:
-    name = f"{model.name}:latest"
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": timestamp(model.modified),
-        "size": model.size_bytes,
-        "digest": digest(model),
-        "details": details(model),
-        # Not Ollama's: a node of a cluster may hold only its layers' weight files.
-        "complete": model.complete,
-    }
+    card = ModelCard(
+        id=model.name,
+        context_length=0,
+        created=int(model.modified),
+        architecture=model.architecture,
+        size_bytes=model.size_bytes,
+        digest=digest(model),
+    )
+    # `complete` is not Ollama's: a node of a cluster may hold only its layers' files.
+    return {**entry(card), "complete": model.complete}
 
 
 async def tags(ctx: ApiContext) -> dict[str, object]:
