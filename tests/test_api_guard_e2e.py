@@ -122,7 +122,6 @@ def test_admission_refuses_beyond_the_bound_at_once(node: NodeProcess, ban: dict
     first = next(iter(stream))
     assert in_flight(node) == 1
 
-    started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as chat_refused:
         oai(node).chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
     assert chat_refused.value.code == "server_overloaded"
@@ -134,7 +133,8 @@ def test_admission_refuses_beyond_the_bound_at_once(node: NodeProcess, ban: dict
     with pytest.raises(ollama.ResponseError) as ollama_refused:
         olla(node).generate(model="demo", prompt="hi", options={"num_predict": 2})
     assert ollama_refused.value.status_code == 503
-    assert time.monotonic() - started < 2.0  # refused at once, not queued
+    # Refused while the first stream still runs: not queued behind it (no timing asserted).
+    assert in_flight(node) == 1
 
     # Cancelling the stream in flight frees the slot.
     cancelled = httpx.post(f"{node.base_url}/v1/cancel/{first.id}", headers=AUTH, timeout=10)
