@@ -385,7 +385,7 @@ def run_node(args: argparse.Namespace) -> int:
     )
     try:
         trio.run(run_daemon, config)
-    except InsecureAddressError as exc:
+    except (InsecureAddressError, startup.StartupError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         # Only if a signal arrived before the node installed its handler.

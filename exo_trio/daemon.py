@@ -44,7 +44,7 @@ from exo_trio.node import ServedModel
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shutdown import graceful_stop
-from exo_trio.startup import default_data_dir
+from exo_trio.startup import StartupError, default_data_dir
 from exo_trio.system import memory_available
 from exo_trio.terminal import ProgressBar
 
@@ -97,6 +97,8 @@ async def pin_models(config: NodeConfig, catalog: ModelCatalog) -> list[ServedMo
         log.info("no --model given: serving the built-in demo model")
         wanted = [str(ensure_demo_model(config.data_dir))]
     served = []
+    # Raised after the nursery, so it reaches the CLI bare, not in an exception group.
+    problem: StartupError | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(catalog.downloads.run)
         try:
@@ -104,9 +106,13 @@ async def pin_models(config: NodeConfig, catalog: ModelCatalog) -> list[ServedMo
                 name = names[i] if i < len(names) else None
                 served.append(await pin_model(config, catalog, text, name))
         except HubError as exc:
-            raise SystemExit(f"exo-trio: cannot serve {text}: {exc}") from None
+            problem = StartupError(f"cannot serve {text}: {exc}")
+        except StartupError as exc:
+            problem = exc
         finally:
             nursery.cancel_scope.cancel()
+    if problem is not None:
+        raise problem
     return served
 
 
@@ -119,8 +125,8 @@ async def pin_model(
     else:
         ref = parse_hub_ref(text)
         if ref is None:
-            raise SystemExit(
-                f"exo-trio: --model {text}: no such directory, and not a hub model id "
+            raise StartupError(
+                f"--model {text}: no such directory, and not a hub model id "
                 "(org/name or org/name@revision)"
             )
         # Alone, the node must hold it; with peers, placement judges (it may split it).
@@ -140,7 +146,7 @@ def describe_directory(text: str, name: str | None) -> tuple[ModelInfo, Path] | 
         return None
     path = path.resolve()
     if not (path / "config.json").is_file():
-        raise SystemExit(f"exo-trio: {path} is not an MLX model directory (no config.json)")
+        raise StartupError(f"{path} is not an MLX model directory (no config.json)")
     repo = cache_repo_id(path.parent.parent.name) if path.parent.name == "snapshots" else None
     commit = path.name if repo is not None else None
     return model_info(path, name or name_for_path(path), repo=repo, commit=commit), path

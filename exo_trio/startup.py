@@ -22,6 +22,11 @@ DEFAULT_LINK_PORT = 52416
 LINK_PORT_SEARCH = 16
 
 
+class StartupError(Exception):
+    """A problem found once the node has begun starting (its models described):
+    `exo-trio node` prints it as one line and exits with status 2, like `fail`."""
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "exo-trio"

@@ -239,6 +239,24 @@ def test_ports_in_use_fail_in_one_line_and_the_link_port_falls_back(
         holder.close()
 
 
+def test_a_model_it_cannot_serve_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found once the node began describing its models (a hub model absent offline, a
+    directory without config.json): still one line, status 2, no traceback."""
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model, says in (
+        ("nobody/nothing", "cannot serve nobody/nothing"),
+        (str(not_a_model), "not an MLX model directory"),
+    ):
+        result = run_node_cli(tmp_path, "--api-port", str(free_port()), "--model", model)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and says in last, result.stderr
+        assert last.startswith("exo-trio: ") and "Traceback" not in result.stderr
+
+
 def test_a_model_that_cannot_load_is_not_restarted_forever(
     demo_model_dir: Path, tmp_path: Path
 ) -> None:
