@@ -53,6 +53,7 @@ from exo_trio.net.links import (
 )
 from exo_trio.net.wire import AdvertisedAddress
 from exo_trio.node import Node, ServedModel
+from exo_trio.node_facts import node_facts
 from exo_trio.peer_messages import PeerMessages
 from exo_trio.router import Router
 from exo_trio.seams import Seams
@@ -108,6 +109,7 @@ class NodeEffects:
     token_bytes: Callable[[int], bytes] = secrets.token_bytes  # nonces, incarnation
     rng: random.Random | None = None  # reconnect jitter
     memory_free: Callable[[], int] = lambda: 0
+    memory_total: Callable[[], int] = lambda: 0  # for people (node_facts.py)
     free_ports: Callable[[], tuple[int, ...]] = lambda: ()
     # The vote this node granted last (its previous life's), and how to keep a new one.
     remembered_vote: Vote | None = None
@@ -182,6 +184,8 @@ def build_node(setup: NodeSetup, effects: NodeEffects) -> AssembledNode:
         remembered_vote=effects.remembered_vote,
         remember_vote=effects.remember_vote,
         observer=observer,
+        # What the node tells about itself for people (its links are made below).
+        facts=lambda: node_facts(links, effects.memory_total()),
     )
 
     def peer_up(info: PeerInfo) -> None:

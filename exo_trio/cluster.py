@@ -29,6 +29,7 @@ from exo_trio.cluster_messages import (
     InstanceSpec,
     InstanceStatus,
     ModelInfo,
+    NodeFacts,
     NodeReport,
     PlaceReply,
     PlaceRequest,
@@ -109,6 +110,7 @@ class Cluster:
         remembered_vote: decide.Vote | None = None,
         remember_vote: Callable[[decide.Vote], None] | None = None,
         observer: Observer | None = None,
+        facts: Callable[[], NodeFacts] = NodeFacts,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -130,6 +132,7 @@ class Cluster:
         self.vote: decide.Vote | None = remembered_vote
         self.term = remembered_vote.term if remembered_vote else 0
         self._remember_vote = remember_vote
+        self._facts = facts  # for people to look at (node_facts.py), read by no decision
         self.leader = ""  # nobody yet: the first tick elects (and asks for term 1)
         self.view: ClusterView | None = None
         # As leader: the term it leads in, the members it asked for that term and
@@ -290,6 +293,7 @@ class Cluster:
             shards=self.shards.statuses(),
             host=self.host,
             free_ports=self._free_ports(),
+            facts=self._facts(),
         )
 
     def _lead(self, now: float) -> None:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from exo_trio.net.wire import AdvertisedAddress
 from exo_trio.types import GenerationEvent, TextGeneration
 
 # "downloading": the shard's node is fetching the weight files its layers need
@@ -84,6 +85,34 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     gave_up: bool = False
 
 
+class LinkReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's link to a peer, as that node sees it."""
+
+    peer: str
+    host: str  # the peer's end of the link
+    kind: str  # net/interfaces.classify: thunderbolt, link-local, private, public, loopback
+    rtt: float | None = None  # smoothed round trip, seconds (net/session.py's probes)
+
+
+class NodeFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node says about itself for people to look at (/state, the dashboard's
+    event stream); no decision reads it."""
+
+    memory_total: int = 0
+    addresses: tuple[AdvertisedAddress, ...] = ()
+    links: tuple[LinkReport, ...] = ()
+
+
+class RunnerSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard's runner on a node, for the view: its health and its load."""
+
+    instance_id: str
+    rank: int
+    state: ShardState
+    active_requests: int = 0
+    error: str | None = None
+
+
 class NodeReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
     """A node's soft state, sent to the leader on change and periodically."""
 
@@ -95,6 +124,7 @@ class NodeReport(msgspec.Struct, frozen=True, kw_only=True, tag="report"):
     shards: tuple[ShardStatus, ...]
     host: str  # the address peers reach this node at
     free_ports: tuple[int, ...]
+    facts: NodeFacts = msgspec.field(default_factory=NodeFacts)
 
 
 class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +132,8 @@ class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
     memory_free: int
     models: tuple[str, ...]
     host: str
+    facts: NodeFacts = msgspec.field(default_factory=NodeFacts)
+    runners: tuple[RunnerSummary, ...] = ()
 
 
 class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,6 +22,7 @@ from exo_trio.cluster_messages import (
     ModelInfo,
     NodeReport,
     NodeSummary,
+    RunnerSummary,
     ShardSpec,
     ShardStatus,
     StartShard,
@@ -284,6 +285,17 @@ def summaries(reports: Mapping[str, NodeReport]) -> tuple[NodeSummary, ...]:
             memory_free=r.memory_free,
             models=tuple(m.id for m in r.models),
             host=r.host,
+            facts=r.facts,
+            runners=tuple(
+                RunnerSummary(
+                    instance_id=s.instance.instance_id,
+                    rank=s.rank,
+                    state=s.state,
+                    active_requests=s.active_requests,
+                    error=s.error,
+                )
+                for s in r.shards
+            ),
         )
         for r in sorted(reports.values(), key=lambda r: r.node_id)
     )

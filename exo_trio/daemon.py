@@ -41,11 +41,12 @@ from exo_trio.model_store import ModelStore, cache_repo_id, name_for_path
 from exo_trio.net.discovery import Discovery
 from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
 from exo_trio.node import ServedModel
+from exo_trio.publisher import Publisher
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shutdown import graceful_stop
 from exo_trio.startup import StartupError, default_data_dir
-from exo_trio.system import memory_available
+from exo_trio.system import memory_available, memory_total
 from exo_trio.terminal import ProgressBar
 
 log = logging.getLogger("exo_trio")
@@ -312,6 +313,7 @@ async def run_node(config: NodeConfig) -> None:
             ),
             seams=seams,
             memory_free=memory_available,
+            memory_total=memory_total,
             free_ports=lambda: free_ports(host),
             remembered_vote=load_vote(config.data_dir),
             remember_vote=lambda vote: save_vote(config.data_dir, vote),

@@ -441,9 +441,10 @@ async def test_oversize_and_undecodable_messages_close_only_that_link(
     assert "undecodable message" in dict(a.downs)["c"]
     assert "undecodable message" in caplog.text
 
-    # a is fine: b's next (small) message arrives on its new link.
-    await eventually(lambda: a.linked(b))
-    b.links.send("a", Msg(2))
+    # a is fine: b's next (small) message arrives on its new link (once b has it
+    # too: the decider, a, keeps the link a moment before b hears so).
+    await eventually(lambda: a.linked(b) and b.linked(a))
+    assert b.links.send("a", Msg(2))
     await eventually(lambda: seqs(a, "b") == [2])
 
 
@@ -682,3 +683,57 @@ async def test_memory_network_dedups_simultaneous_dials_for_many_seeds(
             duplicates += sum(n.links.stats["duplicates_refused"] for n in nodes)
             nursery.cancel_scope.cancel()
     assert duplicates > 0
+
+
+class SlowWrites(TamperStream):
+    """Every write reaches the peer `delay` seconds late (one way's latency)."""
+
+    def __init__(self, inner: trio.abc.Stream, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(self.delay)
+        await super().send_all(data)
+
+
+async def test_links_measure_their_round_trip_busy_or_idle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Heartbeat probes measure a link's round trip on both sides, on an idle link
+    and on one busy enough never to send an idle heartbeat; a pong held for the next
+    heartbeat does not count its wait."""
+    net = MemoryNetwork()
+    delay = 0.04  # b -> a only: the round trip is 40 ms either way round
+
+    streams: list[SlowWrites] = []
+
+    async def slow_connect(host: str, port: int) -> trio.abc.Stream:
+        streams.append(SlowWrites(await net.connect(host, port), delay))
+        return streams[-1]
+
+    async with trio.open_nursery() as nursery:
+        a = await memory_node(net, "a", 1, [], seed=1).start(nursery)
+        b = memory_node(net, "b", 2, [("sim-a", 1)], seed=2)
+        b.links._connector = slow_connect
+        await b.start(nursery)
+        await eventually(lambda: a.linked(b) and b.linked(a))
+        assert a.links.rtt("b") is None  # nothing measured before the first probe
+        await trio.sleep(5)  # idle: probes ride in the idle heartbeats
+        for node, peer in ((a, "b"), (b, "a")):
+            rtt = node.links.rtt(peer)
+            assert rtt is not None and delay - 1e-6 <= rtt <= delay + 0.002, (node.node_id, rtt)
+
+        delay = streams[-1].delay = 0.08  # the path slows down: measured again
+        busy = trio.current_time() + 20
+        sent = 0
+        while trio.current_time() < busy:  # a message every 0.1 s: no idle heartbeat
+            a.links.send("b", Msg(sent))
+            b.links.send("a", Msg(sent))
+            sent += 1
+            await trio.sleep(0.1)
+        for node, peer in ((a, "b"), (b, "a")):
+            rtt = node.links.rtt(peer)
+            assert rtt is not None and delay - 0.001 <= rtt <= delay + 0.002, (node.node_id, rtt)
+        assert a.links.rtt("nobody") is None
+        nursery.cancel_scope.cancel()

@@ -15,6 +15,8 @@ from exo_trio.api import (
     anthropic,
     bench,
     completions,
+    dashboard,
+    events,
     instances,
     ollama,
     ollama_models,
@@ -31,6 +33,7 @@ from exo_trio.api.errors import ApiError, dialect_for_path, render_error
 from exo_trio.api.serving import SEND_TIMEOUT_KEY
 from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard, Node
+from exo_trio.publisher import Publisher
 
 if TYPE_CHECKING:
     from exo_trio.cluster import Cluster
@@ -69,7 +72,9 @@ def routes() -> list[tuple[str, str, Handler]]:
         ("POST", "/v1/instances", instances.create),
         ("DELETE", "/v1/instances/<path:instance_id>", instances.delete),
         ("GET", "/state", instances.state),
-        ("GET", "/", ops.root),
+        ("GET", "/", dashboard.root),  # the page for browsers, else the heartbeat
+        ("GET", "/dashboard/<path:name>", dashboard.asset),
+        ("GET", "/v1/events", events.events),
     ]
     for prefix in OLLAMA_PREFIXES:
         table += [
@@ -90,6 +95,10 @@ def create_app(
 ) -> QuartTrio:
     settings = settings or ApiSettings()
     ctx = ApiContext(node, settings, Admission(node, settings.max_queued), cluster)
+    # The node's observer wakes the event streams (GET /v1/events); a node built
+    # with another observer (the simulator's) still serves them, by sampling.
+    observer = node.seams.observer
+    ctx.events = observer if isinstance(observer, Publisher) else Publisher()
     app = QuartTrio("exo_trio")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,

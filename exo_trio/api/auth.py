@@ -1,6 +1,7 @@
 """API keys and CORS.
 
-With an API key set, every endpoint but /health and / (a heartbeat) needs it, as `Authorization:
+With an API key set, every endpoint but /health, / (a heartbeat, or the dashboard's
+page) and the dashboard's files needs it, as `Authorization:
 Bearer KEY` (what OpenAI and Ollama clients send) or `x-api-key: KEY` (what the
 Anthropic client sends). /health stays open so load balancers and supervisors can
 probe without a secret. A node whose API listens beyond loopback refuses to start
@@ -23,7 +24,9 @@ from exo_trio.api.settings import ApiSettings
 
 # `/` says only that the server is up (Ollama's clients probe it before anything).
 OPEN_PATHS = frozenset({"/health", "/"})
-ALLOWED_METHODS = "GET, POST, OPTIONS"
+ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
+# The dashboard's files: a page and its scripts, no data (the page sends the key).
+OPEN_PREFIX = "/dashboard/"
 EXPOSED_HEADERS = "X-Request-Id"
 
 
@@ -56,7 +59,7 @@ def presented_key() -> str | None:
 
 
 def require_key(settings: ApiSettings) -> None:
-    if not settings.api_key or request.path in OPEN_PATHS:
+    if not settings.api_key or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
         return
     key = presented_key()
     # Constant-time comparison: the key must not leak through response timing.

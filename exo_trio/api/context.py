@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from quart import Response, request
@@ -14,6 +14,7 @@ from exo_trio.api.settings import ApiSettings
 from exo_trio.api.stream_response import StreamEncoder, stream_response
 from exo_trio.api.timeouts import RequestTimeouts
 from exo_trio.node import Node
+from exo_trio.publisher import Publisher
 from exo_trio.types import TextGeneration
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ class ApiContext:
     admission: Admission
     # Membership and placement (/v1/instances, /state); None in unit tests of a lone Node.
     cluster: Cluster | None = None
+    # Wakes the event streams (GET /v1/events) when the node's state changes.
+    events: Publisher = field(default_factory=Publisher)
 
     @property
     def keepalive(self) -> float:

@@ -117,6 +117,7 @@ class PeerLinks(Generic[M]):
         listen_port: int = 0,
         peers: Sequence[tuple[str, int]] = (),
         heartbeat_interval: float = 0.5,
+        ping_interval: float = 1.0,
         dead_after: float = 3.0,
         handshake_timeout: float = 5.0,
         connect_timeout: float = 5.0,
@@ -155,6 +156,8 @@ class PeerLinks(Generic[M]):
         self.secret = secret
         self.key = auth.link_key(secret)
         self.heartbeat_interval = heartbeat_interval
+        # How often a link measures its round trip (a probe in a heartbeat).
+        self.ping_interval = ping_interval
         self.dead_after = dead_after
         self.handshake_timeout = handshake_timeout
         self.max_message_bytes = max_message_bytes
@@ -264,6 +267,12 @@ class PeerLinks(Generic[M]):
     def peers(self) -> dict[str, PeerInfo]:
         """The peers linked right now."""
         return {pid: s.info for pid, s in self._active.items() if s.info is not None}
+
+    def rtt(self, peer_id: str) -> float | None:
+        """The link's smoothed round trip in seconds, measured by heartbeat probes
+        about every `ping_interval`; None if not linked or not measured yet."""
+        session = self._active.get(peer_id)
+        return session.rtt if session is not None else None
 
     def backlog(self, peer_id: str) -> int:
         """Messages queued for peer_id and not yet handed to its socket."""

@@ -87,6 +87,7 @@ class SessionOwner(Protocol):
     incarnation: str
     key: bytes
     heartbeat_interval: float
+    ping_interval: float
     dead_after: float
     handshake_timeout: float
     max_message_bytes: int
@@ -162,6 +163,12 @@ class Session:
         self._logged = False
         self.last_rx = self.last_tx = trio.current_time()
         self.bytes_in = self.bytes_out = 0
+        # Latency: heartbeats carry probes (wire.pack_probe). `rtt` is the smoothed
+        # round trip in seconds (None until the peer answered one); `_owed` is the
+        # peer's last ping and when it came, answered in our next heartbeat.
+        self.rtt: float | None = None
+        self._ping_at = self.last_tx + owner.ping_interval
+        self._owed: tuple[float, float] | None = None
         self.scope = trio.CancelScope()
         # Unbounded by design: send() is synchronous and must never block or refuse a
         # connected peer. Backlog is observable through PeerLinks.backlog().
@@ -469,7 +476,9 @@ class Session:
                         if self.demoted:
                             return
                         self.owner.deliver(self, message)
-                elif kind != wire.KIND_HEARTBEAT:
+                elif kind == wire.KIND_HEARTBEAT:
+                    self._on_probe(body)
+                else:
                     raise LinkError(wire.CLOSE_PROTOCOL, f"unexpected frame kind {kind}")
         except LinkError as exc:
             self.close(exc.code, exc.reason)
@@ -483,15 +492,46 @@ class Session:
                 if payload is None:
                     # Only the wait is cancellable; a send cancelled half-way would
                     # corrupt the websocket stream.
-                    with trio.move_on_at(self.last_tx + interval):
+                    with trio.move_on_at(min(self.last_tx + interval, self._ping_at)):
                         payload = await self.outbox_recv.receive()
                 if payload is None:
-                    await self._send_frame(ws, wire.KIND_HEARTBEAT, b"")
+                    # Idle for an interval, or a ping is due: a busy link sends no
+                    # idle heartbeats, but its latency is measured all the same.
+                    await self._send_frame(ws, wire.KIND_HEARTBEAT, self._probe())
                 else:
                     batch, held = self._take_batch(payload)
                     await self._send_frame(ws, wire.KIND_MESSAGE, wire.pack_batch(batch))
         except ConnectionClosed as exc:
             self.close(*describe_close(exc.reason))
+
+    def _probe(self) -> bytes:
+        """A heartbeat's body: a ping when one is due, the answer to the peer's last
+        ping if we owe one (a pong waits for the next heartbeat; `hold` says how
+        long, so the peer's round trip does not count it), or nothing."""
+        now = trio.current_time()
+        ping = echo = hold = wire.NO_STAMP
+        if now >= self._ping_at:
+            ping, self._ping_at = now, now + self.owner.ping_interval
+        if self._owed is not None:
+            (echo, received), self._owed = self._owed, None
+            hold = now - received
+        if math.isnan(ping) and math.isnan(echo):
+            return b""
+        return wire.pack_probe(ping, echo, hold)
+
+    def _on_probe(self, body: bytes) -> None:
+        probe = wire.unpack_probe(body)
+        if probe is None:
+            return
+        ping, echo, hold = probe
+        now = trio.current_time()
+        if not math.isnan(ping):
+            self._owed = (ping, now)
+        if math.isnan(echo) or math.isnan(hold):
+            return
+        sample = now - echo - hold
+        if 0.0 <= sample < self.owner.dead_after:  # else not our ping, or a bogus one
+            self.rtt = sample if self.rtt is None else 0.75 * self.rtt + 0.25 * sample
 
     def _take_batch(self, first: bytes) -> tuple[list[bytes], bytes | None]:
         """`first` and whatever else waits in the outbox, up to BATCH_BYTES (and the

@@ -15,6 +15,9 @@ docs/links.md.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import msgspec
 
 # 2: encrypted data frames (ChaCha20-Poly1305); 3: a message frame carries a batch;
@@ -41,7 +44,7 @@ BATCH_HEADER_BYTES = 5
 
 # Data frame kinds (after the handshake).
 KIND_MESSAGE = 0  # body: msgpack array of the caller's messages, in send order
-KIND_HEARTBEAT = 1  # body: empty; sent when nothing else was sent for a heartbeat interval
+KIND_HEARTBEAT = 1  # body: empty, or a ping/pong (below); when idle, and to measure latency
 KIND_ACTIVATE = 2  # body: empty; the deciding side (smaller node id) keeps this link
 KIND_READY = 3  # body: empty; dialer to deciding acceptor: "your proof checked out"
 FRAME_OVERHEAD = 1 + FRAME_TAG_BYTES
@@ -134,6 +137,27 @@ def pack_batch(payloads: list[bytes]) -> bytes:
     """A message frame's body: the already-encoded messages as one msgpack array
     (decoded by a `Decoder(list[MessageType])` on the other side)."""
     return _batch_encoder.encode([msgspec.Raw(p) for p in payloads])
+
+
+# A heartbeat's body may carry a latency probe: three big-endian float64s, (ping,
+# echo, hold). `ping` is the sender's clock when it sent the frame, or NaN; `echo` a
+# ping received from the peer, and `hold` the seconds it was held before this
+# frame went out (so an answer may wait for the next frame the writer sends
+# anyway: the round trip is `now - echo - hold`), or NaN. An empty body, or one of
+# any other length, probes nothing (older peers send empty ones and ignore bodies).
+_PROBE = struct.Struct("!ddd")
+NO_STAMP = math.nan
+
+
+def pack_probe(ping: float, echo: float, hold: float) -> bytes:
+    return _PROBE.pack(ping, echo, hold)
+
+
+def unpack_probe(body: bytes) -> tuple[float, float, float] | None:
+    """(ping, echo, hold) from a heartbeat's body, or None if it carries no probe."""
+    if len(body) != _PROBE.size:
+        return None
+    return _PROBE.unpack(body)
 
 
 def pack_frame(kind: int, sealed: bytes) -> bytes:
