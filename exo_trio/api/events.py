@@ -28,6 +28,7 @@ import trio
 from quart import Response
 
 from exo_trio import live_state
+from exo_trio.api.admission import at_exchange_end
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError
 from exo_trio.api.instances import state  # /state's body: what a snapshot is made of
@@ -97,32 +98,33 @@ async def events(ctx: ApiContext) -> Response:
     sampler = MetricsSampler(ctx.node)
 
     async def look() -> dict[str, Any]:
-        return live_state.snapshot(await state(ctx), sampler.sample())
+        metrics = {**sampler.sample(), "event_streams": publisher.subscribers}
+        return live_state.snapshot(await state(ctx), metrics)
 
     async def stream() -> AsyncIterator[bytes]:
-        publisher.subscribers += 1
-        try:
-            event_id = 1
-            last = await look()
-            yield b"retry: 1000\n" + sse("snapshot", event_id, last)
-            quiet = trio.current_time()
-            while not ctx.node.draining:
-                with trio.move_on_after(SAMPLE):
-                    await publisher.next_change()
-                now = await look()
-                changes = live_state.diff(last, now)
-                last = now
-                for change in changes:
-                    event_id += 1
-                    yield sse(change.kind, event_id, change.payload())
-                if changes:
-                    quiet = trio.current_time()
-                elif trio.current_time() - quiet >= KEEPALIVE:
-                    quiet = trio.current_time()
-                    yield b": keep-alive\n\n"
-        finally:
-            publisher.subscribers -= 1
+        event_id = 1
+        last = await look()
+        yield b"retry: 1000\n" + sse("snapshot", event_id, last)
+        quiet = trio.current_time()
+        while not ctx.node.draining:
+            with trio.move_on_after(SAMPLE):
+                await publisher.next_change()
+            now = await look()
+            changes = live_state.diff(last, now)
+            last = now
+            for change in changes:
+                event_id += 1
+                yield sse(change.kind, event_id, change.payload())
+            if changes:
+                quiet = trio.current_time()
+            elif trio.current_time() - quiet >= KEEPALIVE:
+                quiet = trio.current_time()
+                yield b": keep-alive\n\n"
 
+    # Counted until the HTTP exchange ends, however it ends: a generator's own
+    # `finally` would wait for its finalization when its client vanishes mid-yield.
+    publisher.subscribers += 1
+    at_exchange_end(publisher.leave)
     return Response(
         stream(),
         content_type="text/event-stream",

@@ -121,6 +121,7 @@ export class ChatPanel {
     stats.push(`${count} token${count === 1 ? "" : "s"}`);
     if (outcome === "stopped") stats.push("stopped");
     answer.item.dataset.state = outcome;
+    answer.item.dataset.tokens = String(count);
     answer.item.append(h("p.stats", { text: stats.join(" · ") }));
     if (outcome === "error") answer.item.append(h("p.error-text", { role: "alert", text: `The node ended the answer with an error: ${error}` }));
     if (outcome !== "error" && reply) {

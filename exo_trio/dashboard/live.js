@@ -65,7 +65,7 @@ export class LiveState {
         if (signal.aborted) return;
         if (err instanceof ApiError && err.status >= 400 && err.status < 500) {
           this.onError(err);
-          this.onStatus("lost", err.message);
+          this.onStatus("lost", "not connected");
           return; // the page asks for a key (401), or the node has no cluster (404)
         }
         this.onStatus("lost", `${err.message}; reconnecting…`);
