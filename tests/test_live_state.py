@@ -142,3 +142,34 @@ def test_applying_the_changes_rebuilds_the_new_snapshot(old: dict, new: dict) ->
     for section in ("cluster", "metrics"):
         # A whole section never goes away: None means "not in this snapshot".
         assert rebuilt.get(section) == (new[section] if new[section] is not None else old[section])
+
+
+async def test_the_publisher_wakes_streams_only_while_watched() -> None:
+    """The production observer: its hooks cost a test of one integer while nobody
+    watches, and wake every waiting stream when someone does."""
+    import trio
+    import trio.testing
+
+    from exo_trio.publisher import Publisher
+
+    publisher = Publisher()
+    before = publisher._changed
+    publisher.view_changed(None)  # type: ignore[arg-type]
+    assert publisher._changed is before and not before.is_set()  # nothing to wake
+    woken: list[int] = []
+
+    async def stream(n: int) -> None:
+        await publisher.next_change()
+        woken.append(n)
+
+    async with trio.open_nursery() as nursery:
+        publisher.subscribers = 2
+        nursery.start_soon(stream, 1)
+        nursery.start_soon(stream, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == []
+        publisher.runner_state("inst-1", "ready")
+    assert sorted(woken) == [1, 2]
+    publisher.leave()
+    publisher.leave()
+    assert publisher.subscribers == 0
