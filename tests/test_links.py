@@ -737,3 +737,22 @@ async def test_links_measure_their_round_trip_busy_or_idle(
             assert rtt is not None and delay - 0.001 <= rtt <= delay + 0.002, (node.node_id, rtt)
         assert a.links.rtt("nobody") is None
         nursery.cancel_scope.cancel()
+
+
+async def test_backlog_counts_a_message_until_its_frame_is_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A message handed straight to the idle writer leaves the outbox empty before
+    the writer runs: the backlog still counts it until its frame is written (a
+    drain waits on it before closing the links)."""
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        a = await memory_node(net, "a", 1, [], seed=1).start(nursery)
+        b = await memory_node(net, "b", 2, [("sim-a", 1)], seed=2).start(nursery)
+        await eventually(lambda: a.linked(b) and b.linked(a))
+        await trio.testing.wait_all_tasks_blocked()  # a's writer waits on its outbox
+        assert a.links.send("b", Msg(1)) and a.links.send("b", Msg(2))
+        assert a.links.backlog("b") == 2
+        await eventually(lambda: seqs(b, "a") == [1, 2])
+        assert a.links.backlog("b") == 0
+        nursery.cancel_scope.cancel()

@@ -253,6 +253,7 @@ class PeerLinks(Generic[M]):
         if len(payload) > self.max_message_bytes:
             raise ValueError(f"message of {len(payload)} bytes exceeds {self.max_message_bytes}")
         session.outbox_send.send_nowait(payload)
+        session.unsent += 1
         return True
 
     def broadcast(self, message: M) -> list[str]:
@@ -262,6 +263,7 @@ class PeerLinks(Generic[M]):
             raise ValueError(f"message of {len(payload)} bytes exceeds {self.max_message_bytes}")
         for session in self._active.values():
             session.outbox_send.send_nowait(payload)
+            session.unsent += 1
         return list(self._active)
 
     def peers(self) -> dict[str, PeerInfo]:
@@ -279,7 +281,7 @@ class PeerLinks(Generic[M]):
         session = self._active.get(peer_id)
         if session is None:
             return 0
-        return session.outbox_send.statistics().current_buffer_used
+        return session.unsent
 
     def add_peer_address(self, host: str, port: int, node_id: str | None = None) -> bool:
         """Dial (host, port) from now on; for discovery. node_id, if known, lets the

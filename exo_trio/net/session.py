@@ -173,6 +173,11 @@ class Session:
         # Unbounded by design: send() is synchronous and must never block or refuse a
         # connected peer. Backlog is observable through PeerLinks.backlog().
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[bytes](math.inf)
+        # Messages sent to this link and not yet written to its socket. Not the
+        # outbox's length: a message handed straight to a waiting writer leaves the
+        # outbox empty before the writer has run (a drain that trusted that cut
+        # the shutting_down events it had just sent).
+        self.unsent = 0
         self._stream = _ActivityStream(stream, self)
         self._tx: auth.FrameCipher | None = None
         self._rx: auth.FrameCipher | None = None
@@ -501,6 +506,7 @@ class Session:
                 else:
                     batch, held = self._take_batch(payload)
                     await self._send_frame(ws, wire.KIND_MESSAGE, wire.pack_batch(batch))
+                    self.unsent -= len(batch)
         except ConnectionClosed as exc:
             self.close(*describe_close(exc.reason))
 
