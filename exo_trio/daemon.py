@@ -267,7 +267,8 @@ async def run_node(config: NodeConfig) -> None:
     await catalog.refresh()
     served = await pin_models(config, catalog)
     log.info("node %s; serving %s", node_id, ", ".join(m.card.id for m in served) or "nothing yet")
-    seams = Seams()
+    # The observer wakes the dashboard's event streams (publisher.py).
+    seams = Seams(observer=Publisher())
     listen_host = config.listen_host or ("0.0.0.0" if config.cluster_secret else "127.0.0.1")
     host = reachable_host(config, listen_host)
     parts: AssembledNode
