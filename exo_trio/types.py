@@ -123,6 +123,9 @@ class GenerationFinished(msgspec.Struct, frozen=True, kw_only=True, tag="finishe
     prompt_tokens: int
     completion_tokens: int
     text: str = ""
+    # Of the prompt tokens, how many the runner took from its prefix cache
+    # instead of computing them (OpenAI's usage.prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
     # Which of the request's stop strings ended it (None: EOS, length, or no
     # stop strings), for dialects that report it (Anthropic's stop_sequence).
     stop_sequence: str | None = None

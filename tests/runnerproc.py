@@ -13,7 +13,13 @@ from pathlib import Path
 import trio
 
 from exo_trio.runner.framing import encode_frame, read_frames
-from exo_trio.runner.protocol import Loading, Ready, RunnerToWorker, WorkerToRunner
+from exo_trio.runner.protocol import (
+    Loading,
+    PromptCacheStats,
+    Ready,
+    RunnerToWorker,
+    WorkerToRunner,
+)
 from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished, is_terminal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,14 +31,20 @@ class RunnerHandle:
     stream: trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream]
     frames: AsyncIterator[RunnerToWorker]
     seen: list[RunnerToWorker] = field(default_factory=list)
+    # The runner's latest prefix cache report (receive() keeps them out of the way).
+    cache_stats: PromptCacheStats | None = None
 
     async def send(self, command: WorkerToRunner) -> None:
         await self.stream.send_all(encode_frame(command))
 
     async def receive(self) -> RunnerToWorker:
-        message = await anext(self.frames)
-        self.seen.append(message)
-        return message
+        """The next message, prefix cache reports aside (see cache_stats)."""
+        while True:
+            message = await anext(self.frames)
+            self.seen.append(message)
+            if not isinstance(message, PromptCacheStats):
+                return message
+            self.cache_stats = message
 
     async def wait_ready(self) -> Ready:
         while True:

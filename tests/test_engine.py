@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors
 
+from exo_trio.runner import engine as engine_module
 from exo_trio.runner import solo
 from exo_trio.runner.engine import Engine
+from exo_trio.runner.prefill import Row
 from exo_trio.types import (
     ChunkGenerated,
     GenerationEvent,
@@ -355,15 +358,15 @@ def test_a_failed_prefill_fails_only_its_request(
     on to its exact end."""
     engine.submit(request(engine, "a", chat_prompt(engine, "first"), 30))
     events = engine.step()
-    real_prefill = solo.SoloDecoder.prefill
+    real_prefill = engine_module.prefill_rows
 
-    def prefill(self: solo.SoloDecoder, prompt: list[int], *, fused: bool = False) -> int:
-        if prompt == doomed:
+    def prefill_rows(model: object, rows: list[Row], **kwargs: Any) -> None:
+        if any(row.prompt == doomed for row in rows):
             raise MemoryError("simulated allocation failure")
-        return real_prefill(self, prompt, fused=fused)
+        real_prefill(model, rows, **kwargs)
 
     doomed = chat_prompt(engine, "a prompt too big to fit")
-    monkeypatch.setattr(solo.SoloDecoder, "prefill", prefill)
+    monkeypatch.setattr(engine_module, "prefill_rows", prefill_rows)
     engine.submit(request(engine, "b", doomed, 30))
     events += engine.step()
     failed = [e for e in events if e.request_id == "b"]

@@ -46,8 +46,13 @@ async def test_loads_streams_and_exits_on_eof(demo_model_dir: Path) -> None:
         async with start_runner(demo_model_dir, "--max-batch", "4") as runner:
             ready = await runner.wait_ready()
             assert ready == Ready(
-                model="demo", context_length=2048, max_batch=4, pid=runner.proc.pid
+                model="demo",
+                context_length=2048,
+                max_batch=4,
+                pid=runner.proc.pid,
+                blas=ready.blas,  # which BLAS depends on the machine (blas.py)
             )
+            assert ready.blas
             loading = [m for m in runner.seen if isinstance(m, Loading)]
             assert loading, "Loading messages precede Ready"
             fractions = [m.fraction for m in loading]

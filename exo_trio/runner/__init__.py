@@ -11,6 +11,9 @@ never loaded into the node process.
     step_sync.py    every rank applies the same commands at every step
     layer_split.py  cutting an mlx-lm model into pipeline or tensor parts
     engine.py       continuous batching on mlx-lm's BatchGenerator
+    start_policy.py when to start waiting requests, and which share a prefill pass
+    prefill.py      prefilling several prompts in one padded pass, first tokens included
+    prefix_cache.py the KV state of finished requests, reused by later prompts
     solo.py         a request alone on the runner, decoded like generate_step
     stop_strings.py text-level stop sequences
     protocol.py     worker <-> runner messages

@@ -1,7 +1,7 @@
 """``python -m exo_trio.runner``: the runner process's command line.
 
     python -m exo_trio.runner --model PATH --model-id ID [--max-batch N] [--cpus 0,1]
-                              [--rank R --world-size N --hostfile F ...]
+                              [--prompt-cache-bytes N] [--rank R --world-size N --hostfile F ...]
 
 A world size of 1 runs the whole model (loop.py); more makes this process one rank
 of a model split across an `mx.distributed` group (rank.py has those flags).
@@ -29,7 +29,7 @@ from exo_trio.runner.loop import (
     report_load_failure,
     report_ready,
 )
-from exo_trio.runner.protocol import Loading
+from exo_trio.runner.protocol import DEFAULT_PROMPT_CACHE_BYTES, Loading
 from exo_trio.runner.rank import add_shard_arguments, check_shard_arguments, serve_sharded
 
 log = logging.getLogger("exo_trio.runner")
@@ -42,6 +42,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=16, help="max concurrent sequences")
     parser.add_argument(
         "--cpus", type=parse_cores, help="pin this process to these cores, e.g. 0,1 (Linux)"
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_BYTES,
+        help="bound of the prefix cache (KV of finished requests); 0 turns it off",
     )
     add_shard_arguments(parser)
     args = parser.parse_args(argv)
@@ -83,7 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exo_trio.runner.engine import Engine  # MLX: only once stdout is claimed
 
         engine = Engine.load(
-            args.model, args.model_id, max_batch=args.max_batch, on_progress=progress_to(writer)
+            args.model,
+            args.model_id,
+            max_batch=args.max_batch,
+            on_progress=progress_to(writer),
+            prompt_cache_bytes=args.prompt_cache_bytes,
         )
     except BrokenPipeError:
         return 1

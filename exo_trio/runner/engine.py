@@ -3,16 +3,28 @@
 `Engine` turns `TextGeneration` commands into `ChunkGenerated` /
 `GenerationFinished` / `GenerationFailed` events. It wraps one shared mlx-lm
 `BatchGenerator`: a request submitted while others decode joins the running batch
-without waiting for the others to finish. The step after its arrival prefills
-its prompt and emits its first token (the engine does that itself, with mlx-lm's
-arithmetic, then hands the request and its filled KV cache to the generator);
-a burst of arrivals is left to the generator's batched prefill instead. A
-request alone on the runner is decoded outside the generator, like mlx-lm's
-`generate_step`, until another one arrives (solo.py says why).
+without waiting for the others to finish.
+
+Starting requests. The step after requests arrive starts as many as the batch has
+room for and emits their first tokens: the engine prefills them itself, all in
+one step (prefill.py: rows of similar length share a padded forward pass,
+start_policy.py groups them), then hands each request and its filled KV cache to
+the generator, which decodes them with the others from the next step on. Left to
+`BatchGenerator`, a new request's first token would come out of its third
+`next()` call. A request that starts alone on an idle runner is prefilled the way
+mlx-lm does it and decoded outside the generator, like mlx-lm's `generate_step`,
+until another one arrives (solo.py says why). Requests beyond the batch's room
+wait, in order, for a slot.
+
+The prefix cache (prefix_cache.py). When a request ends, the KV state of its
+tokens is kept; a request whose prompt starts with cached tokens starts from a
+copy of them and computes only the rest, in every start path.
 
 The engine does no I/O and never blocks on anything but MLX, so it can be unit
 tested directly; the runner process (loop.py, rank.py) owns the pipes and calls
-`submit` / `cancel` / `step` from one thread.
+`submit` / `cancel` / `step` from one thread. Its decisions depend only on the
+commands it was given, never on time, so that the ranks of a split model, each
+running an engine over its layers, stay in step.
 
 Facts about `BatchGenerator` this code relies on (mlx-lm 0.32):
 
@@ -39,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +60,16 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from exo_trio.runner import prefix_cache
 from exo_trio.runner.guide import Guide, Verdict
 from exo_trio.runner.model_files import load_lazily
+from exo_trio.runner.prefill import Row, prefill_rows
+from exo_trio.runner.prefix_cache import Hit, PrefixCache
+from exo_trio.runner.protocol import DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats
 from exo_trio.runner.sampling import (
     MAX_TOP_LOGPROBS,
     GrammarTokenizer,
@@ -61,6 +78,7 @@ from exo_trio.runner.sampling import (
     token_logprobs,
 )
 from exo_trio.runner.solo import SoloDecoder
+from exo_trio.runner.start_policy import prefill_groups
 from exo_trio.runner.stop_strings import StopStringMatcher
 from exo_trio.types import (
     ChunkGenerated,
@@ -72,7 +90,13 @@ from exo_trio.types import (
     TextGeneration,
 )
 
-__all__ = ["DEFAULT_CONTEXT_LENGTH", "Engine", "ModelHook", "ProgressCallback"]
+__all__ = [
+    "DEFAULT_CONTEXT_LENGTH",
+    "DEFAULT_PROMPT_CACHE_BYTES",
+    "Engine",
+    "ModelHook",
+    "ProgressCallback",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +107,8 @@ ProgressCallback = Callable[[float, str], None]
 ModelHook = Callable[[Any, dict[str, Any]], Any]
 Sampler = Callable[[mx.array], mx.array]
 
-# How many new requests one step starts itself (Engine._can_start_directly).
-DIRECT_START_MAX = 2
+# Weight of the newest decode step in the step time estimate (step_seconds).
+_STEP_EMA = 0.2
 
 
 @dataclass
@@ -104,6 +128,7 @@ class _Request:
     logprobs: int | None = None  # report logprobs: the token's and this many top ones
     uid: int | None = None  # the generator's id, once inserted
     seq: int = 0  # chunks emitted so far == next chunk's seq == completion tokens
+    cached: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def prompt_tokens(self) -> int:
@@ -125,6 +150,9 @@ class Engine:
         prefill_step_size: int = 2048,
         recover_step_errors: bool = True,
         adaptive_pipelining: bool = True,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+        kv_bytes_per_token: int = 0,
+        step_seconds: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -150,11 +178,22 @@ class Engine:
         self._no_stops = StopSequences()
         self._requests: dict[str, _Request] = {}
         self._by_uid: dict[int, _Request] = {}
-        # Submitted, not yet started: the next step starts them (see step()).
+        # Submitted, not yet started, in order: steps start them as slots allow.
         self._pending: list[_Request] = []
         # A request decoding alone, outside the generator (solo.py).
         self._solo: tuple[_Request, SoloDecoder] | None = None
         self._steps = 0
+        # The recent decode step, seconds (for the runner's start policy; never
+        # used for a decision of the engine's own, see the module docstring).
+        self.step_seconds = step_seconds
+        self.prompt_cache_off_reason = prefix_cache.supported(make_prompt_cache(model))
+        if kv_bytes_per_token <= 0 and self.prompt_cache_off_reason is None:
+            self.prompt_cache_off_reason = "the KV bytes per token are unknown"
+        capacity = 0
+        if self.prompt_cache_off_reason is None:
+            capacity = max(0, prompt_cache_bytes) // kv_bytes_per_token
+        self._prefix = PrefixCache(capacity, max(1, kv_bytes_per_token))
+        self._lookups = self._hits = self._tokens_reused = 0
         self._generator = self._new_generator()
         # Grammars and logprob bytes need llguidance's view of the vocabulary.
         hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
@@ -173,6 +212,7 @@ class Engine:
         prepare: ModelHook | None = None,
         recover_step_errors: bool = True,
         adaptive_pipelining: bool = True,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     ) -> Engine:
         """Load a model directory with mlx-lm, reporting progress as (fraction, phase).
 
@@ -198,9 +238,18 @@ class Engine:
             done = min(len(params), start + chunk) / max(1, len(params))
             progress(0.1 + 0.8 * done, "weights")
         progress(0.9, "warmup")
-        # One tiny forward pass: the first call pays one-off setup costs (kernel
-        # selection, allocator growth) that would otherwise land on the first request.
-        mx.eval(model(mx.array([[0]]), cache=make_prompt_cache(model)))
+        # A tiny forward pass, twice: the first pays one-off setup costs (kernel
+        # selection, allocator growth) that would otherwise land on the first
+        # request; the second is timed, the first estimate of a decode step. Its
+        # cache tells what a token costs the prefix cache.
+        warm = make_prompt_cache(model)
+        mx.eval(model(mx.array([[0]]), cache=warm))
+        started = time.perf_counter()
+        mx.eval(model(mx.array([[0]]), cache=warm))
+        step_seconds = time.perf_counter() - started
+        bytes_per_token = (
+            prefix_cache.kv_bytes_per_token(warm) if prefix_cache.supported(warm) is None else 0
+        )
         engine = cls(
             model,
             tokenizer,
@@ -210,6 +259,9 @@ class Engine:
             max_batch=max_batch,
             recover_step_errors=recover_step_errors,
             adaptive_pipelining=adaptive_pipelining,
+            prompt_cache_bytes=prompt_cache_bytes,
+            kv_bytes_per_token=bytes_per_token,
+            step_seconds=step_seconds,
         )
         # The grammar engine's view of the vocabulary, built now rather than on the
         # first constrained request (about a second per 30k tokens).
@@ -221,11 +273,13 @@ class Engine:
         return engine
 
     def _new_generator(self) -> BatchGenerator:
+        # Every sequence is inserted already prefilled (a filled cache and a
+        # one-token prompt), so the generator's own prefill batching is unused.
         return BatchGenerator(
             self.model,
             sampler=greedy_sampler,
             completion_batch_size=self.max_batch,
-            prefill_batch_size=min(8, self.max_batch),
+            prefill_batch_size=self.max_batch,
             prefill_step_size=self.prefill_step_size,
         )
 
@@ -233,12 +287,17 @@ class Engine:
 
     @property
     def active(self) -> frozenset[str]:
-        """Request ids in the generator: queued, prefilling or decoding."""
+        """Request ids in flight: waiting to start, or decoding."""
         return frozenset(self._requests)
 
     @property
     def has_work(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def running(self) -> int:
+        """Requests started and decoding (the others in `active` wait for a slot)."""
+        return len(self._by_uid) + (self._solo is not None)
 
     @property
     def stream(self) -> mx.Stream:
@@ -253,8 +312,23 @@ class Engine:
 
     @property
     def steps(self) -> int:
-        """How many `step()` calls did work (one BatchGenerator.next() each)."""
+        """How many `step()` calls did work."""
         return self._steps
+
+    @property
+    def prompt_cache(self) -> PrefixCache:
+        return self._prefix
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        return PromptCacheStats(
+            lookups=self._lookups,
+            hits=self._hits,
+            tokens_reused=self._tokens_reused,
+            entries=len(self._prefix),
+            bytes=self._prefix.bytes_held,
+            capacity_bytes=self._prefix.capacity_bytes,
+            evictions=self._prefix.evictions,
+        )
 
     # -- commands -----------------------------------------------------------------
 
@@ -332,6 +406,8 @@ class Engine:
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request so it never runs another step; no events follow for it.
+        What it computed so far goes into the prefix cache (a client that retries,
+        or continues from the same prompt, reuses it).
 
         Returns whether it was in flight (False if unknown or already finished).
         """
@@ -339,12 +415,14 @@ class Engine:
         if request is None:
             return False
         if self._solo is not None and self._solo[0] is request:
+            decoder = self._solo[1]
             self._solo = None
+            self._keep(decoder.cached, decoder.cache)
         elif request.uid is None:
             self._pending.remove(request)
         else:
             del self._by_uid[request.uid]
-            self._generator.remove([request.uid])
+            self._remove_from_generator(request.uid)
         return True
 
     def fail_all(self, kind: FailureKind, message: str) -> list[GenerationEvent]:
@@ -365,41 +443,31 @@ class Engine:
                 self._generator = self._new_generator()
         return events
 
+    def resize_prompt_cache(self, capacity_tokens: int) -> None:
+        """Hold at most this many tokens (the ranks of a split model agree on one
+        capacity, see prefix_cache.py)."""
+        self._prefix.resize(capacity_tokens)
+
     # -- decoding -----------------------------------------------------------------
 
     def step(self) -> list[GenerationEvent]:
-        """One unit of work: start the requests submitted since the last step, or
-        decode one token of the lone request, or run one BatchGenerator.next();
-        the tokens become events."""
+        """One unit of work: start the requests waiting (as many as there is room
+        for), or decode one token of the lone request, or run one
+        BatchGenerator.next(); the tokens become events."""
         if not self._requests:
             return []
         self._steps += 1
         events: list[GenerationEvent] = []
+        started = time.perf_counter()
         try:
-            if self._pending:
-                pending, self._pending = self._pending, []
-                direct = self._can_start_directly(len(pending))
-                if self._solo is not None:
-                    events.extend(self._end_solo())
-                if direct:
-                    alone = not self._by_uid and len(pending) == 1
-                    for request in pending:
-                        events.extend(self._start_directly(request, alone))
-                    return events
-                self._insert(pending)
+            if self._pending and self.running < self.max_batch:
+                return self._start_pending()
             if self._solo is not None:
-                return events + self._solo_step(*self._solo)
-            _, responses = self._generator.next()
-            for response in responses:
-                request = self._by_uid.get(response.uid)
-                if request is None:  # not expected: cancel() removes synchronously
-                    log.warning("token for unknown generator uid %d", response.uid)
-                    continue
-                events.extend(
-                    self._on_token(
-                        request, response.token, response.finish_reason, response.logprobs
-                    )
-                )
+                events = self._solo_step(*self._solo)
+            else:
+                events = self._batch_step()
+            elapsed = time.perf_counter() - started
+            self.step_seconds += _STEP_EMA * (elapsed - self.step_seconds)
         except Exception as exc:
             if not self.recover_step_errors:
                 raise
@@ -417,40 +485,92 @@ class Engine:
                 log.debug("closing the broken generator failed", exc_info=True)
         return events
 
+    def _batch_step(self) -> list[GenerationEvent]:
+        events: list[GenerationEvent] = []
+        _, responses = self._generator.next()
+        for response in responses:
+            request = self._by_uid.get(response.uid)
+            if request is None:  # not expected: cancel() removes synchronously
+                log.warning("token for unknown generator uid %d", response.uid)
+                continue
+            events.extend(
+                self._on_token(request, response.token, response.finish_reason, response.logprobs)
+            )
+            # Ended at its length or EOS: the generator dropped it and hands over its
+            # KV. (Ended early, by a stop string or its grammar, _on_token took it
+            # out and kept its KV.)
+            if request.request_id not in self._requests and response.finish_reason is not None:
+                self._keep(response.all_tokens, response.prompt_cache)
+        return events
+
     # -- starting requests -------------------------------------------------------
 
-    def _can_start_directly(self, count: int) -> bool:
-        """Start a few new requests ourselves when the batch has room for them.
+    def _start_pending(self) -> list[GenerationEvent]:
+        """Start the waiting requests the batch has room for, in arrival order; each
+        gets its first token in this step."""
+        events: list[GenerationEvent] = []
+        if self._solo is not None:
+            events.extend(self._end_solo())
+        room = self.max_batch - self.running
+        starting, self._pending = self._pending[:room], self._pending[room:]
+        hits = [self._lookup(request) for request in starting]
+        if len(starting) == 1 and not self._by_uid:
+            return events + self._start_alone(starting[0], hits[0])
+        rows = [
+            Row(
+                prompt=request.prompt,
+                cached=hit.tokens if hit else 0,
+                cache=hit.layers() if hit else make_prompt_cache(self.model),
+                sampler=request.sampler,
+                processors=request.processors,
+            )
+            for request, hit in zip(starting, hits, strict=True)
+        ]
+        for group in prefill_groups([len(r.prompt) - r.cached for r in rows]):
+            requests = [starting[i] for i in group]
+            events.extend(self._start_together(requests, [rows[i] for i in group]))
+        return events
 
-        Left to BatchGenerator, a new request's first token comes out of the third
-        next() call (prefill, move into the decoding batch, return the token; see
-        the module docstring), each of which also decodes the running batch: about
-        six decode steps of latency for a joining request. Started directly, its
-        prompt is prefilled and its first token sampled in one step, and emitted at
-        the end of that step. A burst of arrivals goes to BatchGenerator instead,
-        which prefills up to eight prompts in one batched pass; so does a request
-        that would have to wait for a free slot anyway."""
-        running = len(self._by_uid) + (self._solo is not None)
-        return count <= DIRECT_START_MAX and running + count <= self.max_batch
+    def _lookup(self, request: _Request) -> Hit | None:
+        if self._prefix.capacity_tokens == 0:
+            return None
+        self._lookups += 1
+        return self._prefix.lookup(request.prompt)
 
-    def _insert(self, requests: list[_Request]) -> None:
-        uids = self._generator.insert(
-            [r.prompt for r in requests],
-            max_tokens=[r.max_tokens for r in requests],
-            samplers=[r.sampler for r in requests],
-            logits_processors=[r.processors for r in requests],
-            stop_sequences=[self._stops_for(r) for r in requests],
-        )
-        for request, uid in zip(requests, uids, strict=True):
-            request.uid = uid
-            self._by_uid[uid] = request
+    def _count_reuse(self, request: _Request, cached: int) -> None:
+        request.cached = cached
+        if cached:
+            self._hits += 1
+            self._tokens_reused += cached
 
-    def _stops_for(self, request: _Request) -> StopSequences:
-        return self._no_stops if request.ignore_eos else self._eos_stops
+    def _start_together(self, requests: list[_Request], rows: list[Row]) -> list[GenerationEvent]:
+        """Prefill these requests in one padded pass (prefill.py), emit their first
+        tokens, and hand them to the generator with their filled caches."""
+        try:
+            prefill_rows(
+                self.model,
+                rows,
+                prefill_step_size=self.prefill_step_size,
+                vocab_size=self.vocab_size,
+                stream=self._generator.stream,
+            )
+        except Exception as exc:
+            return self._prefill_failed(requests, exc)
+        events: list[GenerationEvent] = []
+        for request, row in zip(requests, rows, strict=True):
+            self._count_reuse(request, row.cached)
+            token = row.first_token
+            reason = self._finish_reason(request, token)
+            events.extend(self._on_token(request, token, reason, row.logprobs))
+            if request.request_id in self._requests:
+                self._insert_started(request, row.cache, request.prompt, token)
+            else:
+                self._keep(request.prompt, row.cache)
+        return events
 
-    def _start_directly(self, request: _Request, alone: bool) -> list[GenerationEvent]:
-        """Prefill the prompt and emit the first token now; then decode the rest
-        alone (a SoloDecoder, if nothing else runs) or in the batch."""
+    def _start_alone(self, request: _Request, hit: Hit | None) -> list[GenerationEvent]:
+        """Prefill the prompt the way mlx-lm does (greedy output is stream_generate's
+        token for token), emit the first token, and decode on alone (solo.py)."""
         decoder = SoloDecoder(
             self.model,
             request.sampler,
@@ -458,32 +578,40 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             stream=self._generator.stream,
             adaptive=self.adaptive_pipelining,
+            cache=hit.layers() if hit else None,
         )
-        # Alone, mlx-lm's own two-pass prefill: greedy output is stream_generate's
-        # token for token. Joining others, one pass (a step sooner; see prefill).
+        cached = hit.tokens if hit else 0
         try:
-            token = decoder.prefill(request.prompt, fused=not alone)
+            token = decoder.prefill(request.prompt, cached)
         except Exception as exc:
-            if not self.recover_step_errors:
-                raise
-            # The prefill touched nothing shared (its cache is the decoder's own):
-            # only this request fails; the others decode on.
-            log.exception("prefill of %s failed", request.request_id)
-            del self._requests[request.request_id]
-            message = f"prefill failed: {exc!r}"
-            return [
-                GenerationFailed(request_id=request.request_id, kind="internal", message=message)
-            ]
+            return self._prefill_failed([request], exc)
+        self._count_reuse(request, cached)
         events = self._on_token(
             request, token, self._finish_reason(request, token), decoder.logprobs
         )
         if request.request_id in self._requests:  # still going
-            if alone:
-                decoder.queue(token)
-                self._solo = (request, decoder)
-            else:
-                self._insert_started(request, decoder, token)
+            decoder.queue(token)
+            self._solo = (request, decoder)
+        else:
+            self._keep(decoder.cached, decoder.cache)
         return events
+
+    def _prefill_failed(self, requests: list[_Request], exc: Exception) -> list[GenerationEvent]:
+        """A prefill touches nothing shared (its caches are its own): only its
+        requests fail; the others decode on."""
+        if not self.recover_step_errors:
+            raise exc
+        log.exception("prefill of %s failed", [r.request_id for r in requests])
+        message = f"prefill failed: {exc!r}"
+        for request in requests:
+            del self._requests[request.request_id]
+        return [
+            GenerationFailed(request_id=r.request_id, kind="internal", message=message)
+            for r in requests
+        ]
+
+    def _stops_for(self, request: _Request) -> StopSequences:
+        return self._no_stops if request.ignore_eos else self._eos_stops
 
     def _finish_reason(self, request: _Request, token: int) -> str | None:
         """Why `token`, about to be request's next, ends it (BatchGenerator's rules
@@ -502,6 +630,7 @@ class Engine:
         )
         if request.request_id not in self._requests:
             self._solo = None
+            self._keep(decoder.cached, decoder.cache)
         return events
 
     def _end_solo(self) -> list[GenerationEvent]:
@@ -512,30 +641,49 @@ class Engine:
         self._solo = None
         token = decoder.take_input()
         if token is not None:  # not pipelining: nothing in flight, nothing to emit
-            self._insert_started(request, decoder, token)
+            self._insert_started(request, decoder.cache, decoder.cached, token)
             return []
         token = decoder.advance(queue_next=False)
         events = self._on_token(
             request, token, self._finish_reason(request, token), decoder.logprobs
         )
         if request.request_id in self._requests:
-            self._insert_started(request, decoder, token)
+            self._insert_started(request, decoder.cache, decoder.cached, token)
+        else:
+            self._keep(decoder.cached, decoder.cache)
         return events
 
-    def _insert_started(self, request: _Request, decoder: SoloDecoder, token: int) -> None:
-        """Into the batch with its filled cache; `token` (emitted, not yet in the
-        cache) is its next input."""
+    def _insert_started(
+        self, request: _Request, cache: list[Any], tokens: list[int], token: int
+    ) -> None:
+        """Into the batch with its filled cache (holding `tokens`); `token` (emitted,
+        not yet in the cache) is its next input."""
         (uid,) = self._generator.insert(
             [[token]],
             max_tokens=[request.max_tokens - request.seq],
-            caches=[decoder.cache],
-            all_tokens=[list(decoder.cached)],
+            caches=[cache],
+            all_tokens=[list(tokens)],
             samplers=[request.sampler],
             logits_processors=[request.processors],
             stop_sequences=[self._stops_for(request)],
         )
         request.uid = uid
         self._by_uid[uid] = request
+
+    # -- ending requests ------------------------------------------------------------
+
+    def _remove_from_generator(self, uid: int) -> None:
+        """Take a sequence out of the batch, keeping its KV in the prefix cache."""
+        keep = self._prefix.capacity_tokens > 0
+        removed = self._generator.remove([uid], return_prompt_caches=keep)
+        if keep and uid in removed:
+            cache, tokens = removed[uid]
+            self._keep(tokens, cache)
+
+    def _keep(self, tokens: list[int], cache: list[KVCache]) -> None:
+        """A request's KV, as it ended, into the prefix cache."""
+        if self._prefix.capacity_tokens > 0 and tokens:
+            self._prefix.store(tokens, cache)
 
     def _on_token(
         self,
@@ -544,6 +692,9 @@ class Engine:
         finish_reason: str | None,
         logprobs: mx.array | None = None,
     ) -> list[GenerationEvent]:
+        """The events of a request's next token. A request this ends early (a stop
+        string, its grammar) is taken out of the batch here, its KV kept; the
+        caller does that for the lone decoder and the one just started."""
         if finish_reason == "stop":
             # The token is an EOS id (the only stop sequences we install): it ends
             # the request but is neither emitted nor counted.
@@ -594,9 +745,9 @@ class Engine:
 
     def _drop_from_batch(self, request: _Request) -> None:
         """Take a request that ends early out of the generator (if it is there:
-        a lone or just-started request is not)."""
+        a lone or just-started request is not), keeping its KV."""
         if request.uid is not None and request.uid in self._by_uid:
-            self._generator.remove([request.uid])
+            self._remove_from_generator(request.uid)
 
     def _finish(self, request: _Request, reason: FinishReason) -> GenerationFinished:
         """Terminal event for a request the generator has already dropped."""
@@ -622,6 +773,7 @@ class Engine:
             completion_tokens=request.seq,
             text=text,
             stop_sequence=request.stops.matched if reason == "stop" else None,
+            cached_tokens=request.cached,
         )
 
     def _forget(self, request: _Request) -> None:

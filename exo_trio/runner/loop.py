@@ -21,8 +21,12 @@ Structure:
 * The main loop drains every queued command without blocking, applies them
   (submit / cancel / shutdown), runs one `Engine.step()` if there is work, and
   writes everything that produced in one write. With no work it blocks on the
-  queue. So a Cancel that arrives during a step is applied right after that step:
-  the request runs at most one more step (`CancelAck.steps_after_cancel` <= 1).
+  queue; when a request comes, it may wait a few milliseconds more for others
+  that come with it, so that a burst starts together (start_policy.py). So a
+  Cancel that arrives during a step is applied right after that step: the
+  request runs at most one more step (`CancelAck.steps_after_cancel` <= 1).
+* After a step that changed the prefix cache, a `PromptCacheStats` goes out with
+  the step's events.
 * EOF on stdin means the worker is gone or wants us gone: like Shutdown, every
   in-flight request gets GenerationFailed(kind="cancelled") and we exit 0.
 """
@@ -40,16 +44,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from exo_trio.blas import loaded_blas
 from exo_trio.runner.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
+    PromptCacheStats,
     Ready,
     RunnerError,
     RunnerToWorker,
     Shutdown,
     WorkerToRunner,
 )
+from exo_trio.runner.start_policy import hold_seconds
 from exo_trio.types import Cancel, TextGeneration
 
 if TYPE_CHECKING:  # the engine pulls in MLX; import it only after stdout is claimed
@@ -147,6 +154,18 @@ def report_load_failure(writer: ProtocolWriter, model: Path, exc: Exception) -> 
 
 
 def report_ready(writer: ProtocolWriter, engine: Engine, model_id: str) -> None:
+    blas = loaded_blas()
+    log.info("computing with BLAS: %s", blas)
+    cache = engine.prompt_cache
+    if engine.prompt_cache_off_reason is not None:
+        log.info("prefix cache off: %s", engine.prompt_cache_off_reason)
+    else:
+        log.info(
+            "prefix cache: %d bytes (%d tokens of %d bytes)",
+            cache.capacity_bytes,
+            cache.capacity_tokens,
+            cache.bytes_per_token,
+        )
     writer.send(
         [
             Ready(
@@ -154,9 +173,26 @@ def report_ready(writer: ProtocolWriter, engine: Engine, model_id: str) -> None:
                 context_length=engine.context_length,
                 max_batch=engine.max_batch,
                 pid=os.getpid(),
-            )
+                blas=blas,
+            ),
+            engine.prompt_cache_stats(),
         ]
     )
+
+
+class CacheReports:
+    """Sends the prefix cache's stats when they changed since the last report."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._last: PromptCacheStats | None = engine.prompt_cache_stats()
+
+    def changed(self) -> list[PromptCacheStats]:
+        stats = self.engine.prompt_cache_stats()
+        if stats == self._last:
+            return []
+        self._last = stats
+        return [stats]
 
 
 @dataclass(frozen=True)
@@ -208,6 +244,7 @@ class Runner:
         self._last_step_end = float("-inf")
         # Requests submitted since the last step: they have not run a step yet.
         self._fresh: set[str] = set()
+        self._cache_reports = CacheReports(engine)
 
     def run(self) -> int:
         """Serve until Shutdown or EOF; returns the exit status."""
@@ -221,18 +258,45 @@ class Runner:
                 self._fresh.clear()
                 outgoing.extend(self.engine.step())
                 self._last_step_end = time.monotonic()
+                outgoing.extend(self._cache_reports.changed())
             self.writer.send(outgoing)
 
     def _take(self, *, block: bool) -> list[QueueItem]:
-        """Everything queued now; with block=True wait for at least one item."""
+        """Everything queued now; with block=True (an idle engine) wait for at least
+        one item, then for the others of a burst (`_hold`)."""
         items: list[QueueItem] = []
         if block:
             items.append(self.commands.get())
+        self._drain(items)
+        if block:
+            self._hold(items)
+        return items
+
+    def _drain(self, items: list[QueueItem]) -> None:
         while True:
             try:
                 items.append(self.commands.get_nowait())
             except queue.Empty:
-                return items
+                return
+
+    def _hold(self, items: list[QueueItem]) -> None:
+        """An idle runner given requests waits a little for more (start_policy.py):
+        a burst of requests reaches it spread over milliseconds."""
+        while True:
+            arrivals = []
+            for item in items:
+                if isinstance(item, EndOfInput) or isinstance(item.command, Shutdown):
+                    return
+                if isinstance(item.command, TextGeneration):
+                    arrivals.append(item.at)
+            wait = hold_seconds(arrivals, time.monotonic(), self.engine.step_seconds, busy=False)
+            if wait <= 0:
+                return
+            try:
+                items.append(self.commands.get(timeout=wait))
+            except queue.Empty:
+                return
+            self._drain(items)
 
     def _apply(self, item: Arrival) -> list[RunnerToWorker]:
         command = item.command

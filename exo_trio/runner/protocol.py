@@ -18,6 +18,10 @@ from exo_trio.types import (
     TextGeneration,
 )
 
+# The bound of a runner's prefix cache unless told otherwise (the runner's and the
+# node's --prompt-cache-bytes).
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
+
 
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     """Command: finish (fail) in-flight work and exit."""
@@ -37,6 +41,8 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     context_length: int
     max_batch: int
     pid: int
+    # The BLAS library the runner's matrix products run on (blas.py), as loaded.
+    blas: str = ""
 
 
 class CancelAck(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_ack"):
@@ -47,6 +53,20 @@ class CancelAck(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_ack"):
     request_id: str
     steps_after_cancel: int
     known: bool
+
+
+class PromptCacheStats(msgspec.Struct, frozen=True, kw_only=True, tag="prompt_cache"):
+    """The runner's prefix cache (prefix_cache.py), sent whenever it changed: counts
+    since the runner started, and what it holds now. On a model split across ranks
+    every rank sends its own (the same entries, its own layers' bytes)."""
+
+    lookups: int = 0  # requests started while the cache was on
+    hits: int = 0  # of which started from cached tokens
+    tokens_reused: int = 0  # prompt tokens not computed again
+    entries: int = 0
+    bytes: int = 0  # held now
+    capacity_bytes: int = 0
+    evictions: int = 0
 
 
 class RunnerError(msgspec.Struct, frozen=True, kw_only=True, tag="runner_error"):
@@ -66,5 +86,6 @@ RunnerToWorker = (
     | GenerationFinished
     | GenerationFailed
     | CancelAck
+    | PromptCacheStats
     | RunnerError
 )

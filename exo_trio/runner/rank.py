@@ -72,6 +72,7 @@ from exo_trio.runner.framing import FrameDecoder, FrameError, encode_frame
 from exo_trio.runner.loop import (
     READ_SIZE,
     Arrival,
+    CacheReports,
     EndOfInput,
     ProtocolWriter,
     QueueItem,
@@ -102,6 +103,8 @@ from exo_trio.types import (
 )
 
 if TYPE_CHECKING:  # these pull in MLX, imported only once stdout is claimed
+    import mlx.core as mx
+
     from exo_trio.runner.engine import Engine
     from exo_trio.runner.layer_split import ShardSpec
 
@@ -325,6 +328,7 @@ class Coordinator(Runner):
                         self.engine.wait_queued()  # see _sync_steps
                     self._last_step_end = time.monotonic()
                     self.watchdog.disarm()
+                    outgoing.extend(self._cache_reports.changed())
                 # Nothing is emitted before every rank reports the same events. The
                 # other ranks' steps end with the same collectives as this one, so the
                 # reports are due (unless sync_steps, the next forward pass already
@@ -344,7 +348,12 @@ class Coordinator(Runner):
             first = self.commands.get(timeout=HEARTBEAT_SECONDS)
         except queue.Empty:
             return []  # nothing to do: the exchange is a heartbeat
-        return [first, *self._take(block=False)]
+        items = [first]
+        self._drain(items)
+        # The wait for a burst's other requests happens here, before the orders go
+        # out: every rank then starts the same requests in the same step.
+        self._hold(items)
+        return items
 
     def _group_failed(self, exc: Exception) -> int:
         self.watchdog.disarm()
@@ -411,6 +420,7 @@ class Follower:
         self.watchdog = watchdog
         self.stall_timeout = stall_timeout
         self.sync_steps = sync_steps
+        self._cache_reports = CacheReports(engine)
 
     def run(self) -> int:
         while True:
@@ -434,6 +444,8 @@ class Follower:
                         self.engine.wait_queued()
                     self.watchdog.disarm()
                 self.channel.report(orders.seq, _digest(events), self.stall_timeout)
+                # This rank's part of the prefix cache, for its node's metrics.
+                self.writer.send(self._cache_reports.changed())
             except Exception as exc:
                 self.watchdog.disarm()
                 message = _failure_message(exc)
@@ -542,7 +554,9 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
             prepare=lambda model, config: apply_sharding(model, config, group, spec),
             recover_step_errors=False,
             adaptive_pipelining=False,
+            prompt_cache_bytes=args.prompt_cache_bytes,
         )
+        _agree_on_prompt_cache(engine, group)
     except BrokenPipeError:
         return 1
     except ShardingError as exc:
@@ -575,6 +589,21 @@ def serve_sharded(args: argparse.Namespace, writer: ProtocolWriter) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _agree_on_prompt_cache(engine: Engine, group: mx.distributed.Group) -> None:
+    """Give every rank's prefix cache the same capacity in tokens: the smallest any
+    rank has (its node's --prompt-cache-bytes over its layers' bytes per token).
+    Ranks that cache the same tokens make the same decisions (prefix_cache.py);
+    each holds its own layers' part, within its own node's bound."""
+    import mlx.core as mx
+
+    offered = min(engine.prompt_cache.capacity_tokens, 2**31 - 1)  # int32 on the wire
+    mine = mx.array([offered], dtype=mx.int32)
+    every = mx.distributed.all_gather(mine, group=group, stream=mx.cpu)
+    agreed = int(mx.min(every).item())
+    engine.resize_prompt_cache(agreed)
+    log.info("prefix cache: %d tokens on every rank (this rank offered %d)", agreed, offered)
 
 
 def _sync_steps(spec: ShardSpec) -> bool:

@@ -1,13 +1,13 @@
 """One sequence on a plain KV cache, decoded the way mlx-lm's `generate_step` does.
 
-The engine uses it twice. Every request it starts itself is prefilled here (its
-first token sampled at once); and a request that is alone on the runner keeps
-decoding here instead of in BatchGenerator, because a batch of one pays for the
-batch machinery (a `BatchKVCache` with its masks and offsets, per-step batch
-bookkeeping): measured on this project's 2-core machine, BatchGenerator with one
-sequence decodes 3-5% slower than `stream_generate` on the same model. When a
-second request arrives, the engine hands the sequence (its cache, the tokens in
-it, its next token) to BatchGenerator and batching takes over.
+A request that starts alone on the runner is prefilled here (its first token
+sampled at once) and keeps decoding here instead of in BatchGenerator, because a
+batch of one pays for the batch machinery (a `BatchKVCache` with its masks and
+offsets, per-step batch bookkeeping): measured on this project's 2-core machine,
+BatchGenerator with one sequence decodes 3-5% slower than `stream_generate` on
+the same model. When a second request arrives, the engine hands the sequence (its
+cache, the tokens in it, its next token) to BatchGenerator and batching takes
+over.
 
 The arithmetic is mlx-lm's: the prompt but its last token in chunks of
 `prefill_step_size`, then one token per forward pass; logits through the
@@ -62,13 +62,15 @@ class SoloDecoder:
         prefill_step_size: int,
         stream: mx.Stream,
         adaptive: bool = True,
+        cache: list[Any] | None = None,
     ) -> None:
         self.model = model
         self.sampler = sampler
         self.processors = processors
         self.prefill_step_size = prefill_step_size
         self.stream = stream
-        self.cache: list[Any] = make_prompt_cache(model)
+        # A prefix cache hit's layers, or a fresh cache (see prefill()).
+        self.cache: list[Any] = make_prompt_cache(model) if cache is None else cache
         self.cached: list[int] = []  # the tokens in the cache, in order
         self._context: mx.array | None = None  # processors' view: cached + input
         self._next: mx.array | None = None  # sampled, not yet read back
@@ -84,21 +86,17 @@ class SoloDecoder:
         self._was_ahead = True  # how the last advance() left the next step
         self._probe: dict[bool, list[float]] = {True: [], False: []}  # step times
 
-    def prefill(self, prompt: list[int], *, fused: bool = False) -> int:
+    def prefill(self, prompt: list[int], cached: int = 0) -> int:
         """Run the prompt through the model and return the first sampled token.
+        The cache already holds `prompt[:cached]` (a prefix cache hit).
 
-        mlx-lm's way: the prompt but its last token in chunks, then the last token
-        in a forward pass of its own, whose logits are sampled. fused: the last
-        chunk (the last token with the ones before it in its chunk) goes through
-        in one pass instead. On a CPU a forward pass over a short prompt costs about
-        what a decode step does (the weights are read once either way), so this
-        saves a step of latency; its logits can differ from the two-pass ones in
-        the last bits. Used for a request that joins others: its later tokens are
-        computed in a padded batch anyway, whose arithmetic differs from mlx-lm's
-        single-sequence one in the same way."""
+        mlx-lm's way: the rest of the prompt but its last token in chunks, then the
+        last token in a forward pass of its own, whose logits are sampled; so greedy
+        output is `stream_generate`'s token for token (given the same cached
+        prefix). A request that joins others is prefilled in one pass instead, a
+        step sooner (prefill.py)."""
         step = self.prefill_step_size
-        split = (len(prompt) - 1) // step * step if fused else len(prompt) - 1
-        head, last = prompt[:split], prompt[split:]
+        head, last = prompt[cached:-1], prompt[-1:]
         with mx.stream(self.stream):
             for start in range(0, len(head), step):
                 self.model(mx.array([head[start : start + step]]), cache=self.cache)
@@ -106,7 +104,7 @@ class SoloDecoder:
             if head:
                 mx.clear_cache()
             if self.processors:
-                self._context = mx.array(head, dtype=mx.int32)
+                self._context = mx.array(prompt[:-1], dtype=mx.int32)
             sampled, self.logprobs = self._forward(mx.array(last))
             mx.eval(sampled)
         self.cached = list(prompt)
