@@ -25,6 +25,7 @@ from exo_trio.api.timeouts import (
     DEFAULT_TTFT_TIMEOUT,
 )
 from exo_trio.cli_config import Parser, apply_sources, document_sources, fail
+from exo_trio.runner.protocol import DEFAULT_PROMPT_CACHE_BYTES
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
 
@@ -70,6 +71,20 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def byte_size(text: str) -> int:
+    """`4G`, `512M`, `64K` or a number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(body[-1:], 1)
+    try:
+        value = float(body[:-1] if scale > 1 else body) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 4G, got {text!r}") from None
+    if not 0 <= value < 1 << 62:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +218,14 @@ def add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=non_negative_float,
         default=10.0,
         help="seconds to wait for peers before the first automatic placement",
+    )
+    node.add_argument(
+        "--prompt-cache-bytes",
+        type=byte_size,
+        default=DEFAULT_PROMPT_CACHE_BYTES,
+        metavar="SIZE",
+        help="bound of each runner's prefix cache (KV of finished requests reused by "
+        "prompts that start the same way), e.g. 512M or 4G; 0 turns it off",
     )
     node.add_argument(
         "--cpu-affinity",
@@ -382,6 +405,7 @@ def run_node(args: argparse.Namespace) -> int:
         settle=args.settle,
         cores=split,
         drain_timeout=args.drain_timeout,
+        prompt_cache_bytes=args.prompt_cache_bytes,
     )
     try:
         trio.run(run_daemon, config)

@@ -28,6 +28,7 @@ from exo_trio.affinity import CoreSplit
 from exo_trio.api.auth import check_exposure
 from exo_trio.api.settings import ApiSettings
 from exo_trio.assembly import AssembledNode, LinkSetup, NodeEffects, NodeSetup, build_node
+from exo_trio.blas import choose_blas
 from exo_trio.cluster import Cluster, ClusterSettings
 from exo_trio.cluster_messages import ModelInfo
 from exo_trio.cluster_state import Vote
@@ -42,6 +43,7 @@ from exo_trio.net.discovery import Discovery
 from exo_trio.net.interfaces import WILDCARD_HOSTS, interface_addresses, is_loopback
 from exo_trio.node import ServedModel
 from exo_trio.publisher import Publisher
+from exo_trio.runner.protocol import DEFAULT_PROMPT_CACHE_BYTES
 from exo_trio.runner_launch import shard_launcher_factory
 from exo_trio.seams import Seams
 from exo_trio.shutdown import graceful_stop
@@ -84,6 +86,8 @@ class NodeConfig:
     allow_weak_secret: bool = False
     # On SIGTERM/SIGINT: how long in-flight requests may take to finish (shutdown.py).
     drain_timeout: float = 5.0
+    # The bound of each runner's prefix cache (runner/prefix_cache.py); 0: off.
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
 
 
 async def pin_models(config: NodeConfig, catalog: ModelCatalog) -> list[ServedModel]:
@@ -261,6 +265,11 @@ def cluster_memory(cluster: Cluster) -> list[int]:
 async def run_node(config: NodeConfig) -> None:
     check_exposure(config.api_host, config.api, config.insecure_no_api_key)
     node_id = load_node_id(config)
+    blas = choose_blas()
+    if blas.hint:
+        log.warning("runners compute with %s: %s", blas.name, blas.hint)
+    else:
+        log.info("runners compute with %s", blas.name)
     store = ModelStore(config.data_dir)
     downloads = Downloads(HubClient(store.hub_cache))
     catalog = ModelCatalog(store, downloads, lambda: [memory_available()])
@@ -311,6 +320,8 @@ async def run_node(config: NodeConfig) -> None:
                 config.max_batch,
                 config.data_dir / "run",
                 config.cores,
+                prompt_cache_bytes=config.prompt_cache_bytes,
+                blas=blas,
             ),
             seams=seams,
             memory_free=memory_available,

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from exo_trio.runner.protocol import PromptCacheStats
 from exo_trio.types import GenerationEvent, GenerationFailed, GenerationFinished
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -39,6 +40,8 @@ class NodeSnapshot:
     unknown_events: int
     late_events: int
     after_terminal_events: int
+    # The local runner's prefix cache, as it last reported (None: no report yet).
+    prompt_cache: PromptCacheStats | None = None
 
 
 class _NodeCollector(Collector):
@@ -82,6 +85,28 @@ class _NodeCollector(Collector):
         orphans.add_metric(["unknown"], s.unknown_events)
         orphans.add_metric(["after_terminal"], s.after_terminal_events)
         yield orphans
+        cache = s.prompt_cache or PromptCacheStats()
+        for name, help_text, value in (
+            ("lookups", "Requests the runner started with its prefix cache on.", cache.lookups),
+            ("hits", "Of those, requests that reused cached prompt tokens.", cache.hits),
+            ("tokens_reused", "Prompt tokens taken from the cache.", cache.tokens_reused),
+            ("evictions", "Entries dropped to stay within the bound.", cache.evictions),
+        ):
+            yield CounterMetricFamily(
+                f"exo_trio_prompt_cache_{name}",
+                f"{help_text} Counted since the runner started.",
+                value=value,
+            )
+        for name, help_text, value in (
+            ("bytes", "Bytes the runner's prefix cache holds.", cache.bytes),
+            (
+                "capacity_bytes",
+                "The prefix cache's bound (--prompt-cache-bytes).",
+                cache.capacity_bytes,
+            ),
+            ("entries", "Finished requests' KV states the prefix cache holds.", cache.entries),
+        ):
+            yield GaugeMetricFamily(f"exo_trio_prompt_cache_{name}", help_text, value=value)
 
 
 class Metrics:

@@ -303,6 +303,7 @@ class Node:
             unknown_events=stats.unknown_events,
             late_events=stats.late_events,
             after_terminal_events=stats.after_terminal,
+            prompt_cache=worker.prompt_cache if worker is not None else None,
         )
 
     def health(self) -> tuple[bool, dict[str, object]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import trio
 
-from exo_trio.affinity import CoreSplit, format_cores, runner_cores
+from exo_trio.affinity import CoreSplit, format_cores, runner_cores, usable_cores
+from exo_trio.blas import BlasChoice, runner_env
 from exo_trio.cluster_messages import InstanceSpec
+from exo_trio.runner.protocol import DEFAULT_PROMPT_CACHE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,19 @@ def process_launcher(
     max_batch: int,
     extra_args: tuple[str, ...] = (),
     cpus: frozenset[int] | None = None,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+    blas: BlasChoice | None = None,
 ):  # type: ignore[no-untyped-def]
     """A Worker launcher that starts `python -m exo_trio.runner` for this model,
-    pinned to `cpus` if given (exo_trio/affinity.py)."""
+    pinned to `cpus` if given (exo_trio/affinity.py), with `blas` preloaded
+    (exo_trio/blas.py)."""
     if cpus:
         extra_args = (*extra_args, "--cpus", format_cores(cpus))
+    extra_args = (*extra_args, "--prompt-cache-bytes", str(prompt_cache_bytes))
+    env = None
+    if blas is not None and blas.path is not None:
+        threads = len(cpus or usable_cores() or ()) or os.cpu_count() or 1
+        env = {**os.environ, **runner_env(blas, threads)}
 
     async def launch() -> ProcessRunner:
         process = await trio.lowlevel.open_process(
@@ -70,6 +81,7 @@ def process_launcher(
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            env=env,
         )
         assert process.stdin is not None and process.stdout is not None
         log.info("started runner pid %d", process.pid)
@@ -93,6 +105,8 @@ def shard_launcher_factory(
     max_batch: int,
     run_dir: Path,
     cores: CoreSplit | None = None,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+    blas: BlasChoice | None = None,
 ) -> Callable[[InstanceSpec, int], Callable[[], Awaitable[ProcessRunner]]]:
     """Launchers for this node's rank of an instance (the ShardManager's factory);
     `model_dir` says where the instance's model is on this node (asked when the
@@ -124,7 +138,15 @@ def shard_launcher_factory(
         cpus = runner_cores(cores, spec.world_size)
 
         async def launch() -> ProcessRunner:
-            start = process_launcher(model_dir(spec), spec.model, max_batch, extra, cpus)
+            start = process_launcher(
+                model_dir(spec),
+                spec.model,
+                max_batch,
+                extra,
+                cpus,
+                prompt_cache_bytes=prompt_cache_bytes,
+                blas=blas,
+            )
             return await start()
 
         return launch

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
+import msgspec
 import trio
 
 from exo_trio.observer import Observer
@@ -30,6 +31,7 @@ from exo_trio.runner.framing import FrameError, encode_frame, read_frames
 from exo_trio.runner.protocol import (
     CancelAck,
     Loading,
+    PromptCacheStats,
     Ready,
     RunnerError,
     RunnerToWorker,
@@ -145,6 +147,8 @@ class Worker:
         self.load_fraction = 0.0
         self.load_phase = "starting"
         self.ready_info: Ready | None = None
+        # The runner's latest prefix cache report (counts since it started).
+        self.prompt_cache: PromptCacheStats | None = None
         self.last_error: str | None = None
         self.jobs: dict[str, Job] = {}
         self.stats = WorkerStats()
@@ -358,6 +362,9 @@ class Worker:
                     next(iter(self.stats.last_steps_after_cancel))
                 )
             return False
+        if isinstance(message, PromptCacheStats):
+            self.prompt_cache = message
+            return False
         if isinstance(message, RunnerError):
             raise RunnerDied(f"runner error: {message.message}", permanent=message.permanent)
         # A generation event. Terminal events end the job; events of a cancelled job
@@ -401,4 +408,12 @@ class Worker:
             "last_error": self.last_error,
             "gave_up": self.gave_up is not None,
             "max_steps_after_cancel": self.stats.max_steps_after_cancel,
+            **self.runner_report(),
+        }
+
+    def runner_report(self) -> dict[str, object]:
+        """What the runner computes with and what its prefix cache holds."""
+        return {
+            "blas": self.ready_info.blas if self.ready_info is not None else None,
+            "prompt_cache": msgspec.to_builtins(self.prompt_cache),
         }

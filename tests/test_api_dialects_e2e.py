@@ -108,6 +108,9 @@ def test_every_generation_endpoint_gives_the_same_greedy_text(
     texts["responses"] = resp.output_text
     assert resp.usage is not None
     assert (resp.usage.input_tokens, resp.usage.output_tokens) == (prompt_tokens, N)
+    # The same prompt again: all of it but its last token comes from the runner's
+    # prefix cache, and the text is the same (checked below) token for token.
+    assert resp.usage.input_tokens_details.cached_tokens == prompt_tokens - 1
 
     msg = claude.messages.create(
         model="demo",
@@ -121,7 +124,9 @@ def test_every_generation_endpoint_gives_the_same_greedy_text(
         extra_body={"temperature": 0, "logit_bias": ban},
     )
     texts["messages"] = "".join(b.text for b in msg.content if b.type == "text")
-    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (prompt_tokens, N)
+    # Anthropic counts cached prompt tokens apart from input_tokens.
+    assert (msg.usage.cache_read_input_tokens, msg.usage.output_tokens) == (prompt_tokens - 1, N)
+    assert msg.usage.input_tokens == 1 and msg.usage.cache_creation_input_tokens == 0
 
     ochat = olla.chat(model="demo", messages=MESSAGES, options=options)
     texts["ollama chat"] = ochat.message.content or ""
@@ -139,6 +144,8 @@ def test_every_generation_endpoint_gives_the_same_greedy_text(
     legacy = oai.completions.create(model="demo", prompt=rendered, max_tokens=N, **greedy)  # type: ignore[arg-type]
     texts["completions"] = legacy.choices[0].text
     assert legacy.usage is not None and legacy.usage.prompt_tokens == prompt_tokens
+    assert legacy.usage.prompt_tokens_details is not None
+    assert legacy.usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1
     texts["ollama generate raw"] = olla.generate(
         model="demo", prompt=rendered, raw=True, options=options
     ).response
@@ -230,8 +237,14 @@ def test_anthropic_messages_stream_and_stop_reasons(
     assert kinds[:2] == ["message_start", "content_block_start"]
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[2:-3]) == {"content_block_delta"}
-    assert raw[0].message.usage.input_tokens == whole.usage.input_tokens  # type: ignore[union-attr]
-    assert raw[-2].delta.stop_reason == "max_tokens" and raw[-2].usage.output_tokens == 16  # type: ignore[union-attr]
+    # message_start counts the whole prompt as input; the final usage splits off what
+    # the runner's prefix cache supplied (Anthropic's cache_read_input_tokens).
+    prompt = raw[0].message.usage.input_tokens  # type: ignore[union-attr]
+    end = raw[-2].usage  # type: ignore[union-attr]
+    assert end.input_tokens + end.cache_read_input_tokens == prompt  # type: ignore[operator]
+    assert whole.usage.input_tokens + whole.usage.cache_read_input_tokens == prompt  # type: ignore[operator]
+    assert end.cache_read_input_tokens == prompt - 1  # the same prompt again: cached
+    assert raw[-2].delta.stop_reason == "max_tokens" and end.output_tokens == 16  # type: ignore[union-attr]
     assert "".join(e.delta.text for e in raw if e.type == "content_block_delta") == text  # type: ignore[union-attr]
 
     with claude.messages.stream(
@@ -255,7 +268,7 @@ def test_anthropic_messages_stream_and_stop_reasons(
     count = claude.messages.count_tokens(
         model="demo", system=SYSTEM, messages=[{"role": "user", "content": USER}]
     )
-    assert count.input_tokens == whole.usage.input_tokens
+    assert count.input_tokens == prompt
 
 
 def sse_events(node: NodeProcess, path: str, body: dict[str, object]) -> list[str]:

@@ -315,6 +315,18 @@ def message(
     }
 
 
+def final_usage(prompt: int, completion: int, cached: int) -> dict[str, int]:
+    """Anthropic counts prompt tokens read from a cache apart: the prompt is
+    input_tokens + cache_read_input_tokens (+ cache_creation_input_tokens, 0 here:
+    keeping a request's KV costs nothing extra)."""
+    return {
+        "input_tokens": prompt - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": completion,
+    }
+
+
 class AnthropicEvents(StreamEncoder):
     """message_start, a content block per run of text, thinking or call,
     message_delta, message_stop; ping as keep-alive."""
@@ -411,10 +423,9 @@ class AnthropicEvents(StreamEncoder):
                 {
                     "type": "message_delta",
                     "delta": delta,
-                    "usage": {
-                        "input_tokens": event.prompt_tokens,
-                        "output_tokens": event.completion_tokens,
-                    },
+                    "usage": final_usage(
+                        event.prompt_tokens, event.completion_tokens, event.cached_tokens
+                    ),
                 },
             ),
             sse_event("message_stop", {"type": "message_stop"}),
@@ -450,7 +461,7 @@ async def messages(ctx: ApiContext) -> Response:
     if body.stream:
         return ctx.stream(command, AnthropicEvents(command, setup))
     result = await ctx.complete(command)
-    usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens}
+    usage = final_usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
     blocks, calls = content_blocks(setup, result.text)
     reason = stop_reason(result.finish_reason, result.stop_sequence, calls)
     payload = message(command, blocks, usage, reason, result.stop_sequence)

@@ -23,6 +23,7 @@ def generation_stats(result: Completion) -> dict[str, object]:
     decoded = max(0, result.completion_tokens - 1)
     return {
         "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
         "completion_tokens": result.completion_tokens,
         "time_to_first_token_s": round(prefill, 6),
         "decode_s": round(decode, 6),

@@ -157,6 +157,6 @@ async def completions(ctx: ApiContext) -> Response:
                 "finish_reason": result.finish_reason,
             }
         ],
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
+        "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
     }
     return json_response(payload, command)

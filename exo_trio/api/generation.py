@@ -257,6 +257,7 @@ class Completion:
     stop_sequence: str | None
     timing: Timing
     chunks: list[ChunkGenerated] = field(default_factory=list)  # for their logprobs
+    cached_tokens: int = 0  # prompt tokens the runner's prefix cache supplied
 
 
 async def complete(
@@ -283,6 +284,7 @@ async def complete(
                     event.stop_sequence,
                     timing,
                     chunks,
+                    event.cached_tokens,
                 )
             elif isinstance(event, GenerationFailed):
                 raise failure_error(event)

@@ -64,8 +64,14 @@ async def list_instances(ctx: ApiContext) -> dict[str, object]:
 
 
 async def state(ctx: ApiContext) -> dict[str, object]:
-    """The cluster as this node sees it, and the downloads in flight on this node."""
-    state = cluster_of(ctx).state()
+    """The cluster as this node sees it, its runners' BLAS and prefix cache, and the
+    downloads in flight on this node."""
+    cluster = cluster_of(ctx)
+    state = cluster.state()
+    for shard in state["shards"]:
+        worker = cluster.shards.worker(shard["instance_id"])
+        if worker is not None:
+            shard["runner"] = worker.runner_report()
     catalog = ctx.node.catalog
     state["downloads"] = catalog.downloads_in_flight() if catalog is not None else []
     return state

@@ -293,7 +293,8 @@ class ChatChunks(OpenAIChunks):
         reason = finish_reason(event.finish_reason, self.splitter.calls)
         out.append(self.chunk([self.choice(None, reason)]))
         if self.include_usage:
-            out.append(self.chunk([], usage(event.prompt_tokens, event.completion_tokens)))
+            totals = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+            out.append(self.chunk([], totals))
         return [*out, DONE]
 
 
@@ -326,7 +327,7 @@ def chat_completion(
                 "finish_reason": finish_reason(result.finish_reason, len(calls)),
             }
         ],
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
+        "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
     }
 
 

@@ -91,11 +91,14 @@ def logprob_entry(chunk: ChunkGenerated) -> dict[str, object]:
     return {**entry(chosen), "top_logprobs": [entry(t) for t in chunk.top_logprobs]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, object]:
+    """OpenAI's usage object; `cached_tokens` are the prompt tokens the runner's
+    prefix cache supplied (counted in prompt_tokens too, as OpenAI does)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -135,7 +138,11 @@ class OpenAIChunks(StreamEncoder):
     def finish(self, event: GenerationFinished, timing: Timing) -> list[bytes]:
         out = [self.chunk([self.choice(None, event.finish_reason)])]
         if self.include_usage:
-            out.append(self.chunk([], usage(event.prompt_tokens, event.completion_tokens)))
+            out.append(
+                self.chunk(
+                    [], usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+                )
+            )
         return [*out, DONE]
 
     def fail(self, event: GenerationFailed, timing: Timing) -> list[bytes]:

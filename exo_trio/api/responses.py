@@ -325,18 +325,18 @@ class ResponseShape:
         self,
         status: str,
         output: list[dict[str, object]],
-        finish: tuple[FinishReason, int, int] | None = None,
+        finish: tuple[FinishReason, int, int, int] | None = None,
         error: dict[str, str] | None = None,
     ) -> dict[str, object]:
-        """`finish` is (finish reason, prompt tokens, completion tokens)."""
+        """`finish` is (finish reason, prompt, completion and cached prompt tokens)."""
         usage = incomplete = None
         if finish is not None:
-            reason, prompt, completion = finish
+            reason, prompt, completion, cached = finish
             if reason == "length":
                 status, incomplete = "incomplete", {"reason": "max_output_tokens"}
             usage = {
                 "input_tokens": prompt,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": cached},
                 "output_tokens": completion,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": prompt + completion,
@@ -537,7 +537,12 @@ class ResponseEvents(StreamEncoder):
         final = self.shape.response(
             "completed",
             self.items,
-            (event.finish_reason, event.prompt_tokens, event.completion_tokens),
+            (
+                event.finish_reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.cached_tokens,
+            ),
         )
         return [*out, self.event(f"response.{final['status']}", response=final)]
 
@@ -558,6 +563,11 @@ async def responses(ctx: ApiContext) -> Response:
     if body.stream:
         return ctx.stream(command, ResponseEvents(shape))
     result = await ctx.complete(command)
-    finish = (result.finish_reason, result.prompt_tokens, result.completion_tokens)
+    finish = (
+        result.finish_reason,
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.cached_tokens,
+    )
     output = shape.output(result.text, result.chunks)
     return json_response(shape.response("completed", output, finish), command)
