@@ -225,14 +225,14 @@ async def joining_ttft(base_url: str, tokens: int) -> Join:
     return Join(result[0].ttft, statistics.median(steps), elapsed)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_size: str = "demo") -> None:
     """--model DIR, or --size: the demo model or the ~94M-parameter one, built in a
     temporary directory (the benchmarks share these)."""
     parser.add_argument("--model", type=Path)
     parser.add_argument(
         "--size",
         choices=["demo", "medium"],
-        default="demo",
+        default=default_size,
         help="without --model: the demo model, or the ~94M-parameter one",
     )
 

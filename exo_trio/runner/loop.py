@@ -289,14 +289,23 @@ class Runner:
                     return
                 if isinstance(item.command, TextGeneration):
                     arrivals.append(item.at)
-            wait = hold_seconds(arrivals, time.monotonic(), self.engine.step_seconds, busy=False)
-            if wait <= 0:
-                return
-            try:
-                items.append(self.commands.get(timeout=wait))
-            except queue.Empty:
-                return
-            self._drain(items)
+            now = time.monotonic()
+            wait = hold_seconds(arrivals, now, self.engine.step_seconds, busy=False)
+            if wait > 0:
+                try:
+                    items.append(self.commands.get(timeout=wait))
+                    self._drain(items)
+                    continue
+                except queue.Empty:
+                    now = time.monotonic()
+            if arrivals and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "starting %d request(s) that arrived over %.1f ms, %.1f ms after the first",
+                    len(arrivals),
+                    1e3 * (arrivals[-1] - arrivals[0]),
+                    1e3 * (now - arrivals[0]),
+                )
+            return
 
     def _apply(self, item: Arrival) -> list[RunnerToWorker]:
         command = item.command
