@@ -82,7 +82,11 @@ def choose_blas(
         return BlasChoice(None, "MLX's bundled reference BLAS (EXO_TRIO_BLAS=none)")
     if forced:
         if not exists(forced):
-            raise ValueError(f"EXO_TRIO_BLAS={forced}: no such file")
+            return BlasChoice(
+                None,
+                "MLX's bundled reference BLAS",
+                f"EXO_TRIO_BLAS={forced} does not exist (a library path, or none)",
+            )
         return BlasChoice(forced, f"{forced} (EXO_TRIO_BLAS)")
     for path in OPENBLAS_PATHS:
         if exists(path):

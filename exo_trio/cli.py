@@ -25,7 +25,6 @@ from exo_trio.api.timeouts import (
     DEFAULT_TTFT_TIMEOUT,
 )
 from exo_trio.cli_config import Parser, apply_sources, document_sources, fail
-from exo_trio.runner.protocol import DEFAULT_PROMPT_CACHE_BYTES
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
 
@@ -222,7 +221,7 @@ def add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node.add_argument(
         "--prompt-cache-bytes",
         type=byte_size,
-        default=DEFAULT_PROMPT_CACHE_BYTES,
+        default="1G",  # DEFAULT_PROMPT_CACHE_BYTES, as --help shows it
         metavar="SIZE",
         help="bound of each runner's prefix cache (KV of finished requests reused by "
         "prompts that start the same way), e.g. 512M or 4G; 0 turns it off",

@@ -68,6 +68,7 @@ def test_help_names_each_variable_and_default() -> None:
         assert f"${env_name(action)}" in text, action.dest
     assert "[$EXO_TRIO_API_PORT, default 52415]" in text
     assert "$EXO_TRIO_DRAIN_TIMEOUT, default 5.0" in text
+    assert "$EXO_TRIO_PROMPT_CACHE_BYTES, default 1G" in text
 
 
 def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path: Path) -> None:
@@ -102,6 +103,7 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["node", "--model", "/nonexistent-model"], {}, "--model /nonexistent-model: no such"),
         (["node", "--cluster-secret", "short"], {}, "cluster secret is 5 bytes"),
         (["node", "--api-host", "0.0.0.0"], {}, "without an API key"),
+        (["node", "--prompt-cache-bytes", "lots"], {}, "--prompt-cache-bytes: expected a size"),
     ],
 )
 def test_bad_settings_fail_in_one_line_with_status_2(
