@@ -284,3 +284,21 @@ def test_a_burst_of_eight_starts_in_one_step(warm: Engine) -> None:
     out = run(warm, *(greedy(f"join{i}", [*p, 7], 6) for i, p in enumerate(prompts)))
     firsts = {first for rid, (_, _, first) in out.items() if rid.startswith("join")}
     assert firsts == {start + 1}
+
+
+def test_a_constrained_request_with_a_hit_is_exact(warm: Engine, cold: Engine) -> None:
+    """A grammar's mask (runner/guide.py) follows the request's whole context: the
+    same valid JSON with the prompt's start cached, alone and in a burst."""
+    from tests.test_engine_sampling import schema_grammar
+
+    prompt = chat(warm, "Give me JSON.")
+    both(warm, cold, greedy("seed", prompt, 8))  # the prompt is cached from here on
+    grammar = schema_grammar()
+    lone = both(warm, cold, greedy("lone", [*prompt, 5], 60, grammar=grammar))
+    assert lone["lone"][1].cached_tokens == len(prompt)
+    text = warm.tokenizer.decode(lone["lone"][0])
+    assert text.startswith("{") and text.endswith("}")
+    burst = both(
+        warm, cold, *(greedy(f"b{i}", [*prompt, 6 + i], 60, grammar=grammar) for i in range(3))
+    )
+    assert all(burst[f"b{i}"][1].cached_tokens == len(prompt) for i in range(3))
