@@ -105,6 +105,33 @@ def test_cors_only_for_configured_origins(node: NodeProcess) -> None:
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
 
 
+def test_the_dashboard_is_open_and_its_data_needs_the_key(node: NodeProcess) -> None:
+    """The page and its files hold no data: open, so a browser can load them and
+    ask for the key. The event stream they read needs the key and honours CORS,
+    and a preflight allows the DELETE the page sends for an instance."""
+    url = node.base_url
+    page = httpx.get(f"{url}/", headers={"Accept": "text/html"}, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="/dashboard/main.js">' in page.text
+    script = httpx.get(f"{url}/dashboard/main.js", timeout=10)
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert httpx.get(f"{url}/dashboard/nothing.js", timeout=10).status_code == 404
+    assert httpx.get(f"{url}/dashboard/__init__.py", timeout=10).status_code == 404
+
+    assert httpx.get(f"{url}/v1/events", timeout=10).status_code == 401
+    with httpx.stream(
+        "GET", f"{url}/v1/events", headers={**AUTH, "Origin": ORIGIN}, timeout=30
+    ) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["access-control-allow-origin"] == ORIGIN
+        lines = stream.iter_lines()
+        assert "event: snapshot" in [next(lines) for _ in range(3)]
+
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "DELETE"}
+    answer = httpx.options(f"{url}/v1/instances/some-id", headers=preflight, timeout=10)
+    assert answer.status_code == 204 and "DELETE" in answer.headers["access-control-allow-methods"]
+
+
 def in_flight(node: NodeProcess) -> float:
     text = httpx.get(f"{node.base_url}/metrics", headers=AUTH, timeout=10).text
     line = next(li for li in text.splitlines() if li.startswith("exo_trio_requests_in_flight "))

@@ -1,9 +1,11 @@
 """The dashboard in a real browser (Playwright driving Debian's headless Chromium)
 against a real 2-node cluster started with an API key: the key is asked for and a
-wrong one is an error, the cluster appears with its link and its split instance, a
-chat streams tokens with its timings and keeps the conversation, Stop cancels
-through the node (whose in-flight count returns to 0), and a killed node leaves
-the page, its instance changes and the answer it cut ends with an error.
+wrong one is an error, the cluster appears with its link and its split instance,
+the page fits a phone, a chat streams tokens with its timings and keeps the
+conversation, Stop cancels through the node (whose in-flight count returns to 0),
+a model placed on a chosen node comes up and is deleted from the page, and a
+killed node leaves the page, its instance changes and the answer it cut ends with
+an error.
 
 One browser and one cluster for the whole module; the tests run in order. The
 screenshots go to pytest's temporary directory (printed at the end of the run:
@@ -169,6 +171,40 @@ def test_the_cluster_appears_with_its_link_and_split_instance(
     page.screenshot(path=shots / "cluster.png", full_page=True)
 
 
+def test_the_page_fits_a_phone_and_keeps_the_key(
+    browser: Browser, cluster: TwoNodes, shots: Path
+) -> None:
+    """A phone's screen: one column, nothing wider than the screen. The key is
+    already in this browser's storage, so the page goes live without asking."""
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    context.add_init_script(f"localStorage.setItem('exo-trio.api-key', {json.dumps(KEY)})")
+    phone = context.new_page()
+    errors: list[str] = []
+    phone.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        phone.goto(cluster.nodes["a"].base_url + "/")
+        expect(phone.locator("#connection")).to_have_attribute("data-state", "live", timeout=WAIT)
+        expect(phone.locator("#key-form")).to_be_hidden()
+        expect(phone.locator("[data-node=b]")).to_be_visible(timeout=WAIT)
+        expect(phone.locator(".card.instance").first).to_be_visible(timeout=WAIT)
+        layout = phone.evaluate(
+            """() => ({
+                page: document.documentElement.scrollWidth,
+                screen: window.innerWidth,
+                lefts: [...document.querySelectorAll("main > section")].map(
+                    (s) => Math.round(s.getBoundingClientRect().left)),
+            })"""
+        )
+        assert layout["page"] <= layout["screen"], layout  # no sideways scrolling
+        assert len(set(layout["lefts"])) == 1, layout  # the sections in one column
+        phone.screenshot(path=shots / "phone.png", full_page=True)
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
 def test_a_chat_streams_tokens_with_its_timings_and_keeps_the_conversation(
     page: Page, shots: Path
 ) -> None:
@@ -232,6 +268,38 @@ def test_stop_cancels_through_the_node_and_in_flight_returns_to_zero(
     metrics = cluster.get("a", "/metrics").text
     assert "exo_trio_requests_in_flight 0.0" in metrics
     page.screenshot(path=shots / "chat.png", full_page=True)
+
+
+def test_a_model_placed_on_a_chosen_node_then_deleted(
+    page: Page, cluster: TwoNodes, shots: Path
+) -> None:
+    split = cluster.wait_split()
+    form = page.locator("#place-form")
+    form.locator("input[name=model]").fill("demo")
+    form.locator("select[name=sharding]").select_option("pipeline")
+    form.locator("input[name=node][value=b]").check()
+    with page.expect_response("**/v1/instances") as placed:
+        form.get_by_role("button", name="Place").click()
+    assert placed.value.status == 201, placed.value.text()
+    new_id = placed.value.json()["id"]
+    expect(page.locator("#place-status")).to_contain_text(new_id)
+    card = page.locator(f'[data-instance="{new_id}"]')
+    expect(card).to_have_attribute("data-state", "ready", timeout=WAIT)
+    expect(card).to_contain_text("pipeline across 1 node")
+    expect(card.locator("[data-shard=b]")).to_contain_text("ready")
+    expect(page.locator(f'[data-instance-metrics="{new_id}"]')).to_be_visible()
+    page.screenshot(path=shots / "placed.png", full_page=True)
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete instance …?"
+    with page.expect_request("**/v1/instances/**") as deleted:
+        card.get_by_role("button", name="Delete instance").click()
+    assert deleted.value.method == "DELETE"
+    expect(card).to_have_count(0, timeout=WAIT)
+    expect(page.locator("#place-status")).to_contain_text(f"deleted {new_id}")
+    # The split instance is untouched.
+    expect(page.locator(f'[data-instance="{split["id"]}"]')).to_have_attribute(
+        "data-state", "ready"
+    )
+    form.locator("input[name=node][value=b]").uncheck()
 
 
 def test_a_killed_node_leaves_the_page_and_its_instance_changes(

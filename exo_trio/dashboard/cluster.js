@@ -95,7 +95,7 @@ function instanceCard(instance, onDelete) {
       {},
       `${instance.id} · ${instance.sharding} across ${instance.shards.length} node${instance.shards.length > 1 ? "s" : ""}`,
       instance.auto ? " · placed automatically" : "",
-      instance.tokens_per_second ? ` · ${instance.tokens_per_second} tokens/s` : "",
+      instance.tokens_per_second ? ` · ${instance.tokens_per_second.toFixed(1)} tokens/s` : "",
     ),
     h("div.split", { role: "img", "aria-label": `split: ${instance.shards.map((s) => `${s.node_id} ${layers(s)}`).join(", ")}` }, split),
     progress,
