@@ -7,6 +7,16 @@ arrives while others decode joins at the next step), honours max_tokens, EOS (at
 `eos_after` tokens unless ignore_eos) and Cancel (dropped before the next step,
 acknowledged with CancelAck), and emits a deterministic token per (request, seq).
 
+With a prompt cache (`prompt_cache_tokens` > 0) and a prefill cost
+(`prefill_seconds_per_token`) it models the real engine's starts too: the
+requests that start in a step (up to the batch's room, those that arrived before
+the step began) are prefilled together and all get their first token at the end
+of that step, which lasts a decode step plus the prefill of the longest uncached
+prompt among them; a finished or cancelled request's tokens are kept (LRU, at
+most `prompt_cache_tokens` in all) and a later prompt sharing a prefix with them
+prefills only the rest (its GenerationFinished says how many were cached). Both
+default to off: the timing then stays what recorded schedules expect.
+
 For the simulator it also reports what it did to an optional `RunnerObserver`
 (the oracle the invariants compare clients against) and can hang (stop stepping
 but keep its pipe open and keep reading commands).
@@ -23,7 +33,8 @@ its requests with `runner_died`, every rank sends RunnerError and exits.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -148,6 +159,46 @@ class RunnerGroup:
 class _Active:
     command: TextGeneration
     emitted: int = 0
+    cached: int = 0  # prompt tokens its start took from the prompt cache
+
+
+class FakePromptCache:
+    """The token bookkeeping of the real prefix cache (exo_trio/runner/prefix_cache.py)
+    without KV: finished requests' tokens, LRU, at most `capacity` tokens in all; a
+    lookup gives the longest prefix shared with a prompt, all of it but its last
+    token at most."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[int, ...], None] = OrderedDict()  # LRU first
+        self.held = 0
+
+    def lookup(self, prompt: Sequence[int]) -> int:
+        best, best_key = 0, None
+        for key in reversed(self.entries):
+            shared = 0
+            for a, b in zip(key, prompt[: len(prompt) - 1], strict=False):
+                if a != b:
+                    break
+                shared += 1
+            if shared > best:
+                best, best_key = shared, key
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best
+
+    def store(self, tokens: Sequence[int]) -> None:
+        key = tuple(tokens)
+        if not key or len(key) > self.capacity:
+            return
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        self.entries[key] = None
+        self.held += len(key)
+        while self.held > self.capacity:
+            oldest, _ = self.entries.popitem(last=False)
+            self.held -= len(oldest)
 
 
 class FakeRunner:
@@ -166,6 +217,8 @@ class FakeRunner:
         group: RunnerGroup | None = None,
         rank: int = 0,
         detect_delay: Callable[[], float] = lambda: 0.0,
+        prompt_cache_tokens: int = 0,
+        prefill_seconds_per_token: float = 0.0,
     ) -> None:
         self.stream = stream
         self.model = model
@@ -184,6 +237,13 @@ class FakeRunner:
         self.rank = rank
         self.detect_delay = detect_delay
         self._stopping = False
+        # Starts modelled (see the module docstring), or every active request
+        # simply emits a token each step.
+        self.models_starts = prompt_cache_tokens > 0 or prefill_seconds_per_token > 0
+        self.prompt_cache = FakePromptCache(prompt_cache_tokens)
+        self.prefill_seconds_per_token = prefill_seconds_per_token
+        self.cache_hits = 0  # requests started with cached tokens
+        self.burst_starts = 0  # steps that started more than one request
 
     async def run(self) -> None:
         await self._send(
@@ -307,7 +367,10 @@ class FakeRunner:
                 self.observer.started(self, command)
             self._wake.set()
         elif isinstance(command, Cancel):
-            known = self.active.pop(command.request_id, None) is not None
+            job = self.active.pop(command.request_id, None)
+            known = job is not None
+            if job is not None:
+                self._keep(job)
             if self.observer is not None:
                 self.observer.cancelled(self, command.request_id, known)
             await self._send(
@@ -320,7 +383,14 @@ class FakeRunner:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            await trio.sleep(self.step_delay())
+            delay = self.step_delay()
+            starting: list[_Active] = []
+            if self.models_starts:
+                starting = self._starting()
+                delay += self.prefill_seconds_per_token * max(
+                    (len(job.command.prompt_tokens) - job.cached for job in starting), default=0
+                )
+            await trio.sleep(delay)
             group = self.group
             if group is not None and group.stalled_until > trio.current_time():
                 await trio.sleep_until(group.stalled_until)  # a collective waits
@@ -329,17 +399,41 @@ class FakeRunner:
                 continue
             self.steps += 1
             events: list[GenerationEvent] = []
-            for rid, job in list(self.active.items())[: self.max_batch]:
+            jobs = list(self.active.items())[: self.max_batch]
+            if self.models_starts:
+                # What arrived during the step starts at the next one, as in the engine.
+                started = {job.command.request_id for job in starting}
+                jobs = [(rid, job) for rid, job in jobs if job.emitted or rid in started]
+                self.cache_hits += sum(1 for _, job in jobs if not job.emitted and job.cached)
+                if sum(1 for _, job in jobs if not job.emitted) > 1:
+                    self.burst_starts += 1
+            for rid, job in jobs:
                 events.extend(self._step_one(rid, job))
             await self._send(events)
             if self.observer is not None:
                 self.observer.sent(self, events)
+
+    def _starting(self) -> list[_Active]:
+        """The requests the next step starts (those waiting within the batch's
+        room), each looked up in the prompt cache."""
+        starting = [job for job in list(self.active.values())[: self.max_batch] if job.emitted == 0]
+        for job in starting:
+            job.cached = self.prompt_cache.lookup(job.command.prompt_tokens)
+        return starting
+
+    def _keep(self, job: _Active) -> None:
+        """A request is over: its prompt and what it generated go into the cache."""
+        if self.models_starts:
+            rid = job.command.request_id
+            generated = [fake_token(rid, seq) for seq in range(job.emitted)]
+            self.prompt_cache.store([*job.command.prompt_tokens, *generated])
 
     def _step_one(self, rid: str, job: _Active) -> list[GenerationEvent]:
         params = job.command.params
         prompt = len(job.command.prompt_tokens)
         if self.eos_after is not None and not params.ignore_eos and job.emitted >= self.eos_after:
             del self.active[rid]
+            self._keep(job)
             return [self._finished(rid, job, "stop", prompt)]
         token = fake_token(rid, job.emitted)
         text = self.text_of(job.emitted, token)
@@ -362,6 +456,7 @@ class FakeRunner:
         job.emitted += 1
         if job.emitted >= params.max_tokens:
             del self.active[rid]
+            self._keep(job)
             events.append(self._finished(rid, job, "length", prompt))
         return events
 
@@ -373,6 +468,7 @@ class FakeRunner:
             finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=prompt,
             completion_tokens=job.emitted,
+            cached_tokens=job.cached,
         )
 
     async def _send(self, messages: list[object]) -> None:

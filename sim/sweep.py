@@ -37,6 +37,10 @@ KEY_COVERAGE = (
     "link_cut_mid_stream",
     "node_crash_mid_stream",
     "leader_change_mid_stream",
+    # With the runners modelling the engine's starts: a prompt cache hit, and a
+    # step that started several requests together.
+    "prompt_cache_hit",
+    "burst_start",
 )
 
 
@@ -56,6 +60,8 @@ def key_coverage(scenario: Scenario) -> tuple[str, ...]:
         skip.add("link_cut_mid_stream")
     if "crash" not in scenario.fault_kinds:
         skip.add("node_crash_mid_stream")
+    if not scenario.prompt_cache_tokens:
+        skip |= {"prompt_cache_hit", "burst_start"}
     return tuple(k for k in KEY_COVERAGE if k not in skip)
 
 

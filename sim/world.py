@@ -287,6 +287,8 @@ class SimNode:
                 group=group,
                 rank=rank,
                 detect_delay=world.group_detect_delay,
+                prompt_cache_tokens=world.plan.scenario.prompt_cache_tokens,
+                prefill_seconds_per_token=world.plan.scenario.prefill_seconds_per_token,
             )
             handle = RunnerHandle(runner, theirs, trio.CancelScope(), self)
             world.runners.append(handle)
@@ -572,6 +574,9 @@ class World:
             self.relay_stats.append((f"{node.node_id}i{node.incarnation}", relay))
             self.coverage["relay_resent"] += relay.resent
             self.coverage["relay_duplicates"] += relay.duplicates
+        for handle in self.runners:
+            self.coverage["prompt_cache_hit"] += handle.runner.cache_hits
+            self.coverage["burst_start"] += handle.runner.burst_starts
 
     def _stray_shards(self, node: SimNode) -> list[str]:
         """Shards a surviving node still holds that are not part of a ready

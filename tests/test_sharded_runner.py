@@ -3,6 +3,7 @@ loopback, serving the demo model pipeline-split and tensor-split."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -198,10 +199,14 @@ async def test_sharded_matches_single_runner(
             assert a2 == reference_tokens["a"][: len(a2)]
             assert b1 == reference_tokens["b"]
 
-            # The group keeps serving after the cancel.
+            # The group keeps serving after the cancel; a3's prompt is a1's, which
+            # every rank's prefix cache holds (its own layers' part): all of it but
+            # the last token is reused, and the output is still the reference.
             await leader.send(generation("a3", 5))
             tokens, final = await collect(leader, "a3")
             assert tokens == reference_tokens["a"][:5]
+            assert isinstance(final, GenerationFinished)
+            assert final.cached_tokens == len(PROMPTS["a"]) - 1
 
             # Sampling without a seed: rank 0 picks one for all ranks, so they stay in
             # step (otherwise the step exchange would report diverged ranks).
@@ -258,6 +263,20 @@ async def test_sharded_matches_single_runner(
             with trio.fail_after(10):
                 assert await leader.proc.wait() == 0
                 assert await follower.proc.wait() == 0
+
+            # Both ranks made the same cache decisions from the same requests (the
+            # same lookups, hits, tokens reused and entries), each holding the
+            # bytes of its own layers.
+            reports = []
+            for rank in ranks:
+                with contextlib.suppress(StopAsyncIteration, trio.BrokenResourceError):
+                    while True:
+                        await rank.receive()
+                assert rank.cache_stats is not None
+                reports.append(rank.cache_stats)
+            same = ("lookups", "hits", "tokens_reused", "entries", "evictions")
+            assert [getattr(reports[0], f) for f in same] == [getattr(reports[1], f) for f in same]
+            assert reports[0].hits >= 1 and all(r.bytes > 0 for r in reports)
 
 
 async def test_killed_rank_fails_in_flight_requests(
@@ -324,6 +343,20 @@ async def test_idle_group_does_not_spin(demo_model_dir: Path, tmp_path: Path) ->
             with trio.fail_after(10):
                 assert await leader.proc.wait() == 0
                 assert await follower.proc.wait() == 0
+
+            # Both ranks made the same cache decisions from the same requests (the
+            # same lookups, hits, tokens reused and entries), each holding the
+            # bytes of its own layers.
+            reports = []
+            for rank in ranks:
+                with contextlib.suppress(StopAsyncIteration, trio.BrokenResourceError):
+                    while True:
+                        await rank.receive()
+                assert rank.cache_stats is not None
+                reports.append(rank.cache_stats)
+            same = ("lookups", "hits", "tokens_reused", "entries", "evictions")
+            assert [getattr(reports[0], f) for f in same] == [getattr(reports[1], f) for f in same]
+            assert reports[0].hits >= 1 and all(r.bytes > 0 for r in reports)
 
 
 async def test_killed_leader_ends_idle_follower(demo_model_dir: Path, tmp_path: Path) -> None:
