@@ -615,8 +615,12 @@ def test_no_cors_headers_unless_configured(node: NodeProcess) -> None:
 # ---- metrics ----
 
 
-def test_metrics_in_prometheus_format(node: NodeProcess, oai: openai.OpenAI) -> None:
-    oai.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3)
+def test_metrics_in_prometheus_format(
+    node: NodeProcess, oai: openai.OpenAI, encoder: HFPromptEncoder
+) -> None:
+    # Twice: the second reuses the first's prompt from the prefix cache.
+    for _ in range(2):
+        oai.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3)
     text = httpx.get(f"{node.base_url}/metrics", timeout=10).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -638,3 +642,9 @@ def test_metrics_in_prometheus_format(node: NodeProcess, oai: openai.OpenAI) -> 
     assert value("exo_trio_orphan_events_total", kind="unknown") == 0
     assert value("exo_trio_orphan_events_total", kind="after_terminal") == 0
     assert value("exo_trio_runner_ready") == 1
+    prompt_tokens = len(encoder.chat_tokens(MESSAGES))
+    assert value("exo_trio_prompt_cache_hits_total") >= 1
+    assert value("exo_trio_prompt_cache_lookups_total") >= value("exo_trio_prompt_cache_hits_total")
+    assert value("exo_trio_prompt_cache_tokens_reused_total") >= prompt_tokens - 1
+    assert value("exo_trio_prompt_cache_entries") >= 1
+    assert 0 < value("exo_trio_prompt_cache_bytes") <= value("exo_trio_prompt_cache_capacity_bytes")
