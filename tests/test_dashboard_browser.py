@@ -3,9 +3,9 @@ against a real 2-node cluster started with an API key: the key is asked for and 
 wrong one is an error, the cluster appears with its link and its split instance,
 the page fits a phone, a chat streams tokens with its timings and keeps the
 conversation, Stop cancels through the node (whose in-flight count returns to 0),
-a model placed on a chosen node comes up and is deleted from the page, and a
-killed node leaves the page, its instance changes and the answer it cut ends with
-an error.
+a hub model placed on a chosen node shows its download's progress, comes up
+and is deleted from the page, and a killed node leaves the page, its instance
+changes and the answer it cut ends with an error.
 
 One browser and one cluster for the whole module; the tests run in order. The
 screenshots go to pytest's temporary directory (printed at the end of the run:
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fake_hub import FakeHub
 from tests.nodeproc import NodeProcess, free_port, start_node
 
 CHROMIUM = shutil.which("chromium")
@@ -50,10 +51,13 @@ WAIT = 60_000  # ms: a generous bound for a shared 2-core machine
 
 
 class TwoNodes:
-    def __init__(self, model_dir: Path, root: Path) -> None:
+    def __init__(self, model_dir: Path, root: Path, hub: FakeHub) -> None:
         ports = {"a": free_port(), "b": free_port()}
+        self.hub = hub
         self.nodes: dict[str, NodeProcess] = {}
         for name, other in (("a", "b"), ("b", "a")):
+            # A local hub (tests/fake_hub.py) for the models placed from the page.
+            env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(root / name / "hf-cache")}
             self.nodes[name] = start_node(
                 model_dir,
                 root / name,
@@ -64,6 +68,7 @@ class TwoNodes:
                 "--no-discovery",
                 "--api-key", KEY,
                 "--cpu-affinity", "off",
+                env=env,
             )  # fmt: skip
 
     def get(self, name: str, path: str) -> httpx.Response:
@@ -88,13 +93,16 @@ class TwoNodes:
 
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
-    nodes = TwoNodes(demo_model_dir, tmp_path_factory.mktemp("dashboard"))
-    try:
-        for node in nodes.nodes.values():
-            node.wait_healthy(120)
-        yield nodes
-    finally:
-        nodes.stop()
+    with FakeHub() as hub:
+        hub.add_model_dir("org/other", demo_model_dir)
+        nodes = TwoNodes(demo_model_dir, tmp_path_factory.mktemp("dashboard"), hub)
+        try:
+            for node in nodes.nodes.values():
+                node.wait_healthy(120)
+            yield nodes
+        finally:
+            hub.release()
+            nodes.stop()
 
 
 @pytest.fixture(scope="module")
@@ -270,24 +278,37 @@ def test_stop_cancels_through_the_node_and_in_flight_returns_to_zero(
     page.screenshot(path=shots / "chat.png", full_page=True)
 
 
-def test_a_model_placed_on_a_chosen_node_then_deleted(
+def test_a_hub_model_placed_on_a_chosen_node_downloads_then_is_deleted(
     page: Page, cluster: TwoNodes, shots: Path
 ) -> None:
+    """Placed from the page on node b, from the hub: its weights stall on the hub
+    after 12 of their 16 MiB until released, so the page shows the download's
+    progress; then it comes up on b alone, and its card's button deletes it."""
     split = cluster.wait_split()
     form = page.locator("#place-form")
-    form.locator("input[name=model]").fill("demo")
+    form.locator("input[name=model]").fill("org/other")
     form.locator("select[name=sharding]").select_option("pipeline")
     form.locator("input[name=node][value=b]").check()
-    with page.expect_response("**/v1/instances") as placed:
-        form.get_by_role("button", name="Place").click()
-    assert placed.value.status == 201, placed.value.text()
-    new_id = placed.value.json()["id"]
-    expect(page.locator("#place-status")).to_contain_text(new_id)
-    card = page.locator(f'[data-instance="{new_id}"]')
+    cluster.hub.hold_after("model.safetensors", 12_000_000)
+    try:
+        with page.expect_response("**/v1/instances") as placed:
+            form.get_by_role("button", name="Place").click()
+        assert placed.value.status == 201, placed.value.text()
+        new_id = placed.value.json()["id"]
+        expect(page.locator("#place-status")).to_contain_text(new_id)
+        card = page.locator(f'[data-instance="{new_id}"]')
+        expect(card).to_have_attribute("data-state", "downloading", timeout=WAIT)
+        expect(card.locator("progress")).to_be_visible(timeout=WAIT)
+        expect(card).to_contain_text(" MiB of ", timeout=WAIT)
+        page.screenshot(path=shots / "downloading.png", full_page=True)
+    finally:
+        cluster.hub.release()
     expect(card).to_have_attribute("data-state", "ready", timeout=WAIT)
     expect(card).to_contain_text("pipeline across 1 node")
     expect(card.locator("[data-shard=b]")).to_contain_text("ready")
+    expect(card.locator("progress")).to_have_count(0)
     expect(page.locator(f'[data-instance-metrics="{new_id}"]')).to_be_visible()
+    expect(page.locator("#chat-model option[value='org/other']")).to_have_count(1)
     page.screenshot(path=shots / "placed.png", full_page=True)
     page.once("dialog", lambda dialog: dialog.accept())  # "Delete instance …?"
     with page.expect_request("**/v1/instances/**") as deleted:
@@ -295,10 +316,12 @@ def test_a_model_placed_on_a_chosen_node_then_deleted(
     assert deleted.value.method == "DELETE"
     expect(card).to_have_count(0, timeout=WAIT)
     expect(page.locator("#place-status")).to_contain_text(f"deleted {new_id}")
-    # The split instance is untouched.
+    expect(page.locator("#chat-model option[value='org/other']")).to_have_count(0)
+    # The split instance is untouched, and still the chat's model.
     expect(page.locator(f'[data-instance="{split["id"]}"]')).to_have_attribute(
         "data-state", "ready"
     )
+    expect(page.locator("#chat-model")).to_have_value("demo")
     form.locator("input[name=node][value=b]").uncheck()
 
 
