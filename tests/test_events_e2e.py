@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from exo_trio.api.events import MAX_SUBSCRIBERS
 from tests.nodeproc import NodeProcess, serving
 
 
@@ -112,6 +113,30 @@ def test_a_subscriber_that_goes_leaves_nothing(node: NodeProcess) -> None:
         for other in others:
             other.__exit__(None, None, None)
         next_matching(watch, lambda n, b: n == "metrics" and b["value"]["event_streams"] == 1)
+
+
+def test_streams_beyond_the_bound_are_refused(node: NodeProcess) -> None:
+    url = f"{node.base_url}/v1/events"
+    opened: list[Any] = []
+    try:
+        for _ in range(MAX_SUBSCRIBERS):
+            stream = httpx.stream("GET", url, timeout=30)
+            opened.append(stream)
+            assert stream.__enter__().status_code == 200
+        refused = httpx.get(url, timeout=30)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "too_many_subscribers"
+    finally:
+        for stream in opened:
+            stream.__exit__(None, None, None)
+    # Streams whose clients went are no longer counted: a new one is taken again.
+    deadline = time.monotonic() + 60
+    while True:
+        with httpx.stream("GET", url, timeout=30) as again:
+            if again.status_code == 200:
+                break
+        assert time.monotonic() < deadline, "the closed streams are still counted"
+        time.sleep(0.1)
 
 
 def test_a_stream_ends_when_the_node_stops(node: NodeProcess) -> None:

@@ -87,6 +87,8 @@ def sse(event: str, event_id: int, payload: object) -> bytes:
 
 async def events(ctx: ApiContext) -> Response:
     publisher = ctx.events
+    await state(ctx)  # 404 now, as a plain error, on a node without the cluster
+    # No await from this test to the count below, so no two streams pass it at once.
     if publisher.subscribers >= MAX_SUBSCRIBERS:
         raise ApiError(
             503,
@@ -94,7 +96,6 @@ async def events(ctx: ApiContext) -> Response:
             type="server_error",
             code="too_many_subscribers",
         )
-    await state(ctx)  # 404 now, as a plain error, on a node without the cluster
     sampler = MetricsSampler(ctx.node)
 
     async def look() -> dict[str, Any]:
