@@ -59,6 +59,7 @@ from exo_trio.router import Router
 from exo_trio.seams import Seams
 from exo_trio.shard_manager import LauncherFactory, ShardManager
 from exo_trio.streams import StreamRegistry
+from exo_trio.token_relay import ACK_EVERY, BUFFER_LIMIT
 
 
 @dataclass
@@ -92,6 +93,10 @@ class NodeSetup:
     http: HypercornConfig = field(default_factory=HypercornConfig)
     # How soon a single-rank runner that died is started again (doubling to 10 s).
     restart_backoff: float = 0.5
+    # The token relay: acknowledge every this many events; buffer at most this many
+    # unacknowledged events per request (token_relay.py).
+    ack_every: int = ACK_EVERY
+    relay_buffer: int = BUFFER_LIMIT
     # The model store, downloads, the files of a shard and the tokenizers of models
     # placed at run time (None: only `served`; the model endpoints answer 404).
     catalog: ModelCatalog | None = None
@@ -147,7 +152,13 @@ class AssembledNode:
             if catalog is not None:
                 instances = self.cluster.live_instances
                 await nursery.start(catalog.run, lambda: [s.spec for s in instances()])
-            api = partial(serve, self.app, self.setup.http, listen=self.effects.listen_api)
+            api = partial(
+                serve,
+                self.app,
+                self.setup.http,
+                listen=self.effects.listen_api,
+                observer=self.effects.seams.observer,
+            )
             task_status.started(await nursery.start(api))
 
 
@@ -156,7 +167,7 @@ def build_node(setup: NodeSetup, effects: NodeEffects) -> AssembledNode:
     observer = seams.observer
     node_id = setup.node_id
     registry = StreamRegistry(observer)
-    messages = PeerMessages(node_id, observer)
+    messages = PeerMessages(node_id, observer, seams.faults)
     catalog = setup.catalog
     shards = ShardManager(
         effects.launcher_for,
@@ -168,7 +179,17 @@ def build_node(setup: NodeSetup, effects: NodeEffects) -> AssembledNode:
         group_fetched=lambda instance_id: cluster.instance_fetched(instance_id),
     )
     # The Router takes the runners' events (it sets itself as the shards' sink).
-    router = Router(node_id, registry, shards, messages.send, seams.new_id, observer=observer)
+    router = Router(
+        node_id,
+        registry,
+        shards,
+        messages.send,
+        seams.new_id,
+        observer=observer,
+        faults=seams.faults,
+        ack_every=setup.ack_every,
+        buffer_limit=setup.relay_buffer,
+    )
     cluster = Cluster(
         node_id=node_id,
         host=setup.host,

@@ -476,6 +476,8 @@ class Cluster:
             self.changed()
         if report.term >= self.lead_term:  # sent since it granted this term
             self.reports[peer] = report
+        else:
+            self._observer.stale_report(peer, report)
 
     def _on_vote_request(self, peer: str, request: VoteRequest) -> None:
         granted = decide.may_grant(self.term, self.vote, request.term, peer)

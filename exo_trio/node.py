@@ -19,7 +19,7 @@ from exo_trio.metrics import Metrics, NodeSnapshot
 from exo_trio.prompts import PromptEncoder
 from exo_trio.seams import Seams
 from exo_trio.streams import RequestStream, StreamRegistry
-from exo_trio.types import TextGeneration
+from exo_trio.types import GenerationFailed, TextGeneration
 from exo_trio.worker import Worker
 
 if TYPE_CHECKING:
@@ -224,10 +224,13 @@ class Node:
             if dispatched:
                 if stream.finished:
                     self.dispatcher.finished(rid)
+                    how = "failed" if isinstance(stream.terminal, GenerationFailed) else "finished"
                 else:
                     # The client went away, the server is stopping, or the consumer
                     # failed: the runner must stop spending steps on it.
                     self.dispatcher.cancel(rid, handle)
+                    how = "mid_stream" if stream.chunks_received else "before_first"
+                self.seams.observer.request_ended(rid, how)
             self.registry.close(rid)
 
     def open_ids(self) -> list[str]:

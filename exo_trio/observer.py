@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from exo_trio.cluster_messages import ClusterMessage, ClusterView, InstanceSpec
+    from exo_trio.cluster_messages import ClusterMessage, ClusterView, InstanceSpec, NodeReport
     from exo_trio.types import GenerationFailed
 
 
@@ -49,6 +49,9 @@ class Observer:
     def view_changed(self, view: ClusterView) -> None:
         """This node adopted a new cluster view (a leader made it, or sent it)."""
 
+    def stale_report(self, peer: str, report: NodeReport) -> None:
+        """As leader, this node set aside a report sent before its current term."""
+
     # ---- shards (shard_manager.py) ----
 
     def shard_started(self, instance: InstanceSpec, rank: int) -> None:
@@ -61,7 +64,24 @@ class Observer:
         """The runner of this node's shard of an instance changed state (worker.py's
         RunnerState: starting, loading, ready, restarting, stopped, failed)."""
 
-    # ---- requests (router.py, streams.py) ----
+    # ---- requests (api/, node.py, router.py, streams.py) ----
+
+    def admission(self, admitted: bool, in_flight: int, limit: int) -> None:
+        """A generation request was admitted, or refused at capacity (`in_flight`
+        exchanges held of `limit`, before this one)."""
+
+    def timed_out(self, request_id: str, kind: str) -> None:
+        """A request passed one of its time limits ("ttft", "idle", "total") and ends
+        with a timeout error now."""
+
+    def request_ended(self, request_id: str, how: str) -> None:
+        """A dispatched request's scope closed: "finished" or "failed" (its terminal
+        event was read), or given up "before_first" or "mid_stream" (client gone,
+        timed out, consumer failed: its runner work is cancelled)."""
+
+    def send_timed_out(self, connection: object) -> None:
+        """A client read nothing for --send-timeout: its `connection` (the stream
+        the server accepted) is closed."""
 
     def dispatched(self, request_id: str, instance: InstanceSpec) -> None:
         """A registered request was handed to an instance (here, or through a peer)."""

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from exo_trio.cluster_messages import ClusterMessage
 from exo_trio.observer import Observer
 from exo_trio.router import ROUTER_MESSAGES
+from exo_trio.seams import FaultPoints
 
 
 class Handler(Protocol):
@@ -30,9 +31,12 @@ class Outbox(Protocol):
 
 
 class PeerMessages:
-    def __init__(self, node_id: str, observer: Observer | None = None) -> None:
+    def __init__(
+        self, node_id: str, observer: Observer | None = None, faults: FaultPoints | None = None
+    ) -> None:
         self.node_id = node_id
         self._observer = observer or Observer()
+        self._faults = faults or FaultPoints()
         self._links: Outbox | None = None
         self._router: Handler | None = None
         self._cluster: Handler | None = None
@@ -48,7 +52,12 @@ class PeerMessages:
         if peer == self.node_id:
             self._handle(peer, message)
             return True
-        return self._links is not None and self._links.send(peer, message)
+        sent = self._links is not None and self._links.send(peer, message)
+        if sent:
+            # Where the simulator may cut the link right after (the message lost
+            # with it, as a dying TCP connection loses what it had not delivered).
+            self._faults.fire("after_send", peer, message)
+        return sent
 
     def receive(self, peer: str, message: ClusterMessage) -> None:
         """A message from a peer (PeerLinks' on_message; the simulator injects a

@@ -46,6 +46,7 @@ from exo_trio.cluster_messages import (
 )
 from exo_trio.node import CancelOutcome
 from exo_trio.observer import Observer
+from exo_trio.seams import FaultPoints
 from exo_trio.shard_manager import ShardManager
 from exo_trio.streams import StreamRegistry
 from exo_trio.token_relay import ACK_EVERY, BUFFER_LIMIT, RelayStats, TokenRelay
@@ -97,6 +98,7 @@ class Router:
         new_id: Callable[[str], str],
         *,
         observer: Observer | None = None,
+        faults: FaultPoints | None = None,
         ack_every: int = ACK_EVERY,
         buffer_limit: int = BUFFER_LIMIT,
     ) -> None:
@@ -108,6 +110,7 @@ class Router:
         self._send = send
         self._new_id = new_id
         self._observer = observer or Observer()
+        self._faults = faults or FaultPoints()
         # What the cluster told us: the peers linked now, the peers down but still
         # within their grace (they may come back with their requests), the view.
         self.linked: set[str] = set()
@@ -126,6 +129,9 @@ class Router:
         try:
             if spec is None:
                 raise RunnerUnavailable(self.unavailable_reason(command.model))
+            if self._faults.fire("dispatch_refused", command.request_id):
+                # As when the instance's runner died or its link dropped just now.
+                raise RunnerUnavailable(f"instance {spec.instance_id} cannot take it now")
             if spec.entry_node == self.node_id:
                 self._submit_here(spec.instance_id, command)
                 self._stats.dispatched_here += 1
@@ -231,8 +237,11 @@ class Router:
     def deliver(self, event: GenerationEvent) -> None:
         """A runner of this node sent an event: back to the peer that owns the
         request, or to this node's registry."""
-        if not self.relay.relay_event(event):
+        outcome = self.relay.relay_event(event)
+        if outcome == "here":
             self._deliver_here(event)
+        elif outcome == "overflow":
+            self._cancel_here(event.request_id)
 
     def _deliver_here(self, event: GenerationEvent) -> None:
         if isinstance(event, GenerationFailed):
@@ -248,6 +257,9 @@ class Router:
     def _on_remote_generate(self, peer: str, message: RemoteGenerate) -> None:
         self.relay.accept(peer, message)  # first, so its first events find their way
         try:
+            if self._faults.fire("remote_refused", message.command.request_id):
+                # As when this node's runner died just now.
+                raise RunnerUnavailable(f"instance {message.instance_id} cannot take it now")
             self._submit_here(message.instance_id, message.command)
             self._stats.remote_accepted += 1
         except RunnerUnavailable as exc:

@@ -3,9 +3,10 @@
 - wall_clock: wall-clock seconds for values that go on the wire (OpenAI `created`).
   Logic reads only `trio.current_time()`.
 - new_id: ids for requests and responses (uuid4 in production, seeded in the sim).
-- faults: named fault points where real latency lives. No-ops in production; the
-  simulator injects seeded delays and errors there, which is what opens the windows
-  in which races like exo's register-after-dispatch bug live.
+- faults: named fault points where real latency lives, and where error paths can
+  be forced. No-ops in production; the simulator injects seeded delays and errors
+  there, which is what opens the windows in which races like exo's
+  register-after-dispatch bug live, and reaches error branches no healthy run takes.
 - observer: what the node publishes about itself as it runs (observer.py). A
   no-op in production; the simulator and tests watch the node through it.
 """
@@ -21,10 +22,22 @@ from exo_trio.observer import Observer
 
 
 class FaultPoints:
-    """Production fault points: every hook returns at once."""
+    """Production fault points: every hook returns at once, and no error path is
+    forced.
+
+    - `hit`: where latency lives; the simulator may delay or reschedule there.
+    - `fire`: an error path the simulator may force, in the spirit of
+      FoundationDB's BUGGIFY (the code takes its own error branch when it returns
+      True), or a moment at which the simulator breaks something (a link cut right
+      after a message went out). Synchronous; never True in production.
+    """
 
     async def hit(self, name: str, request_id: str | None = None) -> None:
         return None
+
+    def fire(self, name: str, *context: object) -> bool:
+        """`context`: what the simulator may want to know (a request id, a peer)."""
+        return False
 
 
 def random_id(prefix: str) -> str:

@@ -235,6 +235,13 @@ class StreamRegistry:
     def open_ids(self) -> list[str]:
         return list(self._entries)
 
+    def pending(self, request_id: str) -> int:
+        """Events delivered to an open request and not read yet (0 if not open)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return 0
+        return entry.stream._receive.statistics().current_buffer_used
+
     def statistics(self) -> RegistryStats:
         """A snapshot of the counters and of the requests open now."""
         return replace(

@@ -37,6 +37,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from exo_trio.cluster_messages import (
     ClusterMessage,
@@ -63,6 +64,10 @@ BUFFER_LIMIT = 4096
 # The owner acknowledges after this many events (and always at the terminal).
 ACK_EVERY = 32
 RECENT = 4096
+
+
+# What became of a local runner's event (TokenRelay.relay_event).
+Relayed = Literal["here", "relayed", "late", "overflow"]
 
 
 def event_number(event: GenerationEvent) -> int | None:
@@ -217,19 +222,22 @@ class TokenRelay:
         find their way back."""
         self.outgoing[message.command.request_id] = _Outgoing(origin=peer)
 
-    def relay_event(self, event: GenerationEvent) -> bool:
-        """An event of a local runner: relayed to its owner if it belongs to another
-        node's request (or counted late if that request was given up). False when
-        it is this node's own request's: the caller delivers it here."""
+    def relay_event(self, event: GenerationEvent) -> Relayed:
+        """An event of a local runner: "relayed" to its owner if it belongs to
+        another node's request, or counted "late" if that request was given up.
+        "here": it is this node's own request's, the caller delivers it. "overflow":
+        the owner stopped acknowledging, so the request was ended with an error
+        instead, and the caller must stop its runner work."""
         out = self.outgoing.get(event.request_id)
         if out is None:
             if event.request_id in self._cancelled:
                 self._stats.late += 1
-                return True
-            return False
+                return "late"
+            return "here"
         if out.finished:
             self._stats.late += 1
-            return True
+            return "late"
+        outcome: Relayed = "relayed"
         if len(out.events) >= self._buffer_limit and not is_terminal(event):
             self._stats.overflows += 1
             event = GenerationFailed(
@@ -237,11 +245,14 @@ class TokenRelay:
                 kind="peer_lost",
                 message=f"node {out.origin} stopped acknowledging events",
             )
+            # The runner goes on until its cancel arrives: what it still sends is late.
+            self._remember_cancelled(event.request_id)
+            outcome = "overflow"
         out.events.append(event)
         out.finished = is_terminal(event)
         self._stats.sent += 1
         self._send(out.origin, RemoteEvents(request_id=event.request_id, events=(event,)))
-        return True
+        return outcome
 
     def on_ack(self, peer: str, message: RemoteAck) -> None:
         out = self.outgoing.get(message.request_id)

@@ -272,7 +272,8 @@ def do_shrink(
         policy=policy,
         dialects=best.dialects,
         mutant=mutant,
-        expect="fail" if mutant else "pass",
+        # Without a mutant: a bug just found, not fixed yet (the fix flips it to pass).
+        expect="fail",
         violation=kind,
         digest=best.digest,
         seed=result.seed,
@@ -408,6 +409,14 @@ def check_corpus_entry(path: Path) -> list[str]:
 
     problems = []
     healthy = run(None)
+    if entry.expect == "fail" and entry.mutant is None:
+        # A bug found and not fixed yet: it must still be there.
+        if entry.violation not in healthy.kinds:
+            problems.append(
+                f"no longer fails with {entry.violation} (fixed? then expect pass): "
+                f"{sorted(healthy.kinds) or 'no violation'}"
+            )
+        return problems
     if healthy.violations:
         problems.append(f"fails without any mutant: {healthy.violations[0]}")
     if entry.expect == "fail":

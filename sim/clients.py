@@ -1,11 +1,20 @@
-"""Simulated HTTP clients: one request each, over a simulated connection to a node.
+"""Simulated HTTP clients: one generation request each, over simulated connections.
 
 A client sends its dialect's request, decodes the response as it arrives and
 records what it saw (text pieces, terminal events, the end-of-stream marker, the
 ids it was told) in a ClientResult, which the invariants compare against the
 fake runner's ledger. Its plan says how it behaves: read at once, read slowly,
 disconnect before the first chunk, mid-stream or right after the terminal event,
-or ask for its request to be cancelled.
+stop reading without closing (a stalled reader), or ask for its request to be
+cancelled.
+
+A keep-alive client keeps its connection for several requests: first the early
+ones of its plan (an unknown route, a wrong method, a body over the limit, no API
+key: each answered before the app reads the body), sometimes with the body sent
+only after the answer began, sometimes with the next request pipelined behind;
+then its generation request; then, perhaps, it leaves the connection open and
+idle and waits for the node to close it. Told `connection: close` (or closed on),
+it opens a new connection for its next request, as HTTP/1.1 clients do.
 """
 
 from __future__ import annotations
@@ -17,27 +26,48 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
-from sim.dialects import DIALECTS, Bad, Dialect, Done, Error, Finish, Signal, Text
+from sim.dialects import DIALECTS, MODEL, Bad, Dialect, Done, Error, Finish, Signal, Text
 from sim.encoder import tag_text
 from sim.http import (
     Body,
+    Closed,
     End,
+    Event,
     HttpClient,
     NDJSONDecoder,
     ResponseHead,
     SSEDecoder,
     WholeBodyDecoder,
     loads,
+    request_bytes,
 )
-from sim.scenario import ClientPlan
+from sim.scenario import ClientPlan, EarlyRequest
 
 if TYPE_CHECKING:
-    from sim.world import World
+    from sim.world import SimNode, World
 
 REQUEST_ID_HEADER = "x-request-id"
 CANCEL_PATH = "/v1/cancel/{id}"
+# How long after its last response an idle keep-alive client waits for the node to
+# close the connection, beyond the node's keep-alive timeout.
+IDLE_SLACK = 0.5
+# How long a stalled reader stays stalled, in send timeouts (then it reads on).
+STALL_FOR = 4
 
 Ending = Literal["complete", "server_closed", "left", "refused"]
+
+
+@dataclass
+class EarlyResult:
+    """What one early request got."""
+
+    kind: str
+    late_body: bool = False
+    pipelined: bool = False
+    status: int | None = None  # None: no answer
+    told_close: bool = False  # the answer said `connection: close`
+    closed: bool = False  # the node closed the connection after it
+    reused: bool = False  # the next request went out on this same connection
 
 
 @dataclass
@@ -60,6 +90,14 @@ class ClientResult:
     cancel_sent_at: float | None = None
     cancel_node: int | None = None  # the node the cancel went to
     server: Any = None  # the SimNode (incarnation) that served it
+    # Keep-alive: the early requests; the generation request resent on a new
+    # connection (its first copy was pipelined on one the node closed); the idle
+    # wait after the last response (when it began, when the node closed it).
+    early: list[EarlyResult] = field(default_factory=list)
+    resent: bool = False
+    idle_from: float | None = None
+    idle_closed_at: float | None = None
+    stalled_at: float | None = None  # a stalled reader stopped reading then
 
     @property
     def server_died(self) -> bool:
@@ -87,19 +125,40 @@ class Client:
         # (Cancels of odd clients go to another node: all four pairs happen.)
         self.client_id = f"sim-c{plan.index}" if plan.index % 4 in (1, 2) else None
 
+    def _connect(self, node: SimNode) -> HttpClient:
+        stream = node.connect(self.plan)
+        self._streams.append(stream)
+        return HttpClient(stream)
+
+    def _headers(self, key: bool = True) -> dict[str, str]:
+        api_key = self.world.plan.settings.api_key
+        if key and api_key is not None:
+            return {"authorization": f"Bearer {api_key}"}
+        return {}
+
     async def run(self) -> None:
         plan, result, world = self.plan, self.result, self.world
         assert world.t0 is not None
         await trio.sleep_until(world.t0 + plan.start)
         node = world.nodes[plan.node]
         result.server = node
-        stream = node.connect(plan)
-        http = HttpClient(stream)
+        self._streams: list[trio.abc.Stream] = []
+        http = self._connect(node)
         body = json.dumps(self.dialect.body(prompt_for(plan), plan.max_tokens)).encode()
-        headers = {"X-Request-Id": self.client_id} if self.client_id else None
+        headers = self._headers()
+        if self.client_id:
+            headers["X-Request-Id"] = self.client_id
+        head, body = request_bytes(
+            self.dialect.method, self.dialect.path, body, headers, close=not plan.keepalive
+        )
         try:
             try:
-                await http.send_request(self.dialect.method, self.dialect.path, body, headers)
+                sent = False
+                for i, early in enumerate(plan.early):
+                    behind = head + body if i == len(plan.early) - 1 else None
+                    http, sent = await self._early(node, http, early, behind)
+                if not sent:
+                    await http.stream.send_all(head + body)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._end("refused")
                 return
@@ -113,18 +172,96 @@ class Client:
             if plan.behavior == "leave_mid" and not self.dialect.streaming:
                 deadline = trio.current_time() + plan.leave_after_time
             with trio.move_on_at(deadline):
-                await self._read(http)
+                told_close = await self._read(http)
+                if plan.idle_after and result.ending == "complete" and not told_close:
+                    await self._idle(http)
                 return
             self._leave()
         finally:
-            stream.close()
+            for stream in self._streams:
+                stream.close()  # type: ignore[attr-defined]
 
-    async def _read(self, http: HttpClient) -> None:
+    async def _early(
+        self, node: SimNode, http: HttpClient, early: EarlyRequest, behind: bytes | None
+    ) -> tuple[HttpClient, bool]:
+        """Send one early request and read its answer. Returns the connection for
+        the next request (a new one if this one is closed) and whether the
+        generation request (`behind`) already went out on it, pipelined."""
+        world = self.world
+        result = EarlyResult(early.kind, early.late_body)
+        self.result.early.append(result)
+        head, body = early_request(early, self._headers(key=early.kind != "unauthorized"), world)
+        result.pipelined = early.pipelined and not early.late_body and behind is not None
+        world.trace.add("client", self.plan.index, "early", early.kind, early.late_body)
+        out = head if early.late_body else head + body
+        if result.pipelined and behind is not None:
+            out += behind
+        await http.stream.send_all(out)
+        event = await self._answer(http, result)
+        if early.late_body and isinstance(event, ResponseHead):
+            # The answer began before the body was sent: the node answered without
+            # reading it. Now the body, then the rest of the answer.
+            try:
+                await http.stream.send_all(body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            event = await self._answer(http, result)
+        world.trace.add("client", self.plan.index, "answer", result.status, result.told_close)
+        if isinstance(event, End) and not result.told_close:
+            result.reused = True
+            http.next_response()
+            return http, result.pipelined
+        # Closed, or told to close: the next request needs a new connection, and a
+        # pipelined one that went out on this one was never answered: again.
+        result.closed = isinstance(event, Closed)
+        self.result.resent = result.pipelined
+        http.stream.close()  # type: ignore[attr-defined]
+        return self._connect(node), False
+
+    async def _answer(self, http: HttpClient, result: EarlyResult) -> Event:
+        """Read an early answer: up to its head when the body is still to be sent,
+        else to its End (or Closed)."""
+        while True:
+            event = await http.next_event()
+            if isinstance(event, ResponseHead):
+                if result.status is None:
+                    result.status = event.status
+                    result.told_close = event.headers.get("connection", "").lower() == "close"
+                    if result.late_body:
+                        return event
+            elif isinstance(event, End | Closed):
+                return event
+
+    async def _idle(self, http: HttpClient) -> None:
+        """Keep the connection open and idle until the node closes it (or give up
+        after its keep-alive timeout and some slack: the invariants say so)."""
+        result, world = self.result, self.world
+        result.idle_from = trio.current_time()
+        limit = world.plan.scenario.http_keepalive_timeout + IDLE_SLACK
+        with trio.move_on_after(limit):
+            while True:
+                try:
+                    data = await http.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    result.idle_closed_at = trio.current_time()
+                    break
+        world.trace.add("client", self.plan.index, "idle", result.idle_closed_at)
+
+    async def _read(self, http: HttpClient) -> bool:
+        """Read the generation response; returns whether it said `connection: close`."""
         plan, result, world = self.plan, self.result, self.world
         decoder: SSEDecoder | NDJSONDecoder | WholeBodyDecoder = WholeBodyDecoder()
+        told_close = False
         while True:
             if plan.read_pause_max:
                 await trio.sleep(world.choices.between(0.0, plan.read_pause_max))
+            if result.stalled_at is not None:
+                # Stalled: nothing read (nor closed) for a few send timeouts; the node
+                # should cut the connection meanwhile. Then it reads what is left.
+                stall = STALL_FOR * world.plan.settings.send_timeout
+                await trio.sleep_until(result.stalled_at + stall)
             event = await http.next_event()
             if result.first_byte_tick is None:
                 result.first_byte_tick = world.trace.add("client", plan.index, "first-byte")
@@ -132,6 +269,7 @@ class Client:
                 head = event
                 result.status = head.status
                 result.request_id = head.headers.get(REQUEST_ID_HEADER)
+                told_close = head.headers.get("connection", "").lower() == "close"
                 world.trace.add("client", plan.index, "status", head.status)
                 if head.status == 200 and self.dialect.framing == "sse":
                     decoder = SSEDecoder()
@@ -149,7 +287,7 @@ class Client:
                         continue
                     if self._signals(name, payload, result.status or 0):
                         self._leave()
-                        return
+                        return told_close
             elif isinstance(event, End):
                 if isinstance(decoder, WholeBodyDecoder):
                     raw = decoder.finish()
@@ -158,10 +296,10 @@ class Client:
                 elif decoder.leftover.strip():
                     result.bad.append(f"stream ended inside a message: {decoder.leftover[:80]!r}")
                 self._end("complete")
-                return
+                return told_close
             else:  # ConnectionClosed
                 self._end("server_closed")
-                return
+                return told_close
 
     def _signals(self, name: str | None, payload: object, status: int) -> bool:
         """Record what one message meant. True when the client should leave now."""
@@ -183,10 +321,13 @@ class Client:
                 result.bad.append(signal.detail)
         if plan.behavior == "leave_after_last" and result.terminals:
             return True
-        if plan.behavior in ("leave_mid", "cancel_mid") and not result.terminals:
+        if plan.behavior in ("leave_mid", "cancel_mid", "stall") and not result.terminals:
             if len(result.pieces) >= plan.leave_after_pieces:
                 if plan.behavior == "leave_mid":
                     return True
+                if plan.behavior == "stall" and result.stalled_at is None:
+                    result.stalled_at = trio.current_time()
+                    self.world.trace.add("client", plan.index, "stall")
                 if result.cancel_sent_at is None and result.request_id is not None:
                     result.cancel_sent_at = trio.current_time()
                     self.world.spawn(self._cancel, self.client_id or result.request_id)
@@ -201,7 +342,8 @@ class Client:
         stream = nodes[result.cancel_node].connect(plan)
         http = HttpClient(stream)
         try:
-            await http.send_request("POST", CANCEL_PATH.format(id=request_id), b"")
+            path = CANCEL_PATH.format(id=request_id)
+            await http.send_request("POST", path, b"", self._headers())
             while True:
                 event = await http.next_event()
                 if isinstance(event, ResponseHead):
@@ -223,3 +365,20 @@ class Client:
         self.result.ending = how
         self.result.ended_at = trio.current_time()
         self.world.trace.add("client", self.plan.index, "end", how)
+
+
+def early_request(
+    early: EarlyRequest, headers: dict[str, str], world: World
+) -> tuple[bytes, bytes]:
+    """The head and body of an early request of this kind (on a kept-alive connection)."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    method, path = "POST", "/v1/chat/completions"
+    if early.kind == "not_found":
+        # What the openai client's embeddings.create sends, to a route the node lacks.
+        method, path = "POST", "/v1/embeddings"
+        body = json.dumps({"model": MODEL, "input": "hi"})
+    elif early.kind == "method":
+        method = "PUT"
+    elif early.kind == "too_large":
+        body = json.dumps({"model": MODEL, "padding": "x" * world.plan.scenario.max_body_bytes})
+    return request_bytes(method, path, body.encode(), headers, close=False)

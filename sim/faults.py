@@ -38,18 +38,29 @@ class Window:
 
 class SimFaultPoints(FaultPoints):
     """The simulator's fault points: at each hit, maybe a reschedule (other tasks
-    run first), maybe a seeded delay. Production's are no-ops."""
+    run first), maybe a seeded delay; at each BUGGIFY site the run enabled, the
+    error path forced with the run's probability. Production's are no-ops."""
 
     def __init__(
-        self, choices: Choices, plan: FaultPlan, window: Window, trace: Trace, delay_max: float
+        self,
+        choices: Choices,
+        plan: FaultPlan,
+        window: Window,
+        trace: Trace,
+        delay_max: float,
+        buggify: tuple[str, ...] = (),
+        buggify_p: float = 0.0,
     ) -> None:
         self.choices = choices
         self.plan = plan
         self.window = window
         self.trace = trace
         self.delay_max = delay_max
+        self.buggify = frozenset(buggify)
+        self.buggify_p = buggify_p
         self.hits: Counter[str] = Counter()
         self.delays: Counter[str] = Counter()
+        self.fired: Counter[str] = Counter()
 
     async def hit(self, name: str, request_id: str | None = None) -> None:
         self.hits[name] += 1
@@ -63,6 +74,16 @@ class SimFaultPoints(FaultPoints):
             await trio.sleep(delay)
         elif choices.chance(self.plan.point_yield_p):
             await trio.lowlevel.checkpoint()
+
+    def fire(self, name: str, *context: object) -> bool:
+        """Force the error path at an enabled site, in the fault window only (so
+        that liveness is checked after it, as for every other fault)."""
+        if name not in self.buggify or not self.window.active():
+            return False
+        if not self.choices.chance(self.buggify_p):
+            return False
+        self.fired[name] += 1
+        return True
 
 
 def link_shaper(

@@ -1,8 +1,9 @@
 """A small HTTP/1.1 client over one simulated stream, and response framings.
 
 The simulated clients speak real HTTP to the real app on hypercorn (whose server
-side is h11, as in production): one request per connection, the response read
-incrementally (sized or chunked) so a client can stop, disconnect, at any point.
+side is h11, as in production): a request per connection, or several one after
+the other on a kept-alive one (pipelined too), each response read incrementally
+(sized or chunked) so a client can stop, disconnect, at any point.
 The client side is a small strict parser rather than h11: it runs for every byte
 of every response of every seed, and hypercorn's output is all it must read.
 The framings turn body bytes into messages: SSE events, NDJSON lines, or one
@@ -57,6 +58,17 @@ class ResponseParser:
     @property
     def done(self) -> bool:
         return self._state == "done"
+
+    def next_response(self) -> list[Event]:
+        """After a complete response on a kept-alive connection: parse the next one
+        from what is already buffered."""
+        if self._state != "done":
+            raise ProtocolError("the previous response is not complete")
+        self._state = "head"
+        events: list[Event] = []
+        while self._step(events):
+            pass
+        return events
 
     def feed(self, data: bytes) -> list[Event]:
         """Events for the bytes so far; b"" means the peer closed."""
@@ -156,9 +168,29 @@ class ResponseParser:
                 self._state = "done"
                 events.append(End())
             return True
-        if buffer:  # done: nothing may follow on a `connection: close` exchange
-            raise ProtocolError(f"bytes after the response: {bytes(buffer[:40])!r}")
+        # done: the next response's bytes wait in the buffer (keep-alive)
         return False
+
+
+def request_bytes(
+    method: str,
+    target: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    *,
+    close: bool = True,
+    host: str = "sim",
+) -> tuple[bytes, bytes]:
+    """The head and the body of a request (`close`: ask for `connection: close`)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    if close:
+        extra += "connection: close\r\n"
+    head = (
+        f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"{extra}\r\n"
+    )
+    return head.encode(), body
 
 
 class HttpClient:
@@ -169,15 +201,20 @@ class HttpClient:
         self._events: list[Event] = []
 
     async def send_request(
-        self, method: str, target: str, body: bytes, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        close: bool = True,
     ) -> None:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-        head = (
-            f"{method} {target} HTTP/1.1\r\nhost: {self.host}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"{extra}connection: close\r\n\r\n"
-        )
-        await self.stream.send_all(head.encode() + body)
+        head, body = request_bytes(method, target, body, headers, close=close, host=self.host)
+        await self.stream.send_all(head + body)
+
+    def next_response(self) -> None:
+        """Read the next response on this connection (after the last one's End)."""
+        self._events = self._parser.next_response()
 
     async def next_event(self, read_size: int = 65536) -> Event:
         """The next event: ResponseHead, Body, End, or Closed (the connection ended

@@ -138,7 +138,10 @@ class SimNetwork:
         faults = plan.cluster
         delay = plan.scenario.link_delay_max
         self.opened += 1
+        capacity = plan.settings.link_capacity
         client, server = pipe_pair(
+            capacity_ab=capacity,
+            capacity_ba=capacity,
             shaper_ab=link_shaper(
                 world.choices, world.window, faults.link_delay_p, faults.link_split_p, delay
             ),

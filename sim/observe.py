@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from exo_trio.cluster_messages import ClusterMessage, InstanceSpec, StartShard
+import trio
+
+from exo_trio.cluster_messages import ClusterMessage, InstanceSpec, NodeReport, StartShard
 from exo_trio.observer import Observer
 from exo_trio.types import GenerationFailed
 
@@ -69,9 +71,34 @@ class SimObserver(Observer):
         self.world.watch.dispatched(self.node, request_id, instance)
 
     def request_failed(self, event: GenerationFailed) -> None:
+        watch = self.world.watch
+        watch.failed(self.node, event)
         if event.kind == "peer_lost":
-            self.world.watch.lost_peer(self.node, event.request_id)
+            watch.lost_peer(self.node, event.request_id)
 
     def first_chunk(self, request_id: str, reader_waiting: bool) -> None:
         if not reader_waiting:
             self.world.coverage["chunk_before_consumer_read"] += 1
+
+    def admission(self, admitted: bool, in_flight: int, limit: int) -> None:
+        self.world.coverage["admission_admitted" if admitted else "admission_refused"] += 1
+        if not admitted:
+            self.world.watch.refusals.append((self.node.index, trio.current_time(), in_flight))
+
+    def timed_out(self, request_id: str, kind: str) -> None:
+        self.world.coverage[f"timeout_{kind}"] += 1
+        # Events already waiting in the request's channel when the node gave up on
+        # it: a time limit on the runner's progress must not fire then.
+        waiting = self.node.registry.pending(request_id)
+        self.world.watch.timeouts[request_id] = (kind, trio.current_time(), waiting)
+
+    def request_ended(self, request_id: str, how: str) -> None:
+        self.world.coverage[f"request_ended_{how}"] += 1
+        self.world.watch.ended[request_id] = (how, trio.current_time())
+
+    def send_timed_out(self, connection: object) -> None:
+        self.world.coverage["send_timeout"] += 1
+        self.world.watch.send_timeouts[id(connection)] = trio.current_time()
+
+    def stale_report(self, peer: str, report: NodeReport) -> None:
+        self.world.coverage["stale_report_set_aside"] += 1

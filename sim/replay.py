@@ -2,9 +2,11 @@
 
 A replay file is JSON. `choices` is the whole recorded list; `policy`,
 `scenario`, `nodes`, `dialects` and `mutant` say how to run it; `expect` says
-what a replay must show ("pass":
-the run is healthy, as every regression entry must be once its bug is fixed;
-"fail": with `mutant` applied, the run must violate `violation`). `digest` is the
+what a replay must show ("pass": the run is healthy, as every regression entry
+must be once its bug is fixed; "fail" with a `mutant`: with that bug applied, the
+run must violate `violation`, and pass without it; "fail" without one: a bug
+found and not fixed yet, the run must still violate `violation`, until the fix
+flips the entry to "pass"). `digest` is the
 trace digest the run had when it was recorded (a replay on the same code
 reproduces it; a change to the code may legitimately change it).
 """

@@ -1,9 +1,15 @@
 """What one run does: the scenario's knobs, and the plan drawn from the choice list.
 
-The plan (workload, fault rates, runner crashes and hangs, which nodes serve the
-model, the cluster faults) is drawn first, so it sits at the head of the choice
-list; scheduling and per-event fault decisions follow. A drawn 0 always means the
-healthy, simple option.
+The plan is drawn first, so it sits at the head of the choice list; scheduling and
+per-event fault decisions follow. A drawn 0 always means the healthy, simple
+option.
+
+Swarm testing: each run first draws its `Swarm`, which kinds of trouble and which
+node settings it enables at all (runner crashes or not, cluster faults or not,
+short time limits of each kind, small relay buffers, keep-alive clients, ...), and
+only then the workload and the faults within what is enabled. A sweep of many runs
+then meets rare combinations often (two short time limits and a partition in the
+same run), instead of always the same average mix.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ Behavior = Literal[
     "leave_mid",  # disconnects after some chunks (non-streaming: after some time)
     "leave_after_last",  # disconnects right after the terminal event, before the end
     "cancel_mid",  # asks POST /v1/cancel/{id} after some chunks, reads on to the end
+    "stall",  # stops reading after some chunks without closing (the send timeout cuts it)
 ]
 BEHAVIORS: tuple[Behavior, ...] = (
     "normal",
@@ -31,7 +38,22 @@ BEHAVIORS: tuple[Behavior, ...] = (
 )
 # Behaviours that give up before the end: they ask for more tokens, so the runner
 # is still busy with them when they go.
-GIVING_UP: frozenset[str] = frozenset({"leave_before_first", "leave_mid", "cancel_mid"})
+GIVING_UP: frozenset[str] = frozenset({"leave_before_first", "leave_mid", "cancel_mid", "stall"})
+
+# Requests a keep-alive client may send before its generation request, on the same
+# connection, each answered early (before the app reads the body): an unknown route,
+# a wrong method, a body over the node's limit, a missing API key.
+EarlyKind = Literal["not_found", "method", "too_large", "unauthorized"]
+EARLY_KINDS: tuple[EarlyKind, ...] = ("not_found", "method", "too_large", "unauthorized")
+EARLY_STATUS: dict[str, int] = {
+    "not_found": 404,
+    "method": 405,
+    "too_large": 413,
+    "unauthorized": 401,
+}
+# Error paths production code can be made to take (seams.FaultPoints.fire).
+BUGGIFY_SITES: tuple[str, ...] = ("dispatch_refused", "remote_refused", "after_send")
+TIMEOUT_KINDS: tuple[str, ...] = ("ttft", "idle", "total")
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,14 @@ class Scenario:
     long_outage: tuple[float, float] = (2.5, 4.0)
     # How long a broken distributed group takes to notice (its collective fails).
     group_detect_max: float = 0.05
+    # Swarm knobs: the ranges of the settings a run may draw.
+    long_tokens: tuple[int, int] = (200, 2000)
+    short_ttft: tuple[float, float] = (0.02, 0.3)
+    short_idle: tuple[float, float] = (0.01, 0.1)
+    short_total: tuple[float, float] = (0.1, 1.0)
+    short_send_timeout: tuple[float, float] = (0.05, 0.3)
+    http_keepalive_timeout: float = 1.0  # hypercorn's keep_alive_timeout (production: 5)
+    max_body_bytes: int = 16384  # a "too_large" early request sends more
     # Focus knobs (None / True: drawn from the list as usual).
     leader_serves: bool | None = None  # does node 0, the first leader, serve the model
     single_server: bool = False  # exactly one node serves: every other relays to it
@@ -80,6 +110,8 @@ class Scenario:
     # token (0, 0: off, every scenario recorded before the cache keeps its timing).
     prompt_cache_tokens: int = 0
     prefill_seconds_per_token: float = 0.0
+    # Swarm features every run of this scenario has (its focus), not drawn.
+    always: tuple[str, ...] = ()
 
 
 DEFAULT = Scenario()
@@ -94,6 +126,7 @@ SCENARIOS: dict[str, Scenario] = {
         leader_serves=False,
         runner_crashes=False,
         leader_faults=True,
+        always=("cluster_faults",),
     ),
     # The links between nodes are cut, held and reset while requests stream
     # across them: the relay must lose nothing it can re-send.
@@ -103,6 +136,7 @@ SCENARIOS: dict[str, Scenario] = {
         single_server=True,
         fault_kinds=("reset", "partition"),
         max_cluster_faults=4,
+        always=("cluster_faults",),
     ),
     # Node 0 crashes and comes back quickly (within the relay's grace, often
     # before its links time out): nothing may wait for its previous life.
@@ -112,6 +146,7 @@ SCENARIOS: dict[str, Scenario] = {
         leader_faults=True,
         fault_kinds=("crash",),
         long_outage_p=0.0,
+        always=("cluster_faults",),
     ),
     # The runners keep a prompt cache and prefill what starts in a step together
     # (the simulated prompts share their first ~30 tokens, so hits are common and
@@ -140,6 +175,16 @@ def scenario_for(nodes: int | None = None, base: Scenario | str = DEFAULT) -> Sc
 
 
 @dataclass(frozen=True)
+class EarlyRequest:
+    """A request answered before its body is read, sent ahead of the generation
+    request on a keep-alive connection."""
+
+    kind: EarlyKind
+    late_body: bool  # the body goes out only once the response has arrived
+    pipelined: bool  # the next request is written at once, before this response
+
+
+@dataclass(frozen=True)
 class ClientPlan:
     index: int
     dialect: str
@@ -151,6 +196,11 @@ class ClientPlan:
     leave_after_time: float
     read_pause_max: float
     recv_capacity: int
+    # Keep-alive: the connection is kept for several requests (early ones first),
+    # and, with `idle_after`, left open after the last one until the node closes it.
+    keepalive: bool = False
+    early: tuple[EarlyRequest, ...] = ()
+    idle_after: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,42 +257,150 @@ class ClusterPlan:
 
 
 @dataclass(frozen=True)
+class Swarm:
+    """What this run enables at all (each off when its draw is 0)."""
+
+    runner_crashes: bool = False
+    runner_hangs: bool = False
+    point_faults: bool = False  # delays and reschedules at the production fault points
+    stream_faults: bool = False  # delays and split writes on connections, pipes, links
+    cluster_faults: bool = False  # resets, partitions, node crashes
+    stale_messages: bool = False  # a deposed leader's commands, reports from old terms
+    buggify: tuple[str, ...] = ()  # error paths forced (BUGGIFY_SITES)
+    leaving_clients: bool = False  # clients that leave, cancel or stall
+    slow_readers: bool = False
+    keepalive_clients: bool = False
+    long_requests: bool = False
+    short_timeouts: tuple[str, ...] = ()  # TIMEOUT_KINDS made short
+    small_acks: bool = False  # the relay acknowledges every 1 to 4 events
+    small_buffers: bool = False  # small relay buffers and link socket buffers
+    small_batch: bool = False  # a runner batch of 2 (the queue backs up)
+    tight_admission: bool = False  # few requests may wait: 429s
+    api_key: bool = False  # the nodes require one (clients send it)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The nodes' settings for this run (the daemon's flags)."""
+
+    keepalive: float  # the API's keep-alive interval (short ones exercise its timeouts)
+    max_batch: int  # the fake runner's batch: requests beyond it wait for a slot
+    max_queued: int  # admission: requests beyond max_batch + this are refused (429)
+    ttft_timeout: float = 0.0  # 0: production's default (which never fires here)
+    idle_timeout: float = 0.0
+    request_timeout: float = 0.0
+    send_timeout: float = 0.0  # 0: production's default
+    ack_every: int = 32  # token_relay.ACK_EVERY
+    relay_buffer: int = 4096  # token_relay.BUFFER_LIMIT
+    link_capacity: int = 65536  # bytes a link's socket buffers hold each way
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     scenario: Scenario
+    swarm: Swarm
+    settings: NodeSettings
     clients: tuple[ClientPlan, ...]
     runner: RunnerPlan
     faults: FaultPlan
     cluster: ClusterPlan
-    keepalive: float  # the API's keep-alive interval (short ones exercise its timeouts)
-    max_batch: int  # the fake runner's batch: requests beyond it wait for a slot
-    max_queued: int  # admission: requests beyond max_batch + this are refused (429)
+    buggify_p: float  # how often an enabled BUGGIFY site fires (in the fault window)
+
+    # The settings the rest of the simulator read directly.
+    @property
+    def keepalive(self) -> float:
+        return self.settings.keepalive
+
+    @property
+    def max_batch(self) -> int:
+        return self.settings.max_batch
+
+    @property
+    def max_queued(self) -> int:
+        return self.settings.max_queued
 
 
-def client_behaviors(streaming: bool, can_cancel: bool) -> tuple[Behavior, ...]:
+def client_behaviors(streaming: bool, can_cancel: bool, stall: bool) -> tuple[Behavior, ...]:
     """What a client of a dialect can do: only a streaming client sees chunks (to
-    leave after some, or after the last) and learns its id in time to cancel."""
+    leave after some, or after the last, or stop reading) and learns its id in time
+    to cancel."""
     if not streaming:
         return ("normal", "leave_before_first", "leave_mid")
-    if not can_cancel:
-        return tuple(b for b in BEHAVIORS if b != "cancel_mid")
-    return (*BEHAVIORS, "cancel_mid")  # cancelling twice as likely: it has the most paths
+    behaviors = [b for b in BEHAVIORS if b != "cancel_mid" or can_cancel]
+    if can_cancel:
+        behaviors.append("cancel_mid")  # cancelling twice as likely: it has the most paths
+    if stall:
+        behaviors.append("stall")
+    return tuple(behaviors)
+
+
+def draw_swarm(choices: Choices, s: Scenario) -> Swarm:
+    """Each feature on or off for this run (the scenario may rule one out)."""
+
+    def on(allowed: bool = True, name: str = "") -> bool:
+        if name in s.always:
+            return allowed
+        return allowed and choices.draw(2) == 1
+
+    return Swarm(
+        runner_crashes=on(s.runner_crashes),
+        runner_hangs=on(),
+        point_faults=on(),
+        stream_faults=on(),
+        cluster_faults=on(s.nodes > 1 and s.max_cluster_faults > 0, "cluster_faults"),
+        stale_messages=on(s.nodes > 1),
+        buggify=tuple(site for site in BUGGIFY_SITES if on(s.nodes > 1 or site != "after_send")),
+        leaving_clients=on(),
+        slow_readers=on(),
+        keepalive_clients=on(),
+        long_requests=on(),
+        short_timeouts=tuple(kind for kind in TIMEOUT_KINDS if on()),
+        small_acks=on(s.nodes > 1),
+        small_buffers=on(),
+        small_batch=on(),
+        tight_admission=on(),
+        api_key=on(),
+    )
+
+
+def draw_settings(choices: Choices, s: Scenario, swarm: Swarm) -> NodeSettings:
+    timeouts = {
+        kind: choices.between(*span) if kind in swarm.short_timeouts else 0.0
+        for kind, span in (("ttft", s.short_ttft), ("idle", s.short_idle), ("total", s.short_total))
+    }
+    return NodeSettings(
+        keepalive=choices.pick((s.keepalive, 0.05)),
+        max_batch=choices.pick((2, 1)) if swarm.small_batch else choices.pick((8, 4, 32)),
+        max_queued=choices.pick((2, 0)) if swarm.tight_admission else 64,
+        ttft_timeout=timeouts["ttft"],
+        idle_timeout=timeouts["idle"],
+        request_timeout=timeouts["total"],
+        send_timeout=choices.between(*s.short_send_timeout) if swarm.leaving_clients else 0.0,
+        ack_every=choices.int_between(1, 4) if swarm.small_acks else 32,
+        relay_buffer=choices.int_between(4, 32) if swarm.small_buffers else 4096,
+        link_capacity=choices.pick((2048, 512)) if swarm.small_buffers else 65536,
+        api_key="sim-key" if swarm.api_key else None,
+    )
 
 
 def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_cancel: bool) -> Plan:
     s = scenario
+    swarm = draw_swarm(choices, s)
+    settings = draw_settings(choices, s, swarm)
+    point = swarm.point_faults
+    stream = swarm.stream_faults
     faults = FaultPlan(
         window=s.fault_window,
-        point_delay_p=choices.pick((0.0, 0.2, 0.5, 0.9)),
-        point_yield_p=choices.pick((0.0, 0.5)),
-        http_delay_p=choices.pick((0.0, 0.3, 0.8)),
-        http_split_p=choices.pick((0.0, 0.2, 0.5)),
-        pipe_delay_p=choices.pick((0.0, 0.3, 0.8)),
-        pipe_split_p=choices.pick((0.0, 0.2, 0.5)),
+        point_delay_p=choices.pick((0.2, 0.5, 0.9)) if point else 0.0,
+        point_yield_p=choices.pick((0.0, 0.5)) if point else 0.0,
+        http_delay_p=choices.pick((0.0, 0.3, 0.8)) if stream else 0.0,
+        http_split_p=choices.pick((0.0, 0.2, 0.5)) if stream else 0.0,
+        pipe_delay_p=choices.pick((0.0, 0.3, 0.8)) if stream else 0.0,
+        pipe_split_p=choices.pick((0.0, 0.2, 0.5)) if stream else 0.0,
     )
-    # No runner crash in half the runs: a crash breaks a sharded instance, and the
-    # cluster faults need live instances to act on.
-    crashes = choices.pick((0, *range(s.max_crashes + 1))) if s.runner_crashes else 0
-    hang = choices.chance(0.3)
+    crashes = choices.int_between(1, s.max_crashes) if swarm.runner_crashes else 0
+    hang = swarm.runner_hangs
     runner = RunnerPlan(
         crash_steps=tuple(sorted(choices.int_between(1, 30) for _ in range(crashes))),
         crash_delay=choices.between(0.0, 0.01),
@@ -250,42 +408,62 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
         hang_step=choices.int_between(1, 20) if hang else None,
         hang_for=choices.between(0.0, 0.2),
     )
+    # With long requests enabled, one client asks for hundreds to a couple of
+    # thousand tokens (the relay's acks and buffers, the idle limit over a long run).
+    long_client = choices.draw(s.clients) if swarm.long_requests else -1
     clients = []
     for i in range(s.clients):
         dialect = choices.pick(dialects)
-        behaviors = client_behaviors(DIALECTS[dialect].streaming, can_cancel)
-        behavior = behaviors[choices.draw(len(behaviors))] if choices.chance(0.6) else "normal"
-        # Any client may also be a slow reader: it pauses before every read, and
-        # with a small receive buffer it pushes back on the server.
-        slow = choices.chance(0.4)
+        streaming = DIALECTS[dialect].streaming
+        behavior: Behavior = "normal"
+        if swarm.leaving_clients and choices.chance(0.6):
+            behaviors = client_behaviors(streaming, can_cancel, settings.send_timeout > 0)
+            behavior = behaviors[choices.draw(len(behaviors))]
+        # A slow reader pauses before every read, and with a small receive buffer it
+        # pushes back on the server.
+        slow = swarm.slow_readers and choices.chance(0.5)
         low, high = s.leaving_tokens if behavior in GIVING_UP else s.tokens
+        max_tokens = choices.int_between(low, high)
+        if i == long_client:
+            max_tokens = choices.int_between(*s.long_tokens)
+        keepalive = swarm.keepalive_clients and choices.chance(0.5)
+        early: list[EarlyRequest] = []
+        if keepalive:
+            for _ in range(choices.draw(3)):
+                kind = choices.pick(EARLY_KINDS)
+                if kind == "unauthorized" and settings.api_key is None:
+                    kind = "not_found"
+                early.append(EarlyRequest(kind, choices.chance(0.5), choices.chance(0.3)))
         clients.append(
             ClientPlan(
                 index=i,
                 dialect=dialect,
                 node=choices.draw(s.nodes),
                 start=choices.between(0.0, s.fault_window * 0.75),
-                max_tokens=choices.int_between(low, high),
+                max_tokens=max_tokens,
                 behavior=behavior,
                 leave_after_pieces=choices.int_between(1, 12),
                 leave_after_time=choices.between(0.0, 0.15),
                 read_pause_max=s.read_pause_max if slow else 0.0,
                 recv_capacity=choices.pick((1 << 16, 256, 1024, 4096)),
+                keepalive=keepalive,
+                early=tuple(early),
+                idle_after=keepalive and choices.chance(0.5),
             )
         )
     return Plan(
         scenario=s,
+        swarm=swarm,
+        settings=settings,
         clients=tuple(clients),
         runner=runner,
         faults=faults,
-        cluster=draw_cluster_plan(choices, s),
-        keepalive=choices.pick((s.keepalive, 0.05)),
-        max_batch=choices.pick((8, 4)),
-        max_queued=choices.pick((64, 2)),
+        cluster=draw_cluster_plan(choices, s, swarm),
+        buggify_p=choices.pick((0.05, 0.2, 0.5)) if swarm.buggify else 0.0,
     )
 
 
-def draw_cluster_plan(choices: Choices, s: Scenario) -> ClusterPlan:
+def draw_cluster_plan(choices: Choices, s: Scenario, swarm: Swarm) -> ClusterPlan:
     n = s.nodes
     if n < 2:
         return ClusterPlan((True,), 0.0, 0.0, (), 0.0)
@@ -302,10 +480,11 @@ def draw_cluster_plan(choices: Choices, s: Scenario) -> ClusterPlan:
         # Half the time it is node 0, the first leader: a leader change must then
         # leave the instance on the others streaming.
         serve[choices.pick((0, *range(n)))] = False
-    link_delay_p = choices.pick((0.0, 0.3, 0.8))
-    link_split_p = choices.pick((0.0, 0.2, 0.5))
+    link_delay_p = choices.pick((0.0, 0.3, 0.8)) if swarm.stream_faults else 0.0
+    link_split_p = choices.pick((0.0, 0.2, 0.5)) if swarm.stream_faults else 0.0
     faults = []
-    for _ in range(choices.draw(s.max_cluster_faults + 1)):
+    count = choices.int_between(1, s.max_cluster_faults) if swarm.cluster_faults else 0
+    for _ in range(count):
         kind = choices.pick(s.fault_kinds)
         at = choices.between(0.0, s.fault_window)
         # Half the time the fault hits node 0, the first leader: a leader change.
@@ -329,5 +508,5 @@ def draw_cluster_plan(choices: Choices, s: Scenario) -> ClusterPlan:
         link_delay_p=link_delay_p,
         link_split_p=link_split_p,
         faults=tuple(faults),
-        stale_command_p=choices.pick((0.0, 0.5, 1.0)),
+        stale_command_p=choices.pick((0.5, 1.0)) if swarm.stale_messages else 0.0,
     )

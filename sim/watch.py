@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from exo_trio.cluster_messages import ClusterView, InstanceSpec, StartShard, StopShard
+from exo_trio.types import GenerationFailed
 
 if TYPE_CHECKING:
     from sim.world import SimNode, World
@@ -88,6 +89,15 @@ class ClusterWatch:
     leader_changes: int = 0
     stale_injected: int = 0
     link_downs: list[tuple[int, int, float, str]] = field(default_factory=list)
+    # Per request: the failure its owner delivered (kind, node, when), its time-out
+    # (kind, when), how its scope closed (how, when), BUGGIFY sites forced on it.
+    failures: dict[str, tuple[str, int, float, str]] = field(default_factory=dict)
+    timeouts: dict[str, tuple[str, float, int]] = field(default_factory=dict)
+    ended: dict[str, tuple[str, float]] = field(default_factory=dict)
+    buggify: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    # Admission refusals (node, when, exchanges held); send time-outs by connection.
+    refusals: list[tuple[int, float, int]] = field(default_factory=list)
+    send_timeouts: dict[int, float] = field(default_factory=dict)
 
     # ---- faults (the World) ----
 
@@ -122,6 +132,14 @@ class ClusterWatch:
         if path.entry != node.index:
             self.relayed.add(request_id)
             self.world.coverage["request_relayed"] += 1
+
+    def failed(self, node: SimNode, event: GenerationFailed) -> None:
+        self.failures.setdefault(
+            event.request_id, (event.kind, node.index, trio.current_time(), event.message)
+        )
+
+    def buggified(self, request_id: str, site: str, at: float) -> None:
+        self.buggify.setdefault(request_id, []).append((site, at))
 
     def lost_peer(self, node: SimNode, request_id: str) -> None:
         self.peer_lost.setdefault(request_id, (node.index, trio.current_time()))

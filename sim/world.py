@@ -40,7 +40,7 @@ from exo_trio.net.wire import AdvertisedAddress
 from exo_trio.node import ModelCard, ServedModel
 from exo_trio.runner.framing import encode_frame
 from exo_trio.runner.protocol import Loading
-from exo_trio.seams import Seams
+from exo_trio.seams import FaultPoints, Seams
 from exo_trio.worker import Launcher
 from sim.choices import Choices
 from sim.clients import Client, ClientResult
@@ -51,7 +51,7 @@ from sim.ledger import Ledger
 from sim.net import LINK_PORT, SimListener, SimNetwork, host_of
 from sim.observe import SimObserver
 from sim.pipes import PipeEnd, pipe_pair
-from sim.scenario import ClientPlan, ClusterFault, Plan
+from sim.scenario import ClientPlan, ClusterFault, NodeSettings, Plan, Scenario
 from sim.trace import Trace
 from sim.watch import ClusterWatch, index_of_node
 
@@ -160,8 +160,10 @@ class SimNode:
                 ],
                 models={MODEL: MODEL_INFO},
                 serve=(MODEL,) if plan.cluster.serve[index] else (),
-                api=ApiSettings(keepalive_interval=plan.keepalive, max_queued=plan.max_queued),
+                api=api_settings(plan.settings, scenario),
                 cluster=ClusterSettings(auto_place=True, expected_peers=n - 1, settle=10.0),
+                ack_every=plan.settings.ack_every,
+                relay_buffer=plan.settings.relay_buffer,
                 links=LinkSetup(
                     cluster_id=CLUSTER_ID,
                     secret=SECRET,
@@ -170,14 +172,14 @@ class SimNode:
                     peers=[(host_of(j), LINK_PORT) for j in range(n) if j != index],
                     advertise=[AdvertisedAddress(host, LINK_PORT, "sim0", "private")],
                 ),
-                http=hypercorn_config(),
+                http=hypercorn_config(scenario.http_keepalive_timeout),
             ),
             NodeEffects(
                 launcher_for=self._launcher_for,
                 seams=Seams(
                     wall_clock=world.wall_clock,
                     new_id=self._new_id,
-                    faults=world.faults,
+                    faults=NodeFaults(world, self),
                     observer=self.observer,
                 ),
                 listen_api=self._listen_api,
@@ -342,6 +344,7 @@ class SimNode:
             server_end.close()  # nothing listens: the connection is refused
             return client_end
         self.server_ends.append(server_end)
+        world.connection_client[id(server_end)] = client.index
         self._incoming.send_nowait(server_end)
         return client_end
 
@@ -350,13 +353,46 @@ class SimNode:
         return sum(1 for end in self.server_ends if not end.closed)
 
 
-def hypercorn_config() -> HypercornConfig:
+def hypercorn_config(keep_alive_timeout: float = 5.0) -> HypercornConfig:
     config = HypercornConfig()
     config.include_date_header = False
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
+    config.keep_alive_timeout = keep_alive_timeout
     return config
+
+
+def api_settings(settings: NodeSettings, scenario: Scenario) -> ApiSettings:
+    """The nodes' API settings for a run (a 0 in the plan: production's default)."""
+    defaults = ApiSettings()
+    return ApiSettings(
+        keepalive_interval=settings.keepalive,
+        max_queued=settings.max_queued,
+        max_body_bytes=scenario.max_body_bytes,
+        api_key=settings.api_key,
+        ttft_timeout=settings.ttft_timeout or defaults.ttft_timeout,
+        idle_timeout=settings.idle_timeout or defaults.idle_timeout,
+        request_timeout=settings.request_timeout or defaults.request_timeout,
+        send_timeout=settings.send_timeout or defaults.send_timeout,
+    )
+
+
+class NodeFaults(FaultPoints):
+    """One node's fault points: the world's, knowing which node they are in (a
+    link cut after a message needs the sender)."""
+
+    def __init__(self, world: World, node: SimNode) -> None:
+        self.world = world
+        self.node = node
+
+    async def hit(self, name: str, request_id: str | None = None) -> None:
+        await self.world.faults.hit(name, request_id)
+
+    def fire(self, name: str, *context: object) -> bool:
+        if not self.world.faults.fire(name, *context):
+            return False
+        return self.world.buggified(self.node, name, context)
 
 
 @dataclass
@@ -399,7 +435,13 @@ class World:
         self.trace = trace
         self.window = Window(plan.faults.window)
         self.faults = SimFaultPoints(
-            choices, plan.faults, self.window, trace, plan.scenario.point_delay_max
+            choices,
+            plan.faults,
+            self.window,
+            trace,
+            plan.scenario.point_delay_max,
+            plan.swarm.buggify,
+            plan.buggify_p,
         )
         self.ledger = Ledger(trace, self._on_step)
         self.watch = ClusterWatch(self)
@@ -408,10 +450,15 @@ class World:
         self.groups: dict[str, RunnerGroup] = {}
         self.votes: dict[str, Vote] = {}  # per node id: what its disk holds
         self.specs: dict[str, InstanceSpec] = {}
+        self.connection_client: dict[int, int] = {}  # HTTP connections (server end) by client
         self.nodes = [SimNode(self, i, 0) for i in range(plan.scenario.nodes)]
         self.retired: list[SimNode] = []  # crashed incarnations
         self.results = [ClientResult(c) for c in plan.clients]
         self.coverage: Counter[str] = Counter()
+        # Errors clients got, by kind, and what explained them (the invariants').
+        self.error_kinds: Counter[str] = Counter()
+        self.explained: Counter[str] = Counter()
+        self.leader_changes_at: list[float] = []
         self.end_state: EndState | None = None
         self.clients_done_at: float | None = None
         self.t0: float | None = None  # when the cluster first served (the window opens)
@@ -668,8 +715,12 @@ class World:
                 return True
         return False
 
+    def leader_change_during(self, start: float, end: float) -> bool:
+        return any(start <= at <= end for at in self.leader_changes_at)
+
     def leader_changed(self, node: SimNode, old: str, new: str) -> None:
         self.trace.add("leader", node.node_id, old, new, node.cluster.term)
+        self.leader_changes_at.append(trio.current_time())
         if self.t0 is None:
             return
         self.watch.leader_changes += 1
@@ -693,6 +744,29 @@ class World:
         self.coverage["stale_command_injected"] += 1
         self.trace.add("stale-command", node.node_id, sender, type(message).__name__, message.term)
         node.inject(sender, message)
+
+    # ---- BUGGIFY ----
+
+    def buggified(self, node: SimNode, name: str, context: tuple[object, ...]) -> bool:
+        """A BUGGIFY site fired in `node`: record it (it explains what follows) and
+        act. Returns whether the production code takes its error path."""
+        now = trio.current_time()
+        self.coverage[f"buggify_{name}"] += 1
+        if name == "after_send":
+            peer, message = context
+            kind = type(message).__name__
+            self.coverage[f"buggify_after_send_{kind}"] += 1
+            other = index_of_node(str(peer))
+            self.trace.add("buggify", name, node.node_id, peer, kind)
+            # The link dies right after the message went into it: lost with it.
+            count = self.net.reset(node.index, other)
+            self.watch.disturbed("reset", frozenset({node.index, other}), now, now)
+            self.trace.add("reset-link", node.index, other, count)
+            return False
+        (request_id,) = context
+        self.trace.add("buggify", name, node.node_id, request_id)
+        self.watch.buggified(str(request_id), name, now)
+        return True
 
     # ---- runner faults ----
 

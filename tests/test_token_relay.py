@@ -40,7 +40,7 @@ class Wire:
 
     def route(self, event: GenerationEvent) -> None:
         """An event of the entry's runner, as its Router handles it."""
-        if not self.entry.relay_event(event):
+        if self.entry.relay_event(event) == "here":
             self.entry_local.append(event)
 
     def _sender(self, source: str) -> Callable[[str, ClusterMessage], bool]:

@@ -73,11 +73,13 @@ class Admission:
 
     def admit(self) -> None:
         """Take a slot for the current HTTP exchange, or refuse with 429."""
-        if self.in_flight >= self.limit:
+        in_flight, limit = self.in_flight, self.limit
+        self.node.seams.observer.admission(in_flight < limit, in_flight, limit)
+        if in_flight >= limit:
             raise ApiError(
                 429,
-                f"The server is at capacity ({self.in_flight} requests in flight, "
-                f"limit {self.limit}). Retry shortly.",
+                f"The server is at capacity ({in_flight} requests in flight, "
+                f"limit {limit}). Retry shortly.",
                 type="overloaded_error",
                 code="server_overloaded",
             )

@@ -205,9 +205,11 @@ async def events(
         generation = node.open_generation(command)
         stream = generation.__enter__()
     except RunnerUnavailable as exc:
-        yield GenerationFailed(
+        refused = GenerationFailed(
             request_id=command.request_id, kind="runner_unavailable", message=str(exc)
         )
+        node.seams.observer.request_failed(refused)
+        yield refused
         return
     except ValueError as exc:  # its X-Request-Id was taken since begin() checked
         yield GenerationFailed(request_id=command.request_id, kind="invalid", message=str(exc))
@@ -223,6 +225,7 @@ async def events(
             with trio.move_on_at(wake):
                 event = await stream.receive()
             if event is None and deadline is not None and trio.current_time() >= deadline.at:
+                node.seams.observer.timed_out(command.request_id, deadline.kind)
                 failed = timed_out(command.request_id, deadline)
                 observe(node, command, timing, failed)
                 yield failed

@@ -34,6 +34,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from exo_trio.observer import Observer
+
 log = logging.getLogger(__name__)
 
 # Where create_app leaves the send timeout for `serve` (seconds, 0 = off).
@@ -47,10 +49,13 @@ class SendTimeout(trio.BrokenResourceError):
 class BoundedSendStream(trio.abc.HalfCloseableStream):
     """A socket stream whose writes give up after `timeout` seconds (0 = never)."""
 
-    def __init__(self, inner: trio.SocketStream, timeout: float) -> None:
+    def __init__(
+        self, inner: trio.SocketStream, timeout: float, observer: Observer | None = None
+    ) -> None:
         self.inner = inner
         self.timeout = timeout
         self.timed_out = False
+        self._observer = observer or Observer()
 
     @property
     def socket(self) -> Any:
@@ -66,6 +71,7 @@ class BoundedSendStream(trio.abc.HalfCloseableStream):
             await self.inner.send_all(data)
         if scope.cancelled_caught:
             self.timed_out = True
+            self._observer.send_timed_out(self.inner)
             log.info(
                 "closing a connection whose client read nothing for %gs (send timeout)",
                 self.timeout,
@@ -87,12 +93,15 @@ class BoundedSendStream(trio.abc.HalfCloseableStream):
 
 
 class BoundedListener(trio.abc.Listener[trio.abc.Stream]):
-    def __init__(self, inner: trio.abc.Listener[Any], timeout: float) -> None:
+    def __init__(
+        self, inner: trio.abc.Listener[Any], timeout: float, observer: Observer | None = None
+    ) -> None:
         self.inner = inner
         self.timeout = timeout
+        self.observer = observer
 
     async def accept(self) -> trio.abc.Stream:
-        return BoundedSendStream(await self.inner.accept(), self.timeout)
+        return BoundedSendStream(await self.inner.accept(), self.timeout, self.observer)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -120,6 +129,7 @@ async def serve(
     *,
     listen: Listen = tcp_listeners,
     send_timeout: float | None = None,
+    observer: Observer | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on the listeners `listen` gives until cancelled; reports their
@@ -137,7 +147,7 @@ async def serve(
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
             bound = await listen(config)
-            listeners = [BoundedListener(listener, send_timeout) for listener, _ in bound]
+            listeners = [BoundedListener(listener, send_timeout, observer) for listener, _ in bound]
             handler = partial(
                 TCPServer, asgi, config, context, ConnectionState(lifespan_state.copy())
             )
