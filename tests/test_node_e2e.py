@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h11
 import httpx
 import openai
 import pytest
@@ -312,3 +314,94 @@ def test_demo_model_is_built_when_no_model_is_given(tmp_path: Path) -> None:
     finally:
         proc.stop()
     json.loads((tmp_path / "models" / "demo" / "config.json").read_text())
+
+
+# ---- kept-alive connections (issue 13: exo_trio/api/keep_alive.py) ----
+
+
+def raw_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Read one whole HTTP/1.1 response from a raw socket (h11 parses it)."""
+    conn = h11.Connection(h11.CLIENT)
+    # h11 must have sent a request to read a response: hand it a stand-in.
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    sock.settimeout(timeout)
+    status, headers, body = 0, {}, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, headers, body
+
+
+def raw_request(method: str, path: str, body: bytes) -> tuple[bytes, bytes]:
+    head = (
+        f"{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head, body
+
+
+CHAT_BODY = json.dumps(
+    {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+).encode()
+
+
+def test_openai_client_chats_on_after_a_404(client: openai.OpenAI) -> None:
+    """The report: an `openai` client that tried `embeddings.create` (a 404 answered
+    before its body was read) then hung on `chat.completions.create` on the same
+    connection, until its 600 s timeout."""
+    quick = client.with_options(timeout=10.0)
+    for _ in range(5):
+        with pytest.raises(openai.NotFoundError):
+            quick.embeddings.create(model="demo", input="x" * 1_000_000)
+        started = time.monotonic()
+        reply = quick.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3)
+        assert reply.choices[0].message.content is not None
+        assert time.monotonic() - started < 5.0
+
+
+def test_a_body_10ms_after_its_headers_then_a_second_request(node: NodeProcess) -> None:
+    """Raw socket: headers, the body 10 ms later (the 404 is ready before it), then a
+    second request on the same connection: answered (it used to hang 10 times in 10)."""
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            head, body = raw_request("POST", "/v1/embeddings", b'{"input": "x"}')
+            sock.sendall(head)
+            time.sleep(0.01)
+            sock.sendall(body)
+            status, headers, _ = raw_response(sock)
+            assert status == 404 and headers.get("connection") != "close"
+            sock.sendall(b"".join(raw_request("POST", "/v1/chat/completions", CHAT_BODY)))
+            status, _, answer = raw_response(sock)
+            assert status == 200 and json.loads(answer)["choices"]
+
+
+def test_an_answer_before_a_body_that_never_comes_says_close(node: NodeProcess) -> None:
+    """A body that does not come: the early answer waits for it a moment, then says
+    `connection: close` and the node closes the connection (no half-open hang)."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        head, _ = raw_request("POST", "/v1/embeddings", b'{"input": "x"}')
+        sock.sendall(head)
+        status, headers, _ = raw_response(sock)
+        assert status == 404 and headers.get("connection") == "close"
+        sock.settimeout(10)
+        assert sock.recv(65536) == b""  # closed by the node
+
+
+def test_an_idle_kept_alive_connection_is_closed(node: NodeProcess) -> None:
+    """hypercorn's keep-alive timeout (5 s) closes an idle connection (one used to
+    stay open for good)."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(b"".join(raw_request("POST", "/v1/chat/completions", CHAT_BODY)))
+        assert raw_response(sock)[0] == 200
+        started = time.monotonic()
+        sock.settimeout(15)
+        assert sock.recv(65536) == b""
+        assert 4.0 < time.monotonic() - started < 10.0

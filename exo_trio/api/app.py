@@ -30,6 +30,7 @@ from exo_trio.api.admission import Admission, ExchangeScope
 from exo_trio.api.auth import add_cors_headers, preflight, require_key
 from exo_trio.api.context import ApiContext
 from exo_trio.api.errors import ApiError, dialect_for_path, render_error
+from exo_trio.api.keep_alive import ConnectionReuse
 from exo_trio.api.serving import SEND_TIMEOUT_KEY
 from exo_trio.api.settings import ApiSettings
 from exo_trio.node import ModelCard, Node
@@ -113,7 +114,8 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # Admission slots are released when the whole HTTP exchange ends; the access
     # line is written then too.
-    app.asgi_app = AccessLog(ExchangeScope(app.asgi_app))  # type: ignore[method-assign]
+    asgi = AccessLog(ExchangeScope(app.asgi_app))
+    app.asgi_app = ConnectionReuse(asgi, settings.max_body_bytes)  # type: ignore[method-assign]
 
     @app.before_request
     async def guard() -> Response | None:
