@@ -76,6 +76,21 @@ class RequestStream:
         self._check(event)
         return event
 
+    def poll(self) -> GenerationEvent | None:
+        """The next event if one is already here, else None (never waits)."""
+        if self.terminal is not None:
+            raise StreamViolation(f"{self.request_id}: read past the terminal event")
+        try:
+            event = self._receive.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except trio.EndOfChannel:
+            raise StreamViolation(
+                f"{self.request_id}: the stream broke before its terminal event"
+            ) from None
+        self._check(event)
+        return event
+
     def _check(self, event: GenerationEvent) -> None:
         if isinstance(event, ChunkGenerated):
             if event.seq != self.chunks_received:

@@ -105,8 +105,10 @@ class RelayStats:
     gaps: int = 0
     overflows: int = 0
     late: int = 0
-    acks: int = 0  # acknowledgements sent (owner side), the terminal's included
+    acks: int = 0  # acknowledgements sent before the terminal event (owner side)
     trims: int = 0  # acknowledgements that freed buffered events (entry side)
+    unrouted: int = 0  # events for a request the owner no longer routes (answered: cancel)
+    resume_unknown: int = 0  # resumes for a request the entry does not have (answered: failed)
     routes: tuple[str, ...] = ()  # owner side: our requests running elsewhere
     outgoing: tuple[str, ...] = ()  # entry side: others' requests running here
 
@@ -162,6 +164,7 @@ class TokenRelay:
                 # Nobody here waits for it: our cancel or last ack may have been lost
                 # with a link, or it is our previous incarnation's. Let the entry
                 # node stop and forget it.
+                self._stats.unrouted += 1
                 self._send(peer, RemoteCancel(request_id=message.request_id))
             return []
         deliver: list[GenerationEvent] = []
@@ -182,7 +185,6 @@ class TokenRelay:
             deliver.append(event)
             if is_terminal(event):
                 self.routes.pop(message.request_id, None)
-                self._stats.acks += 1
                 self._send(peer, RemoteAck(request_id=message.request_id, upto=expected + 1))
                 return deliver
             route.next_event += 1
@@ -272,6 +274,7 @@ class TokenRelay:
             # Never arrived here (its RemoteGenerate was lost with a link), lost with
             # this node's previous incarnation, or given up on after the grace: the
             # owner still waits for it, so end it explicitly.
+            self._stats.resume_unknown += 1
             failed = GenerationFailed(
                 request_id=message.request_id,
                 kind="peer_lost",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing
 from dataclasses import dataclass, field
 
 import msgspec
@@ -214,6 +214,7 @@ async def events(
     except ValueError as exc:  # its X-Request-Id was taken since begin() checked
         yield GenerationFailed(request_id=command.request_id, kind="invalid", message=str(exc))
         return
+    closed = False
     try:
         await node.seams.faults.hit("after_dispatch", command.request_id)
         while not stream.finished:
@@ -224,10 +225,15 @@ async def events(
             event = None
             with trio.move_on_at(wake):
                 event = await stream.receive()
+            if event is None and deadline is not None and deadline.kind != "total":
+                # The first-token and idle limits measure the runner's progress: an
+                # event already in the channel is progress, however late this reads it.
+                event = stream.poll()
             if event is None and deadline is not None and trio.current_time() >= deadline.at:
                 node.seams.observer.timed_out(command.request_id, deadline.kind)
                 failed = timed_out(command.request_id, deadline)
                 observe(node, command, timing, failed)
+                closed = stop_now(generation)
                 yield failed
                 return
             if event is not None:
@@ -235,10 +241,19 @@ async def events(
             # Yield outside the cancel scope: a suspended generator must not hold one.
             yield event
     finally:
-        generation.__exit__(None, None, None)
+        if not closed:
+            generation.__exit__(None, None, None)
         note_generation(
             command, timing.started, timing.first_token, stream.chunks_received, stream.terminal
         )
+
+
+def stop_now(generation: AbstractContextManager[object]) -> bool:
+    """End a timed-out request's generation (its runner work cancelled, its channel
+    closed) now, not once its client has been sent the error (which a slow client
+    can make take long). Returns True: it is closed."""
+    generation.__exit__(None, None, None)
+    return True
 
 
 def observe(node: Node, command: TextGeneration, timing: Timing, event: GenerationEvent) -> None:
