@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sim import determinism, replay
+from sim import coverage, determinism, replay
 from sim.choices import Choices
+from sim.explore import explore, random_seeds
 from sim.mutants import MUTANTS
-from sim.run import RunResult, run_choices
-from sim.scenario import DEFAULT, SCENARIOS, scenario_for
+from sim.run import RunResult, can_cancel, default_dialects, run_choices
+from sim.scenario import DEFAULT, SCENARIOS, Scenario, scenario_for
 from sim.schedule import POLICIES, Policy
 from sim.shrink import shrink, strip
 from sim.sweep import (
     KEY_COVERAGE,
     SeedOutcome,
+    SweepReport,
     hunt_mutants,
     mutant_context,
     run_one,
@@ -88,11 +90,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="a named scenario (default: default; --mutant(s): each mutant's own)",
     )
     p.add_argument("--check-determinism", action="store_true")
+    p.add_argument(
+        "--explore",
+        action="store_true",
+        help="guided exploration (with --mutant: until caught), against fresh seeds",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=60.0, help="CPU seconds for --explore (default 60)"
+    )
     p.add_argument("--mutants", action="store_true", help="every mutant must be caught")
     p.add_argument("--mutant", choices=sorted(MUTANTS), help="run with this bug applied")
     p.add_argument("--corpus", action="store_true", help="replay the regression corpus")
     p.add_argument("--trace", action="store_true", help="print the trace of --seed/--replay")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument(
+        "--coverage", action="store_true", help="print every coverage counter of the sweep"
+    )
     p.add_argument("--digests", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seeds-list", type=str, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -109,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_digests(args)
     if args.mutants:
         return cmd_mutants(args)
+    if args.explore:
+        return cmd_explore(args)
     if args.check_determinism:
         return cmd_determinism(args)
     if args.corpus:
@@ -151,7 +166,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{args.jobs} job{'s' if args.jobs != 1 else ''}, policy {args.policy}, "
         f"scenario {chosen.name}, {chosen.nodes} node{'s' if chosen.nodes != 1 else ''})"
     )
-    print("coverage: " + ", ".join(f"{k}={report.coverage.get(k, 0)}" for k in KEY_COVERAGE))
+    if args.coverage:
+        print_coverage(report, chosen)
+    else:
+        keys = ", ".join(f"{k}={report.coverage.get(k, 0)}" for k in KEY_COVERAGE)
+        print(f"coverage: {keys} (--coverage: every counter)")
+    print_full_coverage(report, chosen)
+    print_errors(report)
     for key in report.missing_coverage:
         print(f"COVERAGE: {key} never happened in {report.seeds} seeds")
     emit(
@@ -175,12 +196,53 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             ],
             "coverage": dict(sorted(report.coverage.items())),
             "missing_coverage": report.missing_coverage,
+            "first_seen": report.first_seen,
+            "full_coverage": report.full_coverage,
+            "errors": dict(sorted(report.errors.items())),
+            "explained": dict(sorted(report.explained.items())),
             "policy": args.policy,
             "nodes": chosen.nodes,
             "scenario": chosen.name,
         },
     )
     return 0 if ok else 1
+
+
+def print_coverage(report: SweepReport, chosen: Scenario) -> None:
+    """The catalogue: each counter's total, and the seed and CPU time by which it
+    was first non-zero (seed order)."""
+    print(f"{'counter':<42} {'count':>8} {'first seed':>10} {'CPU s':>8}")
+    for path in coverage.COUNTERS:
+        if not path.needs(chosen):
+            continue
+        first = report.first_seen.get(path.name)
+        when = f"{first[0]:>10} {first[1]:>8.1f}" if first else f"{'-':>10} {'-':>8}"
+        print(f"{path.name:<42} {report.coverage.get(path.name, 0):>8} {when}")
+
+
+def print_full_coverage(report: SweepReport, chosen: Scenario) -> None:
+    names = coverage.required(chosen)
+    if report.full_coverage is None:
+        print(f"{len(report.first_seen)}/{len(names)} coverage counters non-zero")
+        return
+    seeds, cpu = report.full_coverage
+    print(
+        f"all {len(names)} coverage counters non-zero after {seeds} seeds, "
+        f"{cpu:.1f} s of CPU (seed order)"
+    )
+
+
+def print_errors(report: SweepReport) -> None:
+    """How often each kind of error clients got was explained, and by what."""
+    if not report.errors:
+        return
+    parts = []
+    for kind, count in sorted(report.errors.items()):
+        by = {k.split(" by ", 1)[1]: n for k, n in report.explained.items() if k.startswith(kind)}
+        explained = sum(by.values())
+        causes = ", ".join(f"{cause} {n}" for cause, n in sorted(by.items(), key=lambda x: -x[1]))
+        parts.append(f"{kind} {explained}/{count} explained ({causes})")
+    print("errors: " + "; ".join(parts))
 
 
 # ---- one seed or one replay file ----
@@ -308,11 +370,22 @@ def cmd_mutants(args: argparse.Namespace) -> int:
     seeds = sum(r.seeds_to_catch for r in reports)
     wall = time.perf_counter() - started
     for r in reports:
-        if r.caught:
+        if r.caught and r.explored_cpu is not None:
+            print(
+                f"mutant {r.name}: caught by exploration after {r.seeds_to_catch} run(s), "
+                f"{r.explored_cpu:.1f} s of CPU ({r.bug})"
+            )
+            print(f"    {r.violation}"[:300])
+            if r.choices is not None:
+                path = save_found(r.name, r.choices, args)
+                print(f"    reproduce: {repro(None, args.policy, r.name, path)}")
+        elif r.caught:
             print(f"mutant {r.name}: caught after {r.seeds_to_catch} seed(s) ({r.bug})")
             print(f"    {r.violation}"[:300])
             where = repro(r.seed, args.policy, r.name, None, args.nodes, args.scenario)
             print(f"    reproduce: {where}")
+        elif r.explored_cpu is not None:
+            print(f"mutant {r.name}: NOT CAUGHT in {r.explored_cpu:.0f} s of exploration ({r.bug})")
         else:
             print(f"mutant {r.name}: NOT CAUGHT in {limit} seeds ({r.bug})")
     caught = all(r.caught for r in reports)
@@ -330,6 +403,105 @@ def cmd_mutants(args: argparse.Namespace) -> int:
         },
     )
     return 0 if caught else 1
+
+
+def save_found(
+    mutant: str | None, choices: list[int], args: argparse.Namespace, kind: str = ""
+) -> Path:
+    """A run exploration found, as a replay file in sim-found/ (or --out)."""
+    own = MUTANTS[mutant].scenario if mutant else None
+    chosen = scenario_for(args.nodes, args.scenario or own or DEFAULT.name)
+    path = args.out or Path("sim-found") / f"{mutant or 'found'}{'-' + kind if kind else ''}.json"
+    replay.Replay(
+        choices=strip(choices),
+        policy=args.policy,
+        dialects=default_dialects(),
+        mutant=mutant,
+        expect="fail",
+        nodes=chosen.nodes,
+        scenario=chosen.name,
+    ).save(path)
+    return path
+
+
+# ---- guided exploration ----
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    """With --mutant: explore until the mutant is caught. Without: fresh seeds for
+    --seconds, then exploration for as long, and when each reached the rarest
+    counters."""
+    own = MUTANTS[args.mutant].scenario if args.mutant else None
+    chosen = scenario_for(args.nodes, args.scenario or own or DEFAULT.name)
+    dialects = default_dialects()
+    if args.mutant:
+        with mutant_context(args.mutant):
+            state = explore(
+                args.seconds,
+                scenario=chosen,
+                dialects=dialects,
+                can_cancel=can_cancel(),
+                policy=args.policy,
+                start=args.start,
+                stop_at_failure=True,
+            )
+        found = state.failure
+        if found is None:
+            print(
+                f"mutant {args.mutant}: NOT CAUGHT in {state.runs} runs, {state.cpu:.1f} s of CPU"
+            )
+        else:
+            path = save_found(args.mutant, list(found.choices), args)
+            print(
+                f"mutant {args.mutant}: caught after {state.runs} runs, {state.cpu:.1f} s of "
+                f"CPU: {found.violations[0]}"[:400]
+            )
+            print(f"    reproduce: {repro(None, args.policy, args.mutant, path)}")
+        emit(args, {"runs": state.runs, "cpu": round(state.cpu, 2), "caught": found is not None})
+        return 0 if found is not None else 1
+    fresh = random_seeds(
+        args.seconds, scenario=chosen, dialects=dialects, policy=args.policy, start=args.start
+    )
+    guided = explore(
+        args.seconds,
+        scenario=chosen,
+        dialects=dialects,
+        can_cancel=can_cancel(),
+        policy=args.policy,
+        start=args.start,
+    )
+    names = coverage.required(chosen)
+    rarest = sorted(names, key=lambda n: (fresh.totals.get(n, 0), n))[:15]
+    print(
+        f"fresh seeds: {fresh.runs} runs, {fresh.cpu:.1f} s; exploration: {guided.runs} runs, "
+        f"{guided.cpu:.1f} s, corpus {len(guided.corpus)}"
+    )
+    head = ("rarest counters", "seeds: count", "first run", "explored", "first run")
+    print(f"{head[0]:<42} {head[1]:>12} {head[2]:>9} {head[3]:>9} {head[4]:>9}")
+    for name in rarest:
+        a, b = fresh.first_reached.get(name), guided.first_reached.get(name)
+        print(
+            f"{name:<42} {fresh.totals.get(name, 0):>12} {a if a else '-':>9} "
+            f"{guided.totals.get(name, 0):>9} {b if b else '-':>9}"
+        )
+    for state, how in ((fresh, "seeds"), (guided, "exploration")):
+        for result in state.failures[:3]:
+            path = save_found(
+                None, list(result.choices), args, f"{how}-{result.violations[0].kind}"
+            )
+            print(f"FAIL ({how}) {result.violations[0]}"[:300])
+            print(f"    reproduce: {repro(None, args.policy, None, path)}")
+    failures = len(fresh.failures) + len(guided.failures)
+    emit(
+        args,
+        {
+            "seeds": fresh.runs + guided.runs,
+            "violations": failures,
+            "first_reached_seeds": fresh.first_reached,
+            "first_reached_explored": guided.first_reached,
+        },
+    )
+    return 0 if not failures else 1
 
 
 # ---- determinism ----

@@ -128,7 +128,34 @@ class Client:
     def _connect(self, node: SimNode) -> HttpClient:
         stream = node.connect(self.plan)
         self._streams.append(stream)
-        return HttpClient(stream)
+        self._reused = False  # a new connection: nothing answered on it yet
+        return HttpClient(stream, pause=self._pause if self.plan.read_pause_max else None)
+
+    async def _pause(self) -> None:
+        """A slow reader's pause before each read from its socket."""
+        await trio.sleep(self.world.choices.between(0.0, self.plan.read_pause_max))
+
+    async def _send(self, node: SimNode, http: HttpClient, data: bytes) -> HttpClient:
+        """Send on `http`, or, if a reused connection turns out closed, on a new one
+        (as HTTP clients do: the node closed it while it was idle)."""
+        try:
+            await http.stream.send_all(data)
+            return http
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not self._reused:
+                raise
+        self._reconnected()
+        http = self._connect(node)
+        await http.stream.send_all(data)
+        return http
+
+    def _reconnected(self) -> None:
+        """The connection kept after the last answer was closed by the node before
+        the next request got an answer: record that it was not reused after all."""
+        self.world.trace.add("client", self.plan.index, "reconnect")
+        if self.result.early:
+            self.result.early[-1].reused = False
+            self.result.early[-1].closed = True
 
     def _headers(self, key: bool = True) -> dict[str, str]:
         api_key = self.world.plan.settings.api_key
@@ -158,11 +185,11 @@ class Client:
                     behind = head + body if i == len(plan.early) - 1 else None
                     http, sent = await self._early(node, http, early, behind)
                 if not sent:
-                    await http.stream.send_all(head + body)
+                    http = await self._send(node, http, head + body)
+                    result.sent_at = trio.current_time()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._end("refused")
                 return
-            result.sent_at = trio.current_time()
             world.trace.add("client", plan.index, "sent", self.dialect.name)
             if plan.behavior == "leave_before_first":
                 await trio.sleep(plan.leave_after_time / 10)
@@ -171,12 +198,29 @@ class Client:
             deadline = math.inf
             if plan.behavior == "leave_mid" and not self.dialect.streaming:
                 deadline = trio.current_time() + plan.leave_after_time
+            told_close = True
             with trio.move_on_at(deadline):
+                if self._reused:
+                    # Closed by the node before it answered (it had closed the idle
+                    # connection): the request goes again on a new connection.
+                    event = await http.next_event()
+                    if isinstance(event, Closed):
+                        self._reconnected()
+                        result.resent = True
+                        http = self._connect(node)
+                        try:
+                            await http.stream.send_all(head + body)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            self._end("refused")
+                            return
+                        result.sent_at = trio.current_time()
+                    else:
+                        http.push_back(event)
                 told_close = await self._read(http)
-                if plan.idle_after and result.ending == "complete" and not told_close:
-                    await self._idle(http)
-                return
-            self._leave()
+            if result.ending is None:
+                self._leave()
+            elif plan.idle_after and result.ending == "complete" and not told_close:
+                await self._idle(http)
         finally:
             for stream in self._streams:
                 stream.close()  # type: ignore[attr-defined]
@@ -196,8 +240,20 @@ class Client:
         out = head if early.late_body else head + body
         if result.pipelined and behind is not None:
             out += behind
-        await http.stream.send_all(out)
+        http = await self._send(node, http, out)
+        if result.pipelined:
+            self.result.sent_at = trio.current_time()
         event = await self._answer(http, result)
+        if isinstance(event, Closed) and result.status is None and self._reused:
+            # The node closed the (idle) connection before answering: on a new one.
+            self.result.early.pop()
+            self._reconnected()
+            self.result.early.append(result)
+            http = self._connect(node)
+            await http.stream.send_all(out)
+            if result.pipelined:
+                self.result.sent_at = trio.current_time()
+            event = await self._answer(http, result)
         if early.late_body and isinstance(event, ResponseHead):
             # The answer began before the body was sent: the node answered without
             # reading it. Now the body, then the rest of the answer.
@@ -209,6 +265,7 @@ class Client:
         world.trace.add("client", self.plan.index, "answer", result.status, result.told_close)
         if isinstance(event, End) and not result.told_close:
             result.reused = True
+            self._reused = True
             http.next_response()
             return http, result.pipelined
         # Closed, or told to close: the next request needs a new connection, and a
@@ -255,8 +312,6 @@ class Client:
         decoder: SSEDecoder | NDJSONDecoder | WholeBodyDecoder = WholeBodyDecoder()
         told_close = False
         while True:
-            if plan.read_pause_max:
-                await trio.sleep(world.choices.between(0.0, plan.read_pause_max))
             if result.stalled_at is not None:
                 # Stalled: nothing read (nor closed) for a few send timeouts; the node
                 # should cut the connection meanwhile. Then it reads what is left.

@@ -87,13 +87,19 @@ class SimFaultPoints(FaultPoints):
 
 
 def link_shaper(
-    choices: Choices, window: Window, delay_p: float, split_p: float, delay_max: float
+    choices: Choices,
+    window: Window,
+    delay_p: float,
+    split_p: float,
+    delay_max: float,
+    always: bool = False,
 ) -> Shaper:
     """Delays and splits writes on one direction of a simulated stream (in the
-    fault window). Bytes stay in order; different streams drift apart."""
+    fault window, or `always`: a slow network, not a fault). Bytes stay in order;
+    different streams drift apart."""
 
     def shape(size: int) -> list[tuple[int, float]]:
-        if not window.active():
+        if not always and not window.active():
             return [(size, 0.0)]
         delay = choices.between(0.0, delay_max) if choices.chance(delay_p) else 0.0
         if size > 1 and choices.chance(split_p):

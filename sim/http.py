@@ -12,7 +12,7 @@ JSON document.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,9 +194,15 @@ def request_bytes(
 
 
 class HttpClient:
-    def __init__(self, stream: trio.abc.Stream, host: str = "sim") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        host: str = "sim",
+        pause: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.stream = stream
         self.host = host
+        self._pause = pause  # before each read from the socket (a slow reader)
         self._parser = ResponseParser()
         self._events: list[Event] = []
 
@@ -216,10 +222,16 @@ class HttpClient:
         """Read the next response on this connection (after the last one's End)."""
         self._events = self._parser.next_response()
 
+    def push_back(self, event: Event) -> None:
+        """Make `event` the next one `next_event` returns."""
+        self._events.insert(0, event)
+
     async def next_event(self, read_size: int = 65536) -> Event:
         """The next event: ResponseHead, Body, End, or Closed (the connection ended
         before the response did, or carried something that is not HTTP)."""
         while not self._events:
+            if self._pause is not None:
+                await self._pause()
             data = await self.stream.receive_some(read_size)
             try:
                 self._events = self._parser.feed(data)

@@ -37,6 +37,7 @@ KINDS = (
     "stale_command",
     "spurious_teardown",
     "spurious_timeout",
+    "spurious_send_timeout",
     "early_answer",
     "keepalive_not_closed",
     "unexplained_error",
@@ -88,7 +89,11 @@ def decode_tokens(text: str) -> tuple[list[tuple[int, int]], str]:
 
 
 def stop_bound(
-    world: World, relayed: bool = False, crossed: bool = False, over_http: bool = True
+    world: World,
+    relayed: bool = False,
+    crossed: bool = False,
+    over_http: bool = True,
+    queued: float = 0.0,
 ) -> tuple[float, int]:
     """How long after a client leaves (or asks to cancel) the runner may still
     step its request, and how many steps that allows: the worst-case latency of
@@ -96,10 +101,12 @@ def stop_bound(
     of the link between nodes for a relayed request (RemoteCancel) and for a
     cancel sent to another node than the owner (CancelRequest), plus the runner
     pipe (the Cancel travelling to the runner), plus one step that may already be
-    under way."""
+    under way; plus `queued`, the time a RemoteCancel waited behind other messages
+    on a backed-up link (small socket buffers, slow writes: delivered late, in
+    order, not lost)."""
     s = world.plan.scenario
     latency = 2 * s.http_delay_max * over_http + 2 * s.pipe_delay_max + 1e-6
-    latency += 2 * s.link_delay_max * (relayed + crossed)
+    latency += 2 * world.plan.settings.link_delay_max * (relayed + crossed) + queued
     return latency, math.ceil(latency / s.step_delay[0]) + 1
 
 
@@ -215,7 +222,7 @@ def check_client(world: World, result: ClientResult) -> list[Violation]:
             bad("terminal", "stream finished without its end-of-stream marker")
     elif job is not None and job.end == "finished" and not (cancelled or cut or timed_out):
         bad("terminal", f"client got an error ({terminal.detail}) for a finished job")
-    elif job is not None and job.end == "cancelled" and not (cancelled or timed_out):
+    elif job is not None and job.end == "cancelled" and not (cancelled or cut or timed_out):
         bad("terminal", f"the runner cancelled a job nobody gave up: {terminal.detail}")
     if isinstance(terminal, Error) and not cancelled:
         assert failure is not None
@@ -253,7 +260,7 @@ def check_early(world: World, result: ClientResult, rid: str | None) -> list[Vio
     plan = result.plan
     for early in result.early:
         want = EARLY_STATUS[early.kind]
-        if early.status != want:
+        if early.status != want and not result.server_died:
             out.append(
                 Violation(
                     "early_answer",
@@ -263,6 +270,17 @@ def check_early(world: World, result: ClientResult, rid: str | None) -> list[Vio
                     rid,
                 )
             )
+    cut = [c for c, who in world.connection_client.items() if who == plan.index]
+    if result.stalled_at is None and any(c in world.watch.send_timeouts for c in cut):
+        out.append(
+            Violation(
+                "spurious_send_timeout",
+                "the node cut the connection of a client that kept reading (send timeout "
+                f"{world.plan.settings.send_timeout:g}s)",
+                plan.index,
+                rid,
+            )
+        )
     if result.idle_from is not None and result.idle_closed_at is None:
         crashed = result.server_died
         if not crashed:
@@ -295,13 +313,13 @@ def failure_of(world: World, result: ClientResult, rid: str | None) -> Failure:
     faults that can cause it, each within the window its own mechanism bounds."""
     watch = world.watch
     status = result.status
-    if result.server_died:
-        return Failure("server_died", "its node crashed")
     if rid is not None and rid in watch.timeouts:
         return Failure("timeout", "its time limit")  # checked in check_timeout
     if status == 429 or (status == 503 and result.terminals and _capacity(result)):
         return explain_refusal(world, result)
     failure = watch.failures.get(rid) if rid is not None else None
+    if failure is None and result.server_died:
+        return Failure("server_died", "its node crashed")
     if failure is None:
         # Refused before dispatch (503: no ready instance).
         return explain_unavailable(world, result, None, "runner_unavailable")
@@ -333,9 +351,8 @@ def explain_refusal(world: World, result: ClientResult) -> Failure:
     node = result.plan.node
     start = result.sent_at if result.sent_at is not None else 0.0
     end = result.ended_at if result.ended_at is not None else start
-    limit = world.plan.max_batch + world.plan.max_queued
     slack = 2 * world.plan.scenario.http_delay_max + 0.01
-    for index, at, held in world.watch.refusals:
+    for index, at, held, limit in world.watch.refusals:
         if index != node or not start - slack <= at <= end + slack:
             continue
         open_ = sum(
@@ -400,6 +417,13 @@ def explain_unavailable(world: World, result: ClientResult, rid: str | None, kin
         return Failure(kind, f"BUGGIFY {world.watch.buggify[rid][0][0]}")
     start = result.sent_at if result.sent_at is not None else 0.0
     end = result.ended_at if result.ended_at is not None else start
+    if rid is None:
+        # A non-streaming error carries no request id: a refusal of a request of
+        # this client's node while it waited.
+        for fired in world.watch.buggify.values():
+            for site, at, owner in fired:
+                if owner == result.plan.node and start <= at <= end:
+                    return Failure(kind, f"BUGGIFY {site}")
     found = world.watch.touching(_path_nodes(world, rid), start, end)
     if found:
         return Failure(kind, f"{found[0].kind} on its path")
@@ -430,6 +454,8 @@ def check_timeout(
         if 0 < got <= len(job.emit_times) and at < job.emit_times[got - 1] + limit:
             since = at - job.emit_times[got - 1]
             problem = f"{since:.4f}s after the runner emitted token {got - 1}"
+    if problem is None and kind in ("ttft", "idle") and job is not None:
+        problem = arrived_in_time(world, job, kind, at, limit)
     if problem is None:
         world.coverage[f"timeout_{kind}_checked"] += 1
         return []
@@ -442,6 +468,34 @@ def check_timeout(
             rid,
         )
     ]
+
+
+def arrived_in_time(world: World, job: RunnerJob, kind: str, at: float, limit: float) -> str | None:
+    """A first-token or idle limit that fired although the runner emitted an event
+    that must have reached the node in time: within the limit's window before `at`,
+    and at least the worst transit time (pipe, and link if relayed) before `at`.
+    That event was read, which would have moved the deadline, or left waiting, which
+    the node checks: either way this limit must not fire; if it did, the event was
+    lost on the way. (Exempt: a link fault on its path, which may hold it.)"""
+    s = world.plan.scenario
+    path = world.watch.paths.get(job.request_id)
+    relayed = path is not None and path.entry != path.owner
+    transit = 2 * s.pipe_delay_max + 2 * world.plan.settings.link_delay_max * relayed + 1e-6
+    if (
+        relayed
+        and path is not None
+        and world.watch.link_faults(path.owner, path.entry, at - limit, at)
+    ):
+        return None
+    times = list(job.emit_times)
+    if job.end == "finished" and job.end_at is not None:
+        times.append(job.end_at)
+    window = (at - limit, at - transit) if kind == "idle" else (-math.inf, at - transit)
+    late = [t for t in times if window[0] < t <= window[1]]
+    if not late:
+        return None
+    what = "its first event" if kind == "ttft" else "an event"
+    return f"the runner emitted {what} at {late[0]:.4f}s, in time to reach the node"
 
 
 def severed(world: World, rid: str | None, result: ClientResult) -> str | None:
@@ -501,7 +555,12 @@ def check_stopped(world: World, result: ClientResult, job: RunnerJob | None) -> 
     # A cancel sent to another node reaches the owner over a link (CancelRequest).
     via = result.cancel_node if why == "cancelled" else None
     crossed = via is not None and via != owner
-    latency, max_steps = stop_bound(world, relayed, crossed, over_http)
+    queued = 0.0
+    sent = world.watch.cancel_sent.get(job.request_id)
+    arrived = world.watch.cancel_arrived.get(job.request_id)
+    if relayed and sent is not None and arrived is not None:
+        queued = max(0.0, arrived - sent - 2 * world.plan.settings.link_delay_max)
+    latency, max_steps = stop_bound(world, relayed, crossed, over_http, queued)
     end = at + latency
     if (
         relayed and path is not None and world.watch.link_faults(path.owner, path.entry, at, end)

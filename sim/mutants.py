@@ -15,9 +15,22 @@ from typing import Any
 import trio
 
 from exo_trio import cluster_state
+from exo_trio.api import generation as generation_module
+from exo_trio.api.admission import Admission
+from exo_trio.api.keep_alive import ConnectionReuse
+from exo_trio.api.timeouts import Deadline, RequestTimeouts
 from exo_trio.cluster import Cluster
-from exo_trio.cluster_messages import InstanceStatus, RemoteResume, VoteReply
+from exo_trio.cluster_messages import (
+    InstanceStatus,
+    NodeReport,
+    RemoteAck,
+    RemoteGenerate,
+    RemoteResume,
+    VoteReply,
+)
+from exo_trio.net.links import PeerLinks
 from exo_trio.node import Node
+from exo_trio.router import Router
 from exo_trio.runner.framing import encode_frame
 from exo_trio.streams import RequestStream, StreamRegistry
 from exo_trio.token_relay import TokenRelay
@@ -36,6 +49,9 @@ class Mutant:
     # Hunted by --mutants (caught within 20 seeds). A rare race is not: it is kept
     # for `--mutant NAME` and for its regression-corpus entry.
     hunt: bool = True
+    # Its path is reached by guided exploration (sim/explore.py), not within 20
+    # fresh seeds: --mutants hunts it with up to a minute of exploration instead.
+    explore: bool = False
 
 
 @contextmanager
@@ -350,6 +366,178 @@ def term_granted_twice() -> AbstractContextManager[None]:
     return patched(cluster_state, "may_grant", may_grant)
 
 
+# ---- paths the swarm, BUGGIFY and the keep-alive clients reach ----
+
+
+def refused_dispatch_leaks_channel() -> AbstractContextManager[None]:
+    """A request whose dispatch is refused after it was registered (its instance's
+    runner died, its link dropped, just then) leaves its channel registered: the
+    clean-up covers only a dispatched request."""
+
+    @contextmanager
+    def open_generation(self: Node, command: TextGeneration) -> Iterator[RequestStream]:
+        rid = command.request_id
+        stream = self.registry.open(rid, command.params.max_tokens)
+        handle = self.dispatcher.dispatch(command)  # raising here skips the clean-up
+        self._handles[rid] = handle
+        if command.client_id is not None:
+            self._client_ids[command.client_id] = rid
+        try:
+            yield stream
+        finally:
+            if command.client_id is not None:
+                self._client_ids.pop(command.client_id, None)
+            self._handles.pop(rid, None)
+            if stream.finished:
+                self.dispatcher.finished(rid)
+            else:
+                self.dispatcher.cancel(rid, handle)
+            self.registry.close(rid)
+
+    return patched(Node, "open_generation", open_generation)
+
+
+def ack_runs_ahead() -> AbstractContextManager[None]:
+    """The owner's acknowledgement before the end counts one event more than it
+    has: the entry drops an event still in flight from its buffer, and when the link
+    dies just then it cannot send it again."""
+    real = TokenRelay.on_events
+
+    def on_events(self: TokenRelay, peer: str, message: Any) -> list[Any]:
+        route = self.routes.get(message.request_id)
+        before = route.acked if route is not None else 0
+        out = real(self, peer, message)
+        route = self.routes.get(message.request_id)
+        if route is not None and route.acked != before:
+            self._send(peer, RemoteAck(request_id=message.request_id, upto=route.acked + 1))
+        return out
+
+    return patched(TokenRelay, "on_events", on_events)
+
+
+def outbox_drops_when_backed_up() -> AbstractContextManager[None]:
+    """A link whose outbox holds 16 messages drops new ones (a bounded outbox that
+    sheds load silently): events between nodes are lost without the link dying."""
+    real = PeerLinks.send
+
+    def send(self: PeerLinks[Any], peer_id: str, message: Any) -> bool:
+        if self.backlog(peer_id) >= 16:
+            return True  # "sent"
+        return real(self, peer_id, message)
+
+    return patched(PeerLinks, "send", send)
+
+
+def idle_limit_from_first_token() -> AbstractContextManager[None]:
+    """The idle limit is measured from the first token instead of the last: a request
+    streaming steadily times out once the limit passes after its first token."""
+    real = RequestTimeouts.next_deadline
+
+    def next_deadline(self: RequestTimeouts, timing: Any) -> Deadline | None:
+        deadline = real(self, timing)
+        if deadline is not None and deadline.kind == "idle" and timing.first_token is not None:
+            return Deadline(timing.first_token + self.idle, "idle", self.idle)
+        return deadline
+
+    return patched(RequestTimeouts, "next_deadline", next_deadline)
+
+
+def timeout_ignores_waiting_events() -> AbstractContextManager[None]:
+    """(Found by the simulator, fixed.) A time limit on the runner's progress fires
+    although the event it waited for is already in the channel (the reader was late,
+    not the runner)."""
+
+    def poll(self: RequestStream) -> None:
+        return None
+
+    return patched(RequestStream, "poll", poll)
+
+
+def timeout_cancels_late() -> AbstractContextManager[None]:
+    """(Found by the simulator, fixed.) A timed-out request's runner work is
+    cancelled only once its client has been sent the error: a slow client keeps the
+    runner generating for it meanwhile."""
+
+    def stop_now(generation: Any) -> bool:
+        return False  # left to the generator's `finally`
+
+    return patched(generation_module, "stop_now", stop_now)
+
+
+def leader_takes_stale_reports() -> AbstractContextManager[None]:
+    """A new leader judges instances on a member's report from before its term (it
+    may predate shards the member has since started or stopped)."""
+
+    def on_report(self: Cluster, peer: str, report: NodeReport) -> None:
+        if self.leader != self.node_id or peer not in self.members:
+            return
+        if report.term > self.term:
+            self.term = report.term
+            self.changed()
+        self.reports[peer] = report
+
+    return patched(Cluster, "_handlers", {**Cluster._handlers, NodeReport: on_report})
+
+
+def early_answer_hangs() -> AbstractContextManager[None]:
+    """(Found by the simulator, fixed.) hypercorn's work after a response (readying
+    the connection for the next request, its keep-alive timer, closing it) is cut
+    short by quart-trio's cancellation: an answer given before the request's body
+    arrived leaves the connection half-open, the next request on it never answered;
+    and idle connections are never closed."""
+
+    async def call(self: ConnectionReuse, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    return patched(ConnectionReuse, "__call__", call)
+
+
+def overflow_keeps_runner() -> AbstractContextManager[None]:
+    """(Found by the simulator, fixed.) When the owner stops acknowledging and the
+    entry's buffer fills, the request is failed but its runner work goes on; once the
+    owner acknowledged the failure, the runner's next events arrive for an unknown
+    request."""
+    real = TokenRelay.relay_event
+
+    def relay_event(self: TokenRelay, event: Any) -> str:
+        outcome = real(self, event)
+        if outcome == "overflow":
+            self._cancelled.pop(event.request_id, None)
+            return "relayed"
+        return outcome
+
+    return patched(TokenRelay, "relay_event", relay_event)
+
+
+def remote_refusal_dropped() -> AbstractContextManager[None]:
+    """An entry node whose runner cannot take a peer's request drops it silently
+    instead of answering with a failure: the owner's client waits forever."""
+    real = Router._handlers[RemoteGenerate]
+
+    def on_remote_generate(self: Router, peer: str, message: RemoteGenerate) -> None:
+        worker = self.shards.worker(message.instance_id)
+        refused = worker is None or not worker.ready
+        if refused or self._faults.fire("remote_refused", message.command.request_id):
+            return
+        real(self, peer, message)
+
+    return patched(Router, "_handlers", {**Router._handlers, RemoteGenerate: on_remote_generate})
+
+
+def admission_refusal_takes_slot() -> AbstractContextManager[None]:
+    """A request refused at capacity still takes an admission slot, never given
+    back: the node refuses more and more until it serves nobody."""
+    real = Admission.admit
+
+    def admit(self: Admission) -> None:
+        if self.in_flight >= self.limit:
+            self.node.exchanges += 1
+            self.node.metrics.in_flight.inc()
+        real(self)
+
+    return patched(Admission, "admit", admit)
+
+
 @contextmanager
 def _patched_all(*patches: tuple[Any, str, Any]) -> Iterator[None]:
     saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
@@ -394,6 +582,7 @@ MUTANTS: dict[str, Mutant] = {
             "cancel_endpoint_forgets_runner",
             "POST /v1/cancel ends the stream but leaves the runner generating",
             cancel_endpoint_forgets_runner,
+            scenario="clients",
         ),
         Mutant(
             "worker_drops_output",
@@ -422,6 +611,7 @@ MUTANTS: dict[str, Mutant] = {
             "no_fencing",
             "shard commands from stale terms are obeyed",
             no_fencing,
+            scenario="leader-change",
         ),
         Mutant(
             "relay_waits_for_resume",
@@ -452,6 +642,70 @@ MUTANTS: dict[str, Mutant] = {
             "a new leader keeps a term its members saw under another leader",
             new_leader_keeps_term,
             hunt=False,
+        ),
+        Mutant(
+            "refused_dispatch_leaks_channel",
+            "a request whose dispatch is refused after registering stays registered",
+            refused_dispatch_leaks_channel,
+        ),
+        Mutant(
+            "ack_runs_ahead",
+            "the owner acknowledges one event more than it has",
+            ack_runs_ahead,
+            scenario="relay",
+        ),
+        Mutant(
+            "outbox_drops_when_backed_up",
+            "a link's outbox drops messages once 16 wait",
+            outbox_drops_when_backed_up,
+            scenario="relay",
+        ),
+        Mutant(
+            "idle_limit_from_first_token",
+            "the idle limit is measured from the first token, not the last",
+            idle_limit_from_first_token,
+            scenario="timeouts",
+        ),
+        Mutant(
+            "timeout_ignores_waiting_events",
+            "a time limit fires with the awaited event already in the channel",
+            timeout_ignores_waiting_events,
+            scenario="timeouts",
+        ),
+        Mutant(
+            "timeout_cancels_late",
+            "a timed-out request's runner work is cancelled only after the client has the error",
+            timeout_cancels_late,
+            scenario="timeouts",
+        ),
+        Mutant(
+            "leader_takes_stale_reports",
+            "a leader judges on reports from before its term",
+            leader_takes_stale_reports,
+            scenario="leader-change",
+        ),
+        Mutant(
+            "early_answer_hangs",
+            "an early answer leaves its connection half-open; idle ones are never closed",
+            early_answer_hangs,
+            scenario="clients",
+        ),
+        Mutant(
+            "overflow_keeps_runner",
+            "an entry whose relay buffer overflowed leaves the runner generating",
+            overflow_keeps_runner,
+            scenario="relay",
+        ),
+        Mutant(
+            "remote_refusal_dropped",
+            "an entry drops a peer's request its runner cannot take, unanswered",
+            remote_refusal_dropped,
+        ),
+        Mutant(
+            "admission_refusal_takes_slot",
+            "a request refused at capacity keeps an admission slot",
+            admission_refusal_takes_slot,
+            scenario="clients",
         ),
         Mutant(
             "term_granted_twice",

@@ -136,18 +136,21 @@ class SimNetwork:
         world = self.world
         plan = world.plan
         faults = plan.cluster
-        delay = plan.scenario.link_delay_max
+        delay = plan.settings.link_delay_max
         self.opened += 1
         capacity = plan.settings.link_capacity
+        slow = plan.swarm.slow_links  # a slow network all along, not a fault
+        shapers = [
+            link_shaper(
+                world.choices, world.window, faults.link_delay_p, faults.link_split_p, delay, slow
+            )
+            for _ in range(2)
+        ]
         client, server = pipe_pair(
             capacity_ab=capacity,
             capacity_ba=capacity,
-            shaper_ab=link_shaper(
-                world.choices, world.window, faults.link_delay_p, faults.link_split_p, delay
-            ),
-            shaper_ba=link_shaper(
-                world.choices, world.window, faults.link_delay_p, faults.link_split_p, delay
-            ),
+            shaper_ab=shapers[0],
+            shaper_ba=shapers[1],
             address_a=(host_of(source), 30000 + self.opened),
             address_b=(host_of(target), LINK_PORT),
         )

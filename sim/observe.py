@@ -13,12 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from exo_trio.cluster_messages import ClusterMessage, InstanceSpec, NodeReport, StartShard
+from exo_trio.cluster_messages import (
+    ClusterMessage,
+    InstanceSpec,
+    NodeReport,
+    StartShard,
+    VoteRequest,
+)
 from exo_trio.observer import Observer
 from exo_trio.types import GenerationFailed
 
 if TYPE_CHECKING:
     from sim.world import SimNode, World
+
+# A link outbox holding this many messages counts as backed up.
+BACKLOG = 16
 
 
 class SimObserver(Observer):
@@ -32,9 +41,14 @@ class SimObserver(Observer):
     # ---- messages ----
 
     def message_sent(self, peer: str, message: ClusterMessage) -> None:
-        self.world.watch.sent(self.node, peer, message)
+        world = self.world
+        world.watch.sent(self.node, peer, message)
         if isinstance(message, StartShard):
-            self.world.specs.setdefault(message.instance.instance_id, message.instance)
+            world.specs.setdefault(message.instance.instance_id, message.instance)
+        elif isinstance(message, VoteRequest):
+            world.maybe_stale_report(self.node, peer, message.term)
+        if peer != self.node.node_id and self.node.links.backlog(peer) >= BACKLOG:
+            world.coverage[f"outbox_backlog_{BACKLOG}"] += 1
 
     def message_received(self, peer: str, message: ClusterMessage) -> None:
         node = self.node
@@ -83,7 +97,8 @@ class SimObserver(Observer):
     def admission(self, admitted: bool, in_flight: int, limit: int) -> None:
         self.world.coverage["admission_admitted" if admitted else "admission_refused"] += 1
         if not admitted:
-            self.world.watch.refusals.append((self.node.index, trio.current_time(), in_flight))
+            now = trio.current_time()
+            self.world.watch.refusals.append((self.node.index, now, in_flight, limit))
 
     def timed_out(self, request_id: str, kind: str) -> None:
         self.world.coverage[f"timeout_{kind}"] += 1

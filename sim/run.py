@@ -26,6 +26,7 @@ import trio.to_thread
 
 from sim import speedups
 from sim.choices import Choices
+from sim.coverage import collect
 from sim.dialects import DIALECTS, available
 from sim.invariants import Violation, check
 from sim.scenario import DEFAULT, Scenario, draw_plan, scenario_for
@@ -52,6 +53,8 @@ class RunResult:
     lines: list[str] | None = field(default=None, repr=False)
     nodes: int = DEFAULT.nodes
     scenario: str = DEFAULT.name
+    errors: Counter[str] = field(default_factory=Counter)
+    explained: Counter[str] = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -223,6 +226,7 @@ def run_choices(
                 raise
             crash = "".join(traceback.format_exception(exc)).strip()
     violations = check(world, crash, errors, threads)
+    collect(world)
     coverage = world.coverage
     for name, n in world.faults.delays.items():
         coverage[f"fault_delay_{name}"] += n
@@ -238,8 +242,6 @@ def run_choices(
             coverage["chunk_before_client_read"] += 1
         if result.cancel_sent_at is not None:
             coverage[f"cancel_status_{result.cancel_status}"] += 1
-            if result.cancel_status == 200 and result.cancel_node != result.plan.node:
-                coverage["cancel_via_peer"] += 1
         if result.keepalives:
             coverage["keepalive_received"] += 1
         if result.status is not None and result.status != 200:
@@ -257,6 +259,8 @@ def run_choices(
         lines=trace.lines,
         nodes=scenario.nodes,
         scenario=scenario.name,
+        errors=world.error_kinds,
+        explained=world.explained,
     )
 
 

@@ -83,6 +83,7 @@ class Scenario:
     context_length: int = 4096
     # Between nodes: per-write delays on the links, and the cluster faults.
     link_delay_max: float = 0.005
+    slow_link_delay: float = 0.05
     max_cluster_faults: int = 3
     # A partition or an outage is short (a reconnect within the relay's grace
     # loses nothing) or long (past the grace and the heartbeat timeout).
@@ -91,11 +92,12 @@ class Scenario:
     # How long a broken distributed group takes to notice (its collective fails).
     group_detect_max: float = 0.05
     # Swarm knobs: the ranges of the settings a run may draw.
-    long_tokens: tuple[int, int] = (200, 2000)
-    short_ttft: tuple[float, float] = (0.02, 0.3)
-    short_idle: tuple[float, float] = (0.01, 0.1)
-    short_total: tuple[float, float] = (0.1, 1.0)
-    short_send_timeout: tuple[float, float] = (0.05, 0.3)
+    long_tokens: tuple[int, int] = (200, 1000)
+    short_ttft: tuple[float, float] = (0.03, 0.5)
+    short_idle: tuple[float, float] = (0.02, 0.2)
+    short_total: tuple[float, float] = (0.2, 2.0)
+    # Above what a slow reader's pauses and the HTTP delays can block a write for.
+    short_send_timeout: tuple[float, float] = (0.1, 0.3)
     http_keepalive_timeout: float = 1.0  # hypercorn's keep_alive_timeout (production: 5)
     max_body_bytes: int = 16384  # a "too_large" early request sends more
     # Focus knobs (None / True: drawn from the list as usual).
@@ -112,6 +114,9 @@ class Scenario:
     prefill_seconds_per_token: float = 0.0
     # Swarm features every run of this scenario has (its focus), not drawn.
     always: tuple[str, ...] = ()
+    # How often a client is a slow reader, in a run that has them.
+    slow_reader_p: float = 0.5
+    buggify_sites: tuple[str, ...] = BUGGIFY_SITES
 
 
 DEFAULT = Scenario()
@@ -126,7 +131,7 @@ SCENARIOS: dict[str, Scenario] = {
         leader_serves=False,
         runner_crashes=False,
         leader_faults=True,
-        always=("cluster_faults",),
+        always=("cluster_faults", "stale_messages"),
     ),
     # The links between nodes are cut, held and reset while requests stream
     # across them: the relay must lose nothing it can re-send.
@@ -137,6 +142,34 @@ SCENARIOS: dict[str, Scenario] = {
         fault_kinds=("reset", "partition"),
         max_cluster_faults=4,
         always=("cluster_faults",),
+    ),
+    # Every request waits under short time limits, with slow and stalling readers
+    # beside it: the limits must fire exactly when due, and stop the runner's work.
+    "timeouts": Scenario(
+        name="timeouts",
+        always=("timeouts", "slow_readers", "leaving_clients"),
+        slow_reader_p=0.8,
+    ),
+    # Every request is relayed, acknowledged every few events, through small
+    # buffers and slow links that a fault may cut right after a message.
+    "relay": Scenario(
+        name="relay",
+        single_server=True,
+        runner_crashes=False,
+        buggify_sites=("after_send",),
+        always=(
+            "small_sockets",
+            "slow_links",
+            "long_requests",
+            "small_acks",
+            "small_buffers",
+            "buggify",
+        ),
+    ),
+    # Clients that leave, cancel, stall and keep their connections alive.
+    "clients": Scenario(
+        name="clients",
+        always=("leaving_clients", "keepalive_clients", "api_key", "tight_admission"),
     ),
     # Node 0 crashes and comes back quickly (within the relay's grace, often
     # before its links time out): nothing may wait for its previous life.
@@ -273,7 +306,9 @@ class Swarm:
     long_requests: bool = False
     short_timeouts: tuple[str, ...] = ()  # TIMEOUT_KINDS made short
     small_acks: bool = False  # the relay acknowledges every 1 to 4 events
-    small_buffers: bool = False  # small relay buffers and link socket buffers
+    small_buffers: bool = False  # small relay buffers (the owner's acks cannot keep up)
+    small_sockets: bool = False  # small socket buffers between nodes (writes block)
+    slow_links: bool = False  # writes between nodes delayed up to 50 ms (the outbox backs up)
     small_batch: bool = False  # a runner batch of 2 (the queue backs up)
     tight_admission: bool = False  # few requests may wait: 429s
     api_key: bool = False  # the nodes require one (clients send it)
@@ -293,6 +328,7 @@ class NodeSettings:
     ack_every: int = 32  # token_relay.ACK_EVERY
     relay_buffer: int = 4096  # token_relay.BUFFER_LIMIT
     link_capacity: int = 65536  # bytes a link's socket buffers hold each way
+    link_delay_max: float = 0.005  # the longest delay of a write between nodes
     api_key: str | None = None
 
 
@@ -336,31 +372,40 @@ def client_behaviors(streaming: bool, can_cancel: bool, stall: bool) -> tuple[Be
 
 
 def draw_swarm(choices: Choices, s: Scenario) -> Swarm:
-    """Each feature on or off for this run (the scenario may rule one out)."""
+    """Each feature on or off for this run, with the chance its line gives (the
+    scenario may rule one out, or always have it). The chances keep enough quiet
+    runs: a run that only ever fails its requests checks nothing about finishing
+    them."""
 
-    def on(allowed: bool = True, name: str = "") -> bool:
+    def on(p: float, allowed: bool = True, name: str = "") -> bool:
         if name in s.always:
             return allowed
-        return allowed and choices.draw(2) == 1
+        return allowed and choices.chance(p)
 
+    cluster = s.nodes > 1
+    timeouts = on(0.3, True, "timeouts")
     return Swarm(
-        runner_crashes=on(s.runner_crashes),
-        runner_hangs=on(),
-        point_faults=on(),
-        stream_faults=on(),
-        cluster_faults=on(s.nodes > 1 and s.max_cluster_faults > 0, "cluster_faults"),
-        stale_messages=on(s.nodes > 1),
-        buggify=tuple(site for site in BUGGIFY_SITES if on(s.nodes > 1 or site != "after_send")),
-        leaving_clients=on(),
-        slow_readers=on(),
-        keepalive_clients=on(),
-        long_requests=on(),
-        short_timeouts=tuple(kind for kind in TIMEOUT_KINDS if on()),
-        small_acks=on(s.nodes > 1),
-        small_buffers=on(),
-        small_batch=on(),
-        tight_admission=on(),
-        api_key=on(),
+        runner_crashes=on(0.4, s.runner_crashes, "runner_crashes"),
+        runner_hangs=on(0.3, True, "runner_hangs"),
+        point_faults=on(0.5, True, "point_faults"),
+        stream_faults=on(0.5, True, "stream_faults"),
+        cluster_faults=on(0.5, cluster and s.max_cluster_faults > 0, "cluster_faults"),
+        stale_messages=on(0.5, cluster, "stale_messages"),
+        buggify=tuple(
+            site for site in s.buggify_sites if on(0.3, cluster or site != "after_send", "buggify")
+        ),
+        leaving_clients=on(0.5, True, "leaving_clients"),
+        slow_readers=on(0.4, True, "slow_readers"),
+        keepalive_clients=on(0.5, True, "keepalive_clients"),
+        long_requests=on(0.3, True, "long_requests"),
+        short_timeouts=tuple(kind for kind in TIMEOUT_KINDS if on(0.5, timeouts)),
+        small_acks=on(0.5, cluster, "small_acks"),
+        small_buffers=on(0.4, True, "small_buffers"),
+        small_sockets=on(0.4, cluster, "small_sockets"),
+        slow_links=on(0.3, cluster, "slow_links"),
+        small_batch=on(0.3, True, "small_batch"),
+        tight_admission=on(0.3, True, "tight_admission"),
+        api_key=on(0.5, True, "api_key"),
     )
 
 
@@ -379,7 +424,8 @@ def draw_settings(choices: Choices, s: Scenario, swarm: Swarm) -> NodeSettings:
         send_timeout=choices.between(*s.short_send_timeout) if swarm.leaving_clients else 0.0,
         ack_every=choices.int_between(1, 4) if swarm.small_acks else 32,
         relay_buffer=choices.int_between(4, 32) if swarm.small_buffers else 4096,
-        link_capacity=choices.pick((2048, 512)) if swarm.small_buffers else 65536,
+        link_capacity=choices.pick((2048, 512)) if swarm.small_sockets else 65536,
+        link_delay_max=s.slow_link_delay if swarm.slow_links else s.link_delay_max,
         api_key="sim-key" if swarm.api_key else None,
     )
 
@@ -420,8 +466,8 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
             behaviors = client_behaviors(streaming, can_cancel, settings.send_timeout > 0)
             behavior = behaviors[choices.draw(len(behaviors))]
         # A slow reader pauses before every read, and with a small receive buffer it
-        # pushes back on the server.
-        slow = swarm.slow_readers and choices.chance(0.5)
+        # pushes back on the server. (Not the long request: it must end in time.)
+        slow = swarm.slow_readers and i != long_client and choices.chance(s.slow_reader_p)
         low, high = s.leaving_tokens if behavior in GIVING_UP else s.tokens
         max_tokens = choices.int_between(low, high)
         if i == long_client:
@@ -445,7 +491,9 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
                 leave_after_pieces=choices.int_between(1, 12),
                 leave_after_time=choices.between(0.0, 0.15),
                 read_pause_max=s.read_pause_max if slow else 0.0,
-                recv_capacity=choices.pick((1 << 16, 256, 1024, 4096)),
+                recv_capacity=choices.pick((1 << 16, 256, 1024, 4096))
+                if i != long_client
+                else 1 << 16,
                 keepalive=keepalive,
                 early=tuple(early),
                 idle_after=keepalive and choices.chance(0.5),
@@ -481,6 +529,8 @@ def draw_cluster_plan(choices: Choices, s: Scenario, swarm: Swarm) -> ClusterPla
         # leave the instance on the others streaming.
         serve[choices.pick((0, *range(n)))] = False
     link_delay_p = choices.pick((0.0, 0.3, 0.8)) if swarm.stream_faults else 0.0
+    if swarm.slow_links:
+        link_delay_p = 0.8
     link_split_p = choices.pick((0.0, 0.2, 0.5)) if swarm.stream_faults else 0.0
     faults = []
     count = choices.int_between(1, s.max_cluster_faults) if swarm.cluster_faults else 0

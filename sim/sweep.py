@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+from sim import coverage
 from sim.choices import Choices
 from sim.mutants import MUTANTS
 from sim.run import RunResult, run_choices
@@ -78,6 +79,8 @@ class SeedOutcome:
     coverage: dict[str, int]
     elapsed: float
     cpu: float
+    errors: dict[str, int] = field(default_factory=dict)
+    explained: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +95,12 @@ class SweepReport:
     wall: float = 0.0
     cpu: float = 0.0  # summed per-seed CPU time (what the cores spent, without waits)
     missing_coverage: list[str] = field(default_factory=list)
+    # Per counter of the catalogue: after how many seeds (in seed order) and how much
+    # CPU time it was first non-zero; and when every counter was (None: never).
+    first_seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+    full_coverage: tuple[int, float] | None = None
+    errors: Counter[str] = field(default_factory=Counter)  # errors clients got, by kind
+    explained: Counter[str] = field(default_factory=Counter)  # ...and what explained them
 
     @property
     def seeds_per_s(self) -> float:
@@ -137,6 +146,8 @@ def outcome(result: RunResult) -> SeedOutcome:
         coverage=dict(result.coverage),
         elapsed=result.elapsed,
         cpu=result.cpu,
+        errors=dict(result.errors),
+        explained=dict(result.explained),
     )
 
 
@@ -178,20 +189,47 @@ def sweep(
 ) -> SweepReport:
     report = SweepReport()
     started = time.perf_counter()
+    chosen = scenario_for(nodes, scenario or DEFAULT.name)
+    done: list[SeedOutcome] = []
     for result in outcomes(seeds, policy, mutant, jobs, (nodes, scenario)):
         report.seeds += 1
         report.cpu += result.cpu
         report.coverage.update(result.coverage)
+        report.errors.update(result.errors)
+        report.explained.update(result.explained)
+        done.append(result)
         if not result.ok:
             report.failures.append(result)
         if on_outcome is not None:
             on_outcome(result)
     report.wall = time.perf_counter() - started
     report.failures.sort(key=lambda o: o.seed)
-    if report.seeds >= MIN_COVERAGE_SEEDS and mutant is None:
-        keys = key_coverage(scenario_for(nodes, scenario or DEFAULT.name))
-        report.missing_coverage = [k for k in keys if not report.coverage.get(k)]
+    report.first_seen, report.full_coverage = first_seen(done, coverage.required(chosen))
+    if mutant is None:
+        if report.seeds >= MIN_COVERAGE_SEEDS:
+            keys = key_coverage(chosen)
+            report.missing_coverage = [k for k in keys if not report.coverage.get(k)]
+        if report.seeds >= coverage.MIN_SEEDS:
+            for name in coverage.missing(chosen, report.coverage):
+                if name not in report.missing_coverage:
+                    report.missing_coverage.append(name)
     return report
+
+
+def first_seen(
+    done: list[SeedOutcome], names: list[str]
+) -> tuple[dict[str, tuple[int, float]], tuple[int, float] | None]:
+    """In seed order: after how many seeds, and how much CPU time, each counter was
+    first non-zero; and when all of them were."""
+    seen: dict[str, tuple[int, float]] = {}
+    cpu = 0.0
+    for count, outcome in enumerate(sorted(done, key=lambda o: o.seed), start=1):
+        cpu += outcome.cpu
+        for name in names:
+            if name not in seen and outcome.coverage.get(name):
+                seen[name] = (count, cpu)
+    full = max(seen.values()) if len(seen) == len(names) and names else None
+    return seen, full
 
 
 @dataclass
@@ -199,21 +237,59 @@ class MutantReport:
     name: str
     bug: str
     caught: bool
-    seeds_to_catch: int
+    seeds_to_catch: int  # runs, when explored
     seed: int | None
     violation: str | None
+    explored_cpu: float | None = None  # CPU seconds of exploration (explored mutants)
+    choices: list[int] | None = None  # the catching run's list (explored mutants)
+
+
+# CPU seconds of guided exploration a mutant only exploration reaches may take.
+EXPLORE_SECONDS = 60.0
 
 
 def _hunt(args: tuple[str, int, int, Policy, Where]) -> MutantReport:
     name, start, limit, policy, (nodes, scenario) = args
+    mutant = MUTANTS[name]
+    if mutant.explore:
+        return _explore_hunt(name, start, policy, nodes, scenario)
     for i in range(limit):
         seed = start + i
         result = run_one(seed, policy, name, nodes, scenario)
         if result.violations:
-            return MutantReport(
-                name, MUTANTS[name].bug, True, i + 1, seed, str(result.violations[0])
-            )
-    return MutantReport(name, MUTANTS[name].bug, False, limit, None, None)
+            return MutantReport(name, mutant.bug, True, i + 1, seed, str(result.violations[0]))
+    return MutantReport(name, mutant.bug, False, limit, None, None)
+
+
+def _explore_hunt(
+    name: str, start: int, policy: Policy, nodes: int | None, scenario: str | None
+) -> MutantReport:
+    from sim.explore import explore
+    from sim.run import can_cancel, default_dialects
+
+    mutant = MUTANTS[name]
+    chosen = scenario_for(nodes, scenario or mutant.scenario or DEFAULT.name)
+    with mutant_context(name):
+        state = explore(
+            EXPLORE_SECONDS,
+            scenario=chosen,
+            dialects=default_dialects(),
+            can_cancel=can_cancel(),
+            policy=policy,
+            start=start,
+            stop_at_failure=True,
+        )
+    found = state.failure
+    return MutantReport(
+        name,
+        mutant.bug,
+        found is not None,
+        state.runs,
+        None,
+        str(found.violations[0]) if found is not None else None,
+        explored_cpu=state.cpu,
+        choices=list(found.choices) if found is not None else None,
+    )
 
 
 def hunt_mutants(

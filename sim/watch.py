@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from exo_trio.cluster_messages import ClusterView, InstanceSpec, StartShard, StopShard
+from exo_trio.cluster_messages import (
+    ClusterView,
+    InstanceSpec,
+    NodeReport,
+    RemoteCancel,
+    StartShard,
+    StopShard,
+)
 from exo_trio.types import GenerationFailed
 
 if TYPE_CHECKING:
@@ -94,10 +101,16 @@ class ClusterWatch:
     failures: dict[str, tuple[str, int, float, str]] = field(default_factory=dict)
     timeouts: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     ended: dict[str, tuple[str, float]] = field(default_factory=dict)
-    buggify: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    # BUGGIFY firings by request: (site, when, the node that owns the request).
+    buggify: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
     # Admission refusals (node, when, exchanges held); send time-outs by connection.
-    refusals: list[tuple[int, float, int]] = field(default_factory=list)
+    refusals: list[tuple[int, float, int, int]] = field(default_factory=list)
     send_timeouts: dict[int, float] = field(default_factory=dict)
+    reports: dict[str, list[NodeReport]] = field(default_factory=dict)  # sent, by node
+    # RemoteCancels by request: when first sent, and when first arrived (a link that
+    # is backed up delivers them late, in order).
+    cancel_sent: dict[str, float] = field(default_factory=dict)
+    cancel_arrived: dict[str, float] = field(default_factory=dict)
 
     # ---- faults (the World) ----
 
@@ -138,8 +151,10 @@ class ClusterWatch:
             event.request_id, (event.kind, node.index, trio.current_time(), event.message)
         )
 
-    def buggified(self, request_id: str, site: str, at: float) -> None:
-        self.buggify.setdefault(request_id, []).append((site, at))
+    def buggified(self, request_id: str, site: str, at: float, node: int) -> None:
+        path = self.paths.get(request_id)  # (none yet if its dispatch was refused)
+        owner = path.owner if path is not None else node
+        self.buggify.setdefault(request_id, []).append((site, at, owner))
 
     def lost_peer(self, node: SimNode, request_id: str) -> None:
         self.peer_lost.setdefault(request_id, (node.index, trio.current_time()))
@@ -169,11 +184,17 @@ class ClusterWatch:
             self.claim(message.term, message.leader, f"view at {node.node_id}")
         elif isinstance(message, StartShard | StopShard):
             self.claim(message.term, peer, f"{type(message).__name__} at {node.node_id}")
+        elif isinstance(message, RemoteCancel):
+            self.cancel_arrived.setdefault(message.request_id, trio.current_time())
 
     def sent(self, node: SimNode, peer: str, message: object) -> None:
         """`node`'s cluster sends a message (to a peer, or to itself)."""
         if isinstance(message, StartShard | StopShard):
             self.shard_commands.append((node.node_id, message))
+        elif isinstance(message, NodeReport) and peer != node.node_id:
+            self.reports.setdefault(node.node_id, []).append(message)
+        elif isinstance(message, RemoteCancel):
+            self.cancel_sent.setdefault(message.request_id, trio.current_time())
         if isinstance(message, StopShard) and message.reason != "deleted":
             self._judge_teardown(node, peer, message)
 
@@ -222,6 +243,15 @@ class ClusterWatch:
                     f"stale term {message.term} from {peer}",
                 )
             )
+
+    def stale_report(self, member: str, term: int, now: Any) -> NodeReport | None:
+        """A report `member` sent before `term`: the last one whose shards differ
+        from `now` (its shards now), else the last one."""
+        older = [r for r in self.reports.get(member, []) if r.term < term]
+        for report in reversed(older):
+            if report.shards != now:
+                return report
+        return older[-1] if older else None
 
     def stale_candidate(self, node: SimNode) -> tuple[str, StartShard | StopShard] | None:
         """A shard command of an older term than `node`'s, from another node, that

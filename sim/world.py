@@ -617,10 +617,22 @@ class World:
             self.coverage["server_backpressure"] += sum(
                 1 for end in node.server_ends if end.sent_stats.blocked_writes
             )
-            relay = node.router.statistics().relay
+            routed = node.router.statistics()
+            relay = routed.relay
             self.relay_stats.append((f"{node.node_id}i{node.incarnation}", relay))
-            self.coverage["relay_resent"] += relay.resent
-            self.coverage["relay_duplicates"] += relay.duplicates
+            coverage = self.coverage
+            coverage["relay_resent"] += relay.resent
+            coverage["relay_duplicates"] += relay.duplicates
+            coverage["relay_ack_before_end"] += relay.acks
+            coverage["relay_ack_trim"] += relay.trims
+            coverage["relay_overflow"] += relay.overflows
+            coverage["relay_unrouted_events"] += relay.unrouted
+            coverage["relay_resume_unknown"] += relay.resume_unknown
+            coverage["dispatch_refused"] += routed.refused
+            coverage["remote_refused"] += routed.remote_refused
+            coverage["peer_lost_for_good"] += routed.peers_lost
+            coverage["remote_cancel_applied"] += routed.cancels_here
+            coverage["runner_restart"] += sum(w.stats.restarts for w in node.shards.workers())
         for handle in self.runners:
             self.coverage["prompt_cache_hit"] += handle.runner.cache_hits
             self.coverage["burst_start"] += handle.runner.burst_starts
@@ -729,6 +741,29 @@ class World:
             self.coverage["leader_change_mid_stream"] += 1
         self.maybe_stale_command(node)
 
+    def maybe_stale_report(self, leader: SimNode, member: str, term: int) -> None:
+        """A leader asks `member` for a new term: maybe a report the member sent
+        before it (delayed in the network) arrives now. The leader must set it
+        aside (it judges instances on reports of its current term only)."""
+        p = self.plan.cluster.stale_command_p
+        if not p or not self.window.active():
+            return
+        other = self.nodes[index_of_node(member)]
+        now = () if other.crashed else other.shards.statuses()
+        report = self.watch.stale_report(member, term, now)
+        if report is None or not self.choices.chance(p):
+            return
+        self.coverage["stale_report_injected"] += 1
+        if not other.crashed and report.shards != now:
+            self.coverage["stale_report_differs"] += 1
+        self.trace.add("stale-report", leader.node_id, member, report.term, term)
+        self._root_spawn(self._deliver_late, leader, member, report)
+
+    async def _deliver_late(self, node: SimNode, sender: str, message: ClusterMessage) -> None:
+        await trio.lowlevel.checkpoint()
+        if not node.crashed:
+            node.inject(sender, message)
+
     def maybe_stale_command(self, node: SimNode) -> None:
         """A node just adopted a newer term: maybe a shard command of an older one
         (a deposed leader's, delayed in the network) reaches it now. It must be
@@ -757,16 +792,23 @@ class World:
             kind = type(message).__name__
             self.coverage[f"buggify_after_send_{kind}"] += 1
             other = index_of_node(str(peer))
-            self.trace.add("buggify", name, node.node_id, peer, kind)
-            # The link dies right after the message went into it: lost with it.
-            count = self.net.reset(node.index, other)
-            self.watch.disturbed("reset", frozenset({node.index, other}), now, now)
-            self.trace.add("reset-link", node.index, other, count)
+            # The link dies right after the message went into it (lost with it), or
+            # just after it arrived (what followed it is lost).
+            delay = self.choices.between(0.0, 2 * self.plan.settings.link_delay_max)
+            self.trace.add("buggify", name, node.node_id, peer, kind, f"{delay:.4f}")
+            self._root_spawn(self._cut_link, node.index, other, delay)
             return False
         (request_id,) = context
         self.trace.add("buggify", name, node.node_id, request_id)
-        self.watch.buggified(str(request_id), name, now)
+        self.watch.buggified(str(request_id), name, now, node.index)
         return True
+
+    async def _cut_link(self, a: int, b: int, delay: float) -> None:
+        await trio.sleep(delay)
+        now = trio.current_time()
+        count = self.net.reset(a, b)
+        self.watch.disturbed("reset", frozenset({a, b}), now, now)
+        self.trace.add("reset-link", a, b, count)
 
     # ---- runner faults ----
 
@@ -780,6 +822,7 @@ class World:
             self._root_spawn(self._crash_later, handle, plan.crash_delay)
         if steps == plan.hang_step:
             self.trace.add("hang", runner.index)
+            self.coverage["runner_hang"] += 1
             runner.hang()
             self._root_spawn(self._resume_later, handle, plan.hang_for)
 

@@ -15,13 +15,14 @@ import pytest
 import trio
 import trio.testing
 
-from sim import determinism, replay, schedule
+from sim import coverage, determinism, replay, schedule
 from sim.choices import Choices
 from sim.dialects import DIALECTS
+from sim.explore import explore
 from sim.invariants import Violation
 from sim.mutants import MUTANTS
 from sim.pipes import pipe_pair
-from sim.run import RunResult, default_dialects, run_choices, served_routes
+from sim.run import RunResult, can_cancel, default_dialects, run_choices, served_routes
 from sim.scenario import DEFAULT, SCENARIOS, scenario_for
 from sim.shrink import shrink
 from sim.sweep import key_coverage, run_one, sweep
@@ -249,6 +250,28 @@ def test_every_mutant_the_hunt_skips_has_a_corpus_entry() -> None:
     entries = {replay.load(path).mutant for path in replay.corpus_files()}
     rare = sorted(name for name, mutant in MUTANTS.items() if not mutant.hunt)
     assert rare and all(name in entries for name in rare), rare
+
+
+def test_a_sweep_reports_when_each_coverage_counter_was_first_reached() -> None:
+    report = sweep(range(1, 11))
+    assert report.first_seen and set(report.first_seen) <= coverage.NAMES
+    assert report.first_seen["admission_admitted"][0] == 1  # the first seed admits
+    counts = sorted(seeds for seeds, _ in report.first_seen.values())
+    assert counts[0] == 1 and counts[-1] <= 10
+    # Fewer than coverage.MIN_SEEDS seeds: a counter still at zero is not yet a failure.
+    assert not report.missing_coverage
+
+
+def test_exploration_keeps_the_runs_that_reached_new_coverage() -> None:
+    state = explore(
+        2.0, scenario=DEFAULT, dialects=default_dialects(), can_cancel=can_cancel(), warmup=3
+    )
+    assert state.runs > 3, "no mutated run after the warm-up"
+    assert state.corpus and len(state.corpus) < state.runs
+    assert not state.failures, state.failures[0].violations[0]
+    # Every entry reached a counter (or a count bucket) no earlier entry had.
+    for i, entry in enumerate(state.corpus):
+        assert entry.reached - frozenset().union(*(e.reached for e in state.corpus[:i]))
 
 
 def test_runs_are_deterministic_here_and_in_a_fresh_process() -> None:
