@@ -217,3 +217,73 @@ async def test_two_failed_loads_then_a_good_one_serve(
                 await trio.sleep(0.01)
         assert worker.gave_up is None and worker.stats.restarts == 6
         nursery.cancel_scope.cancel()
+
+
+class BreakingInput(trio.abc.Stream):
+    """The worker's end of a runner pipe whose input (worker to runner) can be made
+    to break, as a dying runner's does, while what the runner wrote is held until
+    released (still in the pipe when the write fails)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.broken = False
+        self.released = trio.Event()
+        self.released.set()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError("the runner's input closed")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        await self.released.wait()
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_output_written_before_the_runner_input_broke_is_still_read() -> None:
+    """Found by the single-node simulator (mutant worker_drops_output): a write to a
+    dying runner failed and cancelled the whole session at once, so the chunks the
+    runner had written just before were never read."""
+    pipes: list[BreakingInput] = []
+
+    async with trio.open_nursery() as nursery:
+        harness = Harness(nursery)
+
+        async def launch() -> FakeConnection:
+            connection = await harness.launch()
+            pipe = BreakingInput(connection.stream)
+            pipes.append(pipe)
+            return FakeConnection(pipe)
+
+        registry = StreamRegistry()
+        worker = Worker(launch, registry, restart_backoff=0.01)
+        node = Node(
+            model=ModelCard(id="fake", context_length=4096, created=0),
+            encoder=None,  # type: ignore[arg-type]
+            worker=worker,
+            registry=registry,
+            seams=Seams(),
+        )
+        nursery.start_soon(worker.run)
+        await worker.wait_ready()
+        pipe = pipes[0]
+        pipe.released = trio.Event()  # hold what the runner writes from now on
+        with node.open_generation(command("a", 5)) as stream:
+            await trio.sleep(0.2)  # the runner wrote all of "a" (5 steps of 1 ms)
+            assert not harness.runners[0].active
+            pipe.broken = True
+            with node.open_generation(command("b", 5)):  # its write fails
+                await trio.sleep(0.01)
+                pipe.released.set()
+                with trio.fail_after(5):
+                    events = [event async for event in stream]
+        assert [e.seq for e in events if isinstance(e, ChunkGenerated)] == list(range(5))
+        assert isinstance(events[-1], GenerationFinished)
+        nursery.cancel_scope.cancel()
