@@ -91,7 +91,8 @@ class ClusterWatch:
     paths: dict[str, Path] = field(default_factory=dict)
     peer_lost: dict[str, tuple[int, float]] = field(default_factory=dict)
     instance_stops: dict[str, float] = field(default_factory=dict)
-    shard_commands: list[tuple[str, StartShard | StopShard]] = field(default_factory=list)
+    # Shard commands sent: (sender, addressee, command).
+    shard_commands: list[tuple[str, str, StartShard | StopShard]] = field(default_factory=list)
     relayed: set[str] = field(default_factory=set)
     leader_changes: int = 0
     stale_injected: int = 0
@@ -190,7 +191,7 @@ class ClusterWatch:
     def sent(self, node: SimNode, peer: str, message: object) -> None:
         """`node`'s cluster sends a message (to a peer, or to itself)."""
         if isinstance(message, StartShard | StopShard):
-            self.shard_commands.append((node.node_id, message))
+            self.shard_commands.append((node.node_id, peer, message))
         elif isinstance(message, NodeReport) and peer != node.node_id:
             self.reports.setdefault(node.node_id, []).append(message)
         elif isinstance(message, RemoteCancel):
@@ -254,13 +255,16 @@ class ClusterWatch:
         return older[-1] if older else None
 
     def stale_candidate(self, node: SimNode) -> tuple[str, StartShard | StopShard] | None:
-        """A shard command of an older term than `node`'s, from another node, that
-        would change something there if obeyed (the latest such, else any)."""
+        """A shard command of an older term than `node`'s, sent to it by another
+        node, that would change something there if obeyed (the latest such, else
+        any). (Only one sent to it: a leader's command to itself, or to another
+        member, never travelled to `node`, and a leader of a term nobody granted
+        sends nothing to others: delivering it would fake a second leader.)"""
         term = node.cluster.term
         shards = node.shards.shards
         fallback = None
-        for sender, message in reversed(self.shard_commands):
-            if message.term >= term or sender == node.node_id:
+        for sender, addressee, message in reversed(self.shard_commands):
+            if message.term >= term or sender == node.node_id or addressee != node.node_id:
                 continue
             if isinstance(message, StartShard):
                 target = message.instance.shards[message.rank].node_id
