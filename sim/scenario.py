@@ -117,6 +117,7 @@ class Scenario:
     # How often a client is a slow reader, in a run that has them.
     slow_reader_p: float = 0.5
     buggify_sites: tuple[str, ...] = BUGGIFY_SITES
+    buggify_ps: tuple[float, ...] = (0.05, 0.2, 0.5)  # how often an enabled site fires
 
 
 DEFAULT = Scenario()
@@ -151,7 +152,8 @@ SCENARIOS: dict[str, Scenario] = {
         slow_reader_p=0.8,
     ),
     # Every request is relayed, acknowledged every few events, through small
-    # buffers and slow links that a fault may cut right after a message.
+    # buffers and slow links that a fault may cut right after a message, beside
+    # link and node faults.
     "relay": Scenario(
         name="relay",
         single_server=True,
@@ -164,6 +166,7 @@ SCENARIOS: dict[str, Scenario] = {
             "small_acks",
             "small_buffers",
             "buggify",
+            "cluster_faults",
         ),
     ),
     # Clients that leave, cancel, stall and keep their connections alive.
@@ -507,7 +510,7 @@ def draw_plan(choices: Choices, scenario: Scenario, dialects: list[str], can_can
         runner=runner,
         faults=faults,
         cluster=draw_cluster_plan(choices, s, swarm),
-        buggify_p=choices.pick((0.05, 0.2, 0.5)) if swarm.buggify else 0.0,
+        buggify_p=choices.pick(s.buggify_ps) if swarm.buggify else 0.0,
     )
 
 
