@@ -169,7 +169,9 @@ def test_sigterm_drains_then_ends_every_dialect_with_its_error(
     lines = [line for line in log.splitlines() if "exo_trio.access" in line and "POST" in line]
     assert len(lines) >= 9
     assert all(" model=demo " in line and " id=" in line for line in lines if " 200 " in line)
-    assert any("end=shutting_down" in line and "ttft=" in line for line in lines)
+    # (A cut request's line carries ttft= only if its first token came before the drain
+    # ended, which a loaded machine does not promise; test_cli checks the line's fields.)
+    assert any("end=shutting_down" in line for line in lines)
 
 
 def test_a_second_signal_stops_at_once(demo_model_dir: Path, tmp_path: Path) -> None:
