@@ -343,7 +343,14 @@ def api_seeds(name: str) -> dict[str, bytes]:
 
 def frame_seeds() -> dict[str, bytes]:
     from exo_trio.runner.framing import encode_frame
-    from exo_trio.runner.protocol import CancelAck, Loading, Ready, RunnerError, Shutdown
+    from exo_trio.runner.protocol import (
+        CancelAck,
+        Loading,
+        PromptCacheStats,
+        Ready,
+        RunnerError,
+        Shutdown,
+    )
     from exo_trio.types import (
         Cancel,
         ChunkGenerated,
@@ -355,7 +362,7 @@ def frame_seeds() -> dict[str, bytes]:
 
     runner_out = [
         Loading(fraction=0.5, phase="weights"),
-        Ready(model="m", context_length=64, max_batch=4, pid=9),
+        Ready(model="m", context_length=64, max_batch=4, pid=9, blas="libopenblas.so.0"),
         ChunkGenerated(request_id="r0", seq=0, token=5, text="a"),
         GenerationFinished(
             request_id="r0",
@@ -364,7 +371,9 @@ def frame_seeds() -> dict[str, bytes]:
             prompt_tokens=2,
             completion_tokens=1,
             stop_sequence="\n",
+            cached_tokens=1,
         ),
+        PromptCacheStats(lookups=2, hits=1, tokens_reused=1, entries=1, bytes=64),
         GenerationFailed(request_id="r1", kind="internal", message="x"),
         CancelAck(request_id="r1", steps_after_cancel=1, known=True),
         RunnerError(message="boom"),
@@ -388,7 +397,7 @@ def frame_seeds() -> dict[str, bytes]:
 
 def runner_stream_seeds() -> dict[str, bytes]:
     from exo_trio.runner.framing import encode_frame
-    from exo_trio.runner.protocol import CancelAck, RunnerError
+    from exo_trio.runner.protocol import CancelAck, PromptCacheStats, RunnerError
     from exo_trio.types import ChunkGenerated, GenerationFailed, GenerationFinished
 
     def chunks(rid: str, n: int) -> list[object]:
@@ -412,6 +421,8 @@ def runner_stream_seeds() -> dict[str, bytes]:
             *chunks("r0", 2),
         ],
         "runner-error": [*chunks("r0", 1), RunnerError(message="oom")],
+        # A prefix cache report between a request's chunks (the worker keeps it aside).
+        "cache-report": [*chunks("r0", 1), PromptCacheStats(hits=1, entries=1), done("r0", 1)],
     }
     return {
         name: bytes([7]) + b"".join(encode_frame(m) for m in messages)
