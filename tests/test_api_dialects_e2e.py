@@ -621,6 +621,9 @@ def test_metrics_in_prometheus_format(
     # Twice: the second reuses the first's prompt from the prefix cache.
     for _ in range(2):
         oai.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3)
+    # A 404 of its own (an unknown model), so the test stands alone.
+    unknown = {"model": "nope", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{node.base_url}/v1/messages", json=unknown, timeout=10).status_code == 404
     text = httpx.get(f"{node.base_url}/metrics", timeout=10).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
