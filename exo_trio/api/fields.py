@@ -183,7 +183,7 @@ OLLAMA_CHAT: Table = {
     "think": ("honoured", "false: thinking off; true or a level: on"),
     "logprobs": ("honoured", ""),
     "top_logprobs": ("honoured", "0-20"),
-    "keep_alive": ("no effect", "the model stays loaded"),
+    "keep_alive": ("honoured", "0 with nothing to generate unloads the model; else it stays"),
 }
 
 OLLAMA_GENERATE: Table = {
@@ -197,7 +197,7 @@ OLLAMA_GENERATE: Table = {
     "think": ("honoured", "false: thinking off; true or a level: on"),
     "logprobs": ("honoured", ""),
     "top_logprobs": ("honoured", "0-20"),
-    "keep_alive": ("no effect", "the model stays loaded"),
+    "keep_alive": ("honoured", "0 with nothing to generate unloads the model; else it stays"),
     "suffix": ("refused", "no fill-in-the-middle"),
     "template": ("refused", "the model's own template is used"),
     "context": ("refused", "send the conversation (or the text) instead"),
