@@ -55,6 +55,19 @@ class Exploration:
     failure: RunResult | None = None
     failures: list[RunResult] = field(default_factory=list)
 
+    def record(self, result: RunResult) -> None:
+        """Count one run: its CPU, the counters it reached, its failure if any."""
+        self.runs += 1
+        self.cpu += result.cpu
+        for name, n in result.coverage.items():
+            if n:
+                self.totals[name] += n
+                self.first_reached.setdefault(name, self.runs)
+        if result.violations:
+            self.failures.append(result)
+            if self.failure is None:
+                self.failure = result
+
 
 def plan_length(choices: list[int], scenario: Scenario, dialects: list[str], cancel: bool) -> int:
     """How many values at the head of a list the plan consumes."""
@@ -81,24 +94,14 @@ class Explorer:
         self.state = Exploration()
 
     def step(self, choices: Choices) -> RunResult:
-        state = self.state
         result = self._run(choices)
-        state.runs += 1
-        state.cpu += result.cpu
+        self.state.record(result)
         reached = frozenset((name, bucket(n)) for name, n in result.coverage.items() if n)
-        for name, n in result.coverage.items():
-            if n:
-                state.totals[name] += n
-                state.first_reached.setdefault(name, state.runs)
-        if result.violations:
-            state.failures.append(result)
-            if state.failure is None:
-                state.failure = result
         if reached - self.seen:
             self.seen |= reached
             record = list(result.choices)
             length = plan_length(record, self.scenario, self.dialects, self.can_cancel)
-            state.corpus.append(Entry(record, reached, length))
+            self.state.corpus.append(Entry(record, reached, length))
         return result
 
     def candidate(self) -> list[int]:
@@ -178,16 +181,7 @@ def random_seeds(
             Choices(seed=seed), scenario=scenario, policy=policy, dialects=dialects
         )
         seed += 1
-        state.runs += 1
-        state.cpu += result.cpu
-        for name, n in result.coverage.items():
-            if n:
-                state.totals[name] += n
-                state.first_reached.setdefault(name, state.runs)
-        if result.violations:
-            state.failures.append(result)
-            if state.failure is None:
-                state.failure = result
-                if stop_at_failure:
-                    break
+        state.record(result)
+        if stop_at_failure and state.failure is not None:
+            break
     return state
